@@ -1,0 +1,92 @@
+"""Atomic checkpoints: a run killed at any moment leaves the previous checkpoint loadable.
+
+Layout of `<out_dir>/checkpoints/`:
+    step-000050/config.json, model.safetensors   the student (loadable with from_pretrained)
+    step-000050/trainer_state.pt                  optimizer, scheduler, RNG, data position, history
+    latest                                        name of the newest complete checkpoint
+
+A checkpoint is written into a temporary folder, flushed to disk, then renamed into place;
+`latest` is replaced the same way (os.replace is atomic on POSIX). So `latest` only ever names a
+complete folder, and a crash mid-write leaves only a `.tmp-*` folder that the next save removes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import KDLabError
+
+STATE_FILE = "trainer_state.pt"
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def save_checkpoint(out_dir: str | Path, step: int, student: torch.nn.Module, state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"step-{step:06d}"
+    tmp = root / f".tmp-{name}"
+    student.save_pretrained(tmp, safe_serialization=True)
+    torch.save(state, tmp / STATE_FILE)
+    _fsync_tree(tmp)
+    final = root / name
+    if final.exists():  # the same step saved again (e.g. an interrupt right after a periodic save)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(name + "\n")
+    with open(pointer, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(pointer, root / "latest")
+    for old in sorted(p for p in root.glob("step-*") if p.name != name)[:-(keep - 1) or None]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path:
+    root = Path(out_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.is_file():
+        raise KDLabError(f"no checkpoint to resume from in {root} (start without --resume)")
+    path = root / pointer.read_text().strip()
+    if not (path / STATE_FILE).is_file() or not (path / "model.safetensors").is_file():
+        raise KDLabError(f"checkpoint {path} named by {pointer} is incomplete; delete it or start a new out_dir")
+    return path
+
+
+def load_checkpoint(path: str | Path, student: torch.nn.Module) -> dict[str, Any]:
+    """Load the student's weights from `path` in place and return the trainer state."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        weights = load_file(path / "model.safetensors", device=str(next(student.parameters()).device))
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+        raise KDLabError(f"checkpoint {path} is corrupt or unreadable: {str(e).splitlines()[0]}") from None
+    if student.config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and student.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise KDLabError(
+            f"checkpoint {path} does not fit this student (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "resume with the same student settings"
+        )
+    return state
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]

@@ -1,0 +1,147 @@
+"""Command line: `kdlab prepare`, `kdlab train`, `kdlab eval` (also `python -m kdlab ...`).
+
+Every config field has a flag (`alpha_kd` -> `--alpha-kd`); precedence is defaults < --config
+YAML < flags. User mistakes print one `kdlab: error: ...` line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from .config import FIELDS, KDConfig, load_config, parse_value
+from .errors import KDLabError
+
+log = logging.getLogger("kdlab")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML file of config fields")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {f.default})")
+        else:
+            p.add_argument(flag, dest=name, metavar=str(f.type).upper() if isinstance(f.type, str) else None,
+                           default=None, help=f"(default: {f.default})")
+
+
+def _config(args: argparse.Namespace, extra: dict | None = None) -> KDConfig:
+    overrides = {}
+    for name in FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value if isinstance(value, bool) else parse_value(name, value)
+    overrides.update(extra or {})
+    return load_config(args.config, overrides)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose < 0 else logging.DEBUG if verbose > 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    try:  # the libraries' own chatter (weight-loading bars, hub notices) hides kdlab's lines
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def cmd_prepare(args) -> int:
+    from .data import prepare_data
+    from .models import load_tokenizer, prepare_teacher
+
+    cfg = _config(args)
+    t0 = time.perf_counter()
+    if cfg.teacher == "smollm2-135m":
+        log.info("teacher: %s", prepare_teacher(cfg.data_dir))
+    tok = load_tokenizer(cfg.teacher, cfg.data_dir)
+    data = prepare_data(cfg.data, cfg.data_dir, tok, cfg.seq_len)  # builds Austen + the token cache
+    for split, d in data.items():
+        log.info("%-10s %5d blocks of %d, %9s tokens", split, len(d), cfg.seq_len, f"{d.num_tokens:,}")
+    log.info("prepared in %.1f s", time.perf_counter() - t0)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .evaluation import format_summary
+    from .trainer import train
+
+    cfg = _config(args)
+    t0 = time.perf_counter()
+    state = train(cfg)
+    print(format_summary(state.history))
+    status = "interrupted" if state.interrupted else "done"
+    print(f"{status}: {state.step} steps, {state.tokens:,} tokens in {time.perf_counter() - t0:.0f} s; "
+          f"run folder {cfg.out_dir}")
+    return 130 if state.interrupted else 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .data import prepare_data
+    from .evaluation import evaluate
+    from .models import build_student, load_teacher, load_tokenizer
+    from .precision import resolve_precision
+
+    cfg = _config(args, {"student_init": "random"})
+    precision = resolve_precision(cfg.device, cfg.teacher_dtype, cfg.autocast_dtype)
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(cfg.teacher, cfg.data_dir)
+    teacher = load_teacher(cfg.teacher, cfg.data_dir, precision)
+    data = prepare_data(cfg.data, cfg.data_dir, tok, cfg.seq_len)
+    student = build_student(cfg.student, teacher, cfg.student_init, cfg.data_dir, precision)
+    splits = ["validation", "test"] if args.split == "both" else [args.split]
+    print(f"{'split':10}  {'tokens':>8}  {'student ppl':>11}  {'teacher ppl':>11}  {'KL':>8}  {'top-1':>6}")
+    for split in splits:
+        m = evaluate(student, teacher, data[split].eval_batches(cfg.batch_size, cfg.eval_batches), precision,
+                     cfg.loss_chunk_tokens)
+        print(f"{split:10}  {m['tokens']:>8,}  {m['student_ppl']:>11.2f}  {m['teacher_ppl']:>11.2f}  "
+              f"{m['kl']:>8.4f}  {m['top1_agree']:>6.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kdlab", description="Knowledge distillation for causal language models.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbose", help="warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("prepare", help="build the corpus, the converted teacher and the token cache")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("train", help="distil the teacher into the student")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="evaluate a student (e.g. runs/default/final) against the teacher")
+    _add_config_flags(p)
+    p.add_argument("--split", choices=["validation", "test", "both"], default="both")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except KDLabError as e:
+        print(f"kdlab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Run configuration: one flat dataclass, validated on construction, loadable from YAML.
+
+Precedence is defaults < YAML file < explicit overrides (the CLI's flags). Unknown keys are
+errors, never silently ignored: a typo such as `alpha_dk: 0` would otherwise train a different
+model than the user asked for.
+
+    cfg = load_config("run.yaml", {"batch_size": 2, "epochs": 3})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import KDLabError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+SCHEDULERS = ("cosine", "linear", "constant")
+STUDENT_INITS = ("random", "teacher-layers")
+
+
+@dataclass
+class KDConfig:
+    # --- data -------------------------------------------------------------------------------
+    data: str = "austen"  # "austen" (built at set-up), text file(s)/folder, or an HF dataset name
+    data_dir: str = "data"  # corpus, converted teacher and token caches live here
+    seq_len: int = 256  # tokens per packed training block
+
+    # --- models -----------------------------------------------------------------------------
+    teacher: str = "smollm2-135m"  # built-in name, local folder or HF id
+    student: str = "small"  # size preset (see kdlab.models.STUDENT_PRESETS), local folder or HF id
+    student_init: str = "teacher-layers"  # "random" or copy evenly spaced teacher layers
+
+    # --- loss -------------------------------------------------------------------------------
+    alpha_kd: float = 0.5  # total = alpha_kd * KD + (1 - alpha_kd) * LM
+    temperature: float = 1.0  # KD temperature T; the KD term is scaled by T^2 (Hinton et al. 2015)
+    kd_top_k: int = 0  # 0 = full vocabulary; k > 0 = teacher top-k plus one tail bucket
+    loss_chunk_tokens: int = 1024  # rows of [tokens x vocab] upcast to fp32 at a time
+
+    # --- optimisation -----------------------------------------------------------------------
+    batch_size: int = 4  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: int = 1
+    max_steps: int = 150  # optimizer steps; > 0 caps `epochs` (as in HF TrainingArguments), -1 = off
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    lr_scheduler: str = "cosine"
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    # --- evaluation, logging, checkpoints ---------------------------------------------------
+    eval_every: int = 50  # optimizer steps between evaluations (0 = only before and after)
+    eval_batches: int = 4  # micro-batches per evaluation (0 = the whole split)
+    log_every: int = 10  # optimizer steps per log line
+    save_every: int = 50  # optimizer steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    resume: bool = False  # continue from out_dir's latest checkpoint
+
+    # --- runtime ----------------------------------------------------------------------------
+    seed: int = 0
+    device: str = "auto"  # auto = cuda if available, else cpu
+    teacher_dtype: str = "auto"  # auto = float16 on CUDA (the seed's set-up), float32 on CPU
+    autocast_dtype: str = "auto"  # student compute: auto = bf16/fp16 autocast on CUDA, off on CPU
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        errors = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                errors.append(msg)
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            need(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+        need(bool(self.data.strip()), "data='' is empty; give 'austen', a text file/folder or an HF dataset name")
+        need(self.seq_len >= 2, f"seq_len={self.seq_len} must be >= 2 (one token to read, one to predict)")
+        need(bool(self.teacher.strip()), "teacher='' is empty; give 'smollm2-135m', a local folder or an HF id")
+        need(bool(self.student.strip()), "student='' is empty; give a size preset, a local folder or an HF id")
+        choice("student_init", STUDENT_INITS)
+        need(0.0 <= self.alpha_kd <= 1.0, f"alpha_kd={self.alpha_kd} must be in [0, 1]")
+        need(math.isfinite(self.temperature) and self.temperature > 0,
+             f"temperature={self.temperature} must be a positive number (1.0 is the usual choice for LMs)")
+        need(self.kd_top_k >= 0, f"kd_top_k={self.kd_top_k} must be >= 0 (0 = full vocabulary)")
+        need(self.loss_chunk_tokens >= 1, f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1")
+        need(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        need(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")
+        need(self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
+        need(self.max_steps == -1 or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1, or -1 for no cap")
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be a positive number")
+        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        choice("lr_scheduler", SCHEDULERS)
+        need(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        for name in ("eval_every", "eval_batches", "save_every"):
+            need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
+        need(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        need(bool(self.out_dir.strip()), "out_dir='' is empty")
+        choice("device", DEVICES)
+        choice("teacher_dtype", DTYPES)
+        choice("autocast_dtype", DTYPES)
+        if errors:
+            raise KDLabError("; ".join(errors))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(KDConfig)}
+_TYPES = typing.get_type_hints(KDConfig)
+
+
+def _coerce_types(cfg: KDConfig) -> None:
+    """Check each field's type; ints are accepted where floats are expected (YAML writes 1 not 1.0)."""
+    for name, typ in _TYPES.items():
+        value = getattr(cfg, name)
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(cfg, name, float(value))
+        elif typ is bool and not isinstance(value, bool):
+            raise KDLabError(f"{name}={value!r} must be true or false")
+        elif typ in (int, str) and (not isinstance(value, typ) or isinstance(value, bool)):
+            raise KDLabError(f"{name}={value!r} must be of type {typ.__name__}")
+        elif typ is float and not isinstance(getattr(cfg, name), float):
+            raise KDLabError(f"{name}={value!r} must be a number")
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Convert a command-line string to the type of field `name` (used by the CLI's flags)."""
+    typ = _TYPES[name]
+    try:
+        if typ is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return typ(text)
+    except ValueError:
+        raise KDLabError(f"{name}={text!r} must be of type {typ.__name__}") from None
+
+
+def config_from_dict(values: dict[str, Any]) -> KDConfig:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise KDLabError(
+            f"unknown config key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(FIELDS)}"
+        )
+    return KDConfig(**values)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> KDConfig:
+    """Defaults, then the YAML file at `path` (if any), then `overrides`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise KDLabError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise KDLabError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise KDLabError(f"config file {str(p)!r} must hold a mapping of key: value, not {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides or {})
+    return config_from_dict(values)
+
+
+def save_config(cfg: KDConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+__all__ = ["KDConfig", "load_config", "save_config", "config_from_dict", "parse_value", "FIELDS"]

@@ -1,0 +1,96 @@
+"""Held-out evaluation: how well the student predicts the text, and how close it is to the teacher.
+
+Uses the same precision policy and the same loss functions as training (kdlab.precision,
+kdlab.losses), so evaluation cannot fail where training ran, as the seed's did.
+
+Metrics (all per-token means over valid next-token positions):
+    student_ce / student_ppl   cross-entropy on the text and exp of it
+    teacher_ce / teacher_ppl   the same for the teacher (the floor the student aims at)
+    kl                         KL(teacher || student) at T = 1, full vocabulary
+    top1_agree                 fraction of positions where both models' argmax agree
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from .losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
+from .precision import Precision, student_logits, teacher_logits
+
+
+@torch.no_grad()
+def evaluate(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    batches: Iterable[dict[str, torch.Tensor]],
+    precision: Precision,
+    chunk_tokens: int = 128,
+) -> dict[str, float]:
+    was_training = student.training
+    student.eval()
+    sums = {"student_ce": 0.0, "teacher_ce": 0.0, "kl": 0.0, "top1_agree": 0.0}
+    tokens = 0
+    for batch in batches:
+        batch = {k: v.to(precision.device) for k, v in batch.items()}
+        targets = next_token_labels(batch["labels"])  # (B, T)
+        mask = targets != IGNORE_INDEX
+        n = int(mask.sum())
+        if n == 0:
+            continue
+        s = student_logits(student, batch, precision)  # (B, T, V)
+        # losses return per-token means; times n gives sums that add up across batches exactly
+        sums["student_ce"] += float(lm_loss(s, targets, chunk_tokens=chunk_tokens)) * n
+        if teacher is not None:
+            t = teacher_logits(teacher, batch)  # (B, T, V)
+            sums["teacher_ce"] += float(lm_loss(t, targets, chunk_tokens=chunk_tokens)) * n
+            sums["kl"] += float(kd_loss(s, t, mask, temperature=1.0, chunk_tokens=chunk_tokens)) * n
+            sums["top1_agree"] += float(((s.argmax(-1) == t.argmax(-1)) & mask).sum())
+        tokens += n
+    student.train(was_training)
+    if tokens == 0:
+        raise ValueError("evaluation got no valid tokens")
+    out = {"tokens": tokens, "student_ce": sums["student_ce"] / tokens}
+    out["student_ppl"] = math.exp(min(out["student_ce"], 700.0))
+    if teacher is not None:
+        out["teacher_ce"] = sums["teacher_ce"] / tokens
+        out["teacher_ppl"] = math.exp(min(out["teacher_ce"], 700.0))
+        out["kl"] = sums["kl"] / tokens
+        out["top1_agree"] = sums["top1_agree"] / tokens
+    return out
+
+
+
+def format_summary(history: list[dict]) -> str:
+    """The end-of-run table: teacher, student before training, student after (from eval records)."""
+    evals = [r for r in history if r.get("kind") == "eval"]
+    val = [r for r in evals if r["split"] == "validation"]
+    test = [r for r in evals if r["split"] == "test"]
+    if not val:
+        return "(no evaluation recorded)"
+    before, after = val[0], val[-1]
+    after_test = test[-1] if test else None
+
+    def cells(v: dict | None, t: dict | None, who: str) -> list[str]:
+        def f(r, key, fmt):
+            return format(r[key], fmt) if r is not None and key in r else "-"
+        if who == "teacher":
+            return [f(v, "teacher_ppl", ".2f"), "0", "1", f(t, "teacher_ppl", ".2f"), "0", "1"]
+        return [f(v, "student_ppl", ".2f"), f(v, "kl", ".4f"), f(v, "top1_agree", ".3f"),
+                f(t, "student_ppl", ".2f"), f(t, "kl", ".4f"), f(t, "top1_agree", ".3f")]
+
+    rows = [
+        ["teacher", *cells(after, after_test, "teacher")],
+        [f"student before (step {before['step']})", *cells(before, None, "student")],
+        [f"student after (step {after['step']})", *cells(after, after_test, "student")],
+    ]
+    head = ["", "val ppl", "val KL", "val top-1", "test ppl", "test KL", "test top-1"]
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    tokens = f"(validation: {after['tokens']:,} tokens" + (f", test: {after_test['tokens']:,} tokens)" if after_test else ")")
+    return "\n".join([line(head), *(line(r) for r in rows), tokens])
+
+
+__all__ = ["evaluate", "format_summary"]

