@@ -42,24 +42,24 @@ class KDConfig:
     alpha_kd: float = 0.5  # total = alpha_kd * KD + (1 - alpha_kd) * LM
     temperature: float = 1.0  # KD temperature T; the KD term is scaled by T^2 (Hinton et al. 2015)
     kd_top_k: int = 0  # 0 = full vocabulary; k > 0 = teacher top-k plus one tail bucket
-    loss_chunk_tokens: int = 1024  # rows of [tokens x vocab] upcast to fp32 at a time
+    loss_chunk_tokens: int = 128  # rows of [tokens x vocab] upcast to fp32 at a time (fastest on CPU)
 
     # --- optimisation -----------------------------------------------------------------------
     batch_size: int = 4  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     epochs: int = 1
-    max_steps: int = 150  # optimizer steps; > 0 caps `epochs` (as in HF TrainingArguments), -1 = off
+    max_steps: int = 40  # optimizer steps; > 0 overrides `epochs` (as in HF TrainingArguments), -1 = off
     lr: float = 3e-4
     weight_decay: float = 0.01
-    warmup_steps: int = 10
+    warmup_steps: int = 4
     lr_scheduler: str = "cosine"
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
     # --- evaluation, logging, checkpoints ---------------------------------------------------
-    eval_every: int = 50  # optimizer steps between evaluations (0 = only before and after)
+    eval_every: int = 20  # optimizer steps between evaluations (0 = only before and after)
     eval_batches: int = 4  # micro-batches per evaluation (0 = the whole split)
-    log_every: int = 10  # optimizer steps per log line
-    save_every: int = 50  # optimizer steps between checkpoints (0 = only at the end)
+    log_every: int = 5  # optimizer steps per log line
+    save_every: int = 20  # optimizer steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
     resume: bool = False  # continue from out_dir's latest checkpoint

@@ -111,7 +111,7 @@ def kd_loss(
     *,
     temperature: float = 1.0,
     top_k: int = 0,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 128,
     num_valid: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Forward KL knowledge-distillation loss, T^2-scaled, per-token mean (Hinton et al. 2015).
@@ -185,7 +185,7 @@ def lm_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     *,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 128,
     num_valid: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy, chunked over tokens, with the exact global per-token mean.

@@ -97,7 +97,7 @@ def test_cli_negative_temperature():
 
 def test_cli_unknown_flag():
     _assert_one_line_error(_run_cli("train", "--lerning-rate", "1"),
-                           r"^kdlab train: error: unrecognized arguments: --lerning-rate 1")
+                           r"^kdlab: error: unrecognized arguments: --lerning-rate 1")
 
 
 def test_cli_empty_corpus(tmp_path, tiny_teacher):
