@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 
@@ -91,20 +90,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
-    from .data import prepare_data
     from .evaluation import evaluate
-    from .models import build_student, load_teacher, load_tokenizer
-    from .precision import resolve_precision
+    from .trainer import build_components
 
-    cfg = _config(args, {"student_init": "random"})
-    precision = resolve_precision(cfg.device, cfg.teacher_dtype, cfg.autocast_dtype)
-    torch.manual_seed(cfg.seed)
-    tok = load_tokenizer(cfg.teacher, cfg.data_dir)
-    teacher = load_teacher(cfg.teacher, cfg.data_dir, precision)
-    data = prepare_data(cfg.data, cfg.data_dir, tok, cfg.seq_len)
-    student = build_student(cfg.student, teacher, cfg.student_init, cfg.data_dir, precision)
+    cfg = _config(args, {"student_init": "random"})  # --student names a trained model folder
+    precision, _, teacher, data, student = build_components(cfg)
     splits = ["validation", "test"] if args.split == "both" else [args.split]
     print(f"{'split':10}  {'tokens':>8}  {'student ppl':>11}  {'teacher ppl':>11}  {'KL':>8}  {'top-1':>6}")
     for split in splits:

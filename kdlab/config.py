@@ -48,7 +48,9 @@ class KDConfig:
     batch_size: int = 4  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     epochs: int = 1
-    max_steps: int = 40  # optimizer steps; > 0 overrides `epochs` (as in HF TrainingArguments), -1 = off
+    # optimizer steps; > 0 overrides `epochs` (as in HF TrainingArguments), -1 = train `epochs`.
+    # load_config: giving `epochs` without `max_steps` means -1, so `--epochs 3` trains 3 epochs.
+    max_steps: int = 40
     lr: float = 3e-4
     weight_decay: float = 0.01
     warmup_steps: int = 4
@@ -176,6 +178,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise KDLabError(f"config file {str(p)!r} must hold a mapping of key: value, not {type(loaded).__name__}")
         values.update(loaded)
     values.update(overrides or {})
+    if "epochs" in values and "max_steps" not in values:
+        values["max_steps"] = -1  # asked for epochs: train them, not the quick default's 40 steps
     return config_from_dict(values)
 
 

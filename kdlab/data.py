@@ -21,9 +21,9 @@ import subprocess
 import tarfile
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -292,18 +292,21 @@ def tokenize_and_pack(documents, tokenizer, seq_len: int) -> dict[str, PackedSpl
     return packed
 
 
+def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled block order of one epoch: a pure function of (seed, epoch), so a resumed run
+    sees the very same batches."""
+    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 def train_batches(data: PackedSplit, batch_size: int, seed: int, epoch: int, start: int = 0
                   ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Shuffled batches of one epoch, as (index of the next batch, batch), starting at batch `start`.
+    """Shuffled batches of one epoch from batch `start` on, as (batch index, batch).
 
-    The order is a pure function of (seed, epoch), so a resumed run sees the very same batches.
     The last incomplete batch is dropped so every optimizer step sees the same number of sequences.
     """
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(data), generator=g)
-    n_batches = len(data) // batch_size
-    for b in range(start, n_batches):
-        yield b + 1, data.batch(order[b * batch_size : (b + 1) * batch_size])
+    order = epoch_order(len(data), seed, epoch)
+    for b in range(start, batches_per_epoch(data, batch_size)):
+        yield b, data.batch(order[b * batch_size : (b + 1) * batch_size])
 
 
 def batches_per_epoch(data: PackedSplit, batch_size: int) -> int:
@@ -318,4 +321,4 @@ def prepare_data(data: str, data_dir: str | Path, tokenizer, seq_len: int) -> di
 
 
 __all__ = ["PackedSplit", "prepare_austen", "prepare_data", "load_documents", "tokenize_and_pack",
-           "train_batches", "batches_per_epoch", "split_of", "austen_chapters"]
+           "train_batches", "epoch_order", "batches_per_epoch", "split_of", "austen_chapters"]

@@ -13,7 +13,7 @@ Metrics (all per-token means over valid next-token positions):
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -32,7 +32,7 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import KDConfig, save_config
-from .data import PackedSplit, batches_per_epoch, prepare_data, train_batches
+from .data import PackedSplit, batches_per_epoch, epoch_order, prepare_data
 from .errors import KDLabError
 from .evaluation import evaluate
 from .losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
@@ -57,6 +57,21 @@ class TrainState:
 
     def evals(self, split: str = "validation") -> list[dict[str, Any]]:
         return [r for r in self.history if r["kind"] == "eval" and r["split"] == split]
+
+
+def build_components(cfg: KDConfig):
+    """(precision, tokenizer, teacher, data, student) as `cfg` describes them; shared by train and eval."""
+    precision = resolve_precision(cfg.device, cfg.teacher_dtype, cfg.autocast_dtype)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.teacher, cfg.data_dir)
+    teacher = load_teacher(cfg.teacher, cfg.data_dir, precision)
+    data = prepare_data(cfg.data, cfg.data_dir, tokenizer, cfg.seq_len)
+    student = build_student(cfg.student, teacher, cfg.student_init, cfg.data_dir, precision)
+    log.info("teacher %s (%.1fM params) -> student %s (%.1fM params, init=%s); %s",
+             cfg.teacher, count_parameters(teacher) / 1e6, cfg.student, count_parameters(student) / 1e6,
+             cfg.student_init, precision.describe())
+    log.info("data %s: %s", cfg.data, ", ".join(f"{s} {d.num_tokens:,} tokens" for s, d in data.items()))
+    return precision, tokenizer, teacher, data, student
 
 
 class Trainer:
@@ -90,18 +105,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction from config
     @classmethod
-    def from_config(cls, cfg: KDConfig, callbacks=()) -> "Trainer":
+    def from_config(cls, cfg: KDConfig, callbacks=()) -> Trainer:
         """Load teacher, tokenizer and data, build the student: everything `kdlab train` does."""
-        precision = resolve_precision(cfg.device, cfg.teacher_dtype, cfg.autocast_dtype)
-        torch.manual_seed(cfg.seed)
-        tokenizer = load_tokenizer(cfg.teacher, cfg.data_dir)
-        teacher = load_teacher(cfg.teacher, cfg.data_dir, precision)
-        data = prepare_data(cfg.data, cfg.data_dir, tokenizer, cfg.seq_len)
-        student = build_student(cfg.student, teacher, cfg.student_init, cfg.data_dir, precision)
-        log.info("teacher %s (%.1fM params) -> student %s (%.1fM params, init=%s); %s",
-                 cfg.teacher, count_parameters(teacher) / 1e6, cfg.student, count_parameters(student) / 1e6,
-                 cfg.student_init, precision.describe())
-        log.info("data %s: %s", cfg.data, ", ".join(f"{s} {d.num_tokens:,} tokens" for s, d in data.items()))
+        precision, tokenizer, teacher, data, student = build_components(cfg)
         return cls(cfg, student, teacher, data, precision, tokenizer, callbacks)
 
     # ------------------------------------------------------------------ events
@@ -120,19 +126,20 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _next_micro_batches(self) -> tuple[list[dict[str, torch.Tensor]], tuple[int, int]]:
         """The next grad_accum batches and the data position after them (committed after the step)."""
-        epoch, start = self.state.epoch, self.state.batch_in_epoch
+        train, bs = self.data["train"], self.cfg.batch_size
+        n = batches_per_epoch(train, bs)
+        epoch, pos = self.state.epoch, self.state.batch_in_epoch
         batches = []
-        while len(batches) < self.cfg.grad_accum:
-            for start, batch in train_batches(self.data["train"], self.cfg.batch_size, self.cfg.seed, epoch, start):
-                batches.append(batch)
-                if len(batches) == self.cfg.grad_accum:
-                    break
-            else:
-                epoch, start = epoch + 1, 0
-        if start >= batches_per_epoch(self.data["train"], self.cfg.batch_size):
-            epoch, start = epoch + 1, 0
+        for _ in range(self.cfg.grad_accum):
+            if pos == n:
+                epoch, pos = epoch + 1, 0
+            order = epoch_order(len(train), self.cfg.seed, epoch)
+            batches.append(train.batch(order[pos * bs : (pos + 1) * bs]))
+            pos += 1
+        if pos == n:
+            epoch, pos = epoch + 1, 0
         dev = self.precision.device
-        return [{k: v.to(dev, non_blocking=True) for k, v in b.items()} for b in batches], (epoch, start)
+        return [{k: v.to(dev, non_blocking=True) for k, v in b.items()} for b in batches], (epoch, pos)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

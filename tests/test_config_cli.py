@@ -47,6 +47,14 @@ def test_bad_values_name_the_value_and_the_allowed_ones(values, message):
         kdlab.load_config(overrides=values)
 
 
+def test_epochs_without_max_steps_trains_whole_epochs(tmp_path):
+    assert kdlab.load_config().max_steps == 40  # the quick default run
+    assert kdlab.load_config(overrides={"batch_size": 2, "epochs": 3}).max_steps == -1
+    assert kdlab.load_config(overrides={"epochs": 3, "max_steps": 10}).max_steps == 10
+    (tmp_path / "c.yaml").write_text("epochs: 2\n")
+    assert kdlab.load_config(tmp_path / "c.yaml").max_steps == -1
+
+
 def test_yaml_problems_are_user_errors(tmp_path):
     with pytest.raises(kdlab.KDLabError, match="does not exist"):
         kdlab.load_config(tmp_path / "missing.yaml")

@@ -83,6 +83,7 @@ def test_train_batches_are_deterministic_and_resumable():
     data = PackedSplit(torch.arange(40).reshape(20, 2), torch.ones(20, 2, dtype=torch.long))
     full = [b["input_ids"] for _, b in train_batches(data, 3, seed=7, epoch=1)]
     assert len(full) == 6  # 20 // 3, the incomplete batch is dropped
+    assert [i for i, _ in train_batches(data, 3, seed=7, epoch=1, start=4)] == [4, 5]
     again = [b["input_ids"] for _, b in train_batches(data, 3, seed=7, epoch=1, start=4)]
     assert all(torch.equal(a, b) for a, b in zip(full[4:], again))
     other_epoch = [b["input_ids"] for _, b in train_batches(data, 3, seed=7, epoch=2)]

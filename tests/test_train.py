@@ -46,6 +46,20 @@ def test_end_to_end_run_writes_its_files_and_learns(tiny_overrides, tmp_path):
     assert again["kl"] == pytest.approx(val[-1]["kl"], rel=1e-5)
 
 
+def test_cli_eval_of_a_saved_student(tiny_overrides, tmp_path, capsys):
+    from kdlab.cli import main
+
+    kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "max_steps": 2}))
+    args = ["eval", "--student", str(tmp_path / "run" / "final"), "--teacher", tiny_overrides["teacher"],
+            "--data-dir", tiny_overrides["data_dir"], "--seq-len", "32", "--batch-size", "2",
+            "--eval-batches", "2", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["split", "tokens", "student", "ppl", "teacher", "ppl", "KL", "top-1"]
+    assert [line.split()[0] for line in out[1:]] == ["validation", "test"]
+    assert int(out[1].split()[1].replace(",", "")) == 2 * 2 * 31  # 2 batches of 2 blocks, 31 targets each
+
+
 class _InterruptAt:
     def __init__(self, step):
         self.step = step
