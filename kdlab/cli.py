@@ -82,11 +82,14 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     t0 = time.perf_counter()
     state = train(cfg)
+    seconds = time.perf_counter() - t0
+    if state.interrupted:
+        print(f"interrupted at step {state.step} ({state.tokens:,} tokens, {seconds:.0f} s); continue with "
+              f"`kdlab train --out-dir {cfg.out_dir} --resume` and the same settings")
+        return 130  # the shell's code for a run stopped by Ctrl-C
     print(format_summary(state.history))
-    status = "interrupted" if state.interrupted else "done"
-    print(f"{status}: {state.step} steps, {state.tokens:,} tokens in {time.perf_counter() - t0:.0f} s; "
-          f"run folder {cfg.out_dir}")
-    return 130 if state.interrupted else 0
+    print(f"done: {state.step} steps, {state.tokens:,} tokens in {seconds:.0f} s; run folder {cfg.out_dir}")
+    return 0
 
 
 def cmd_eval(args) -> int:

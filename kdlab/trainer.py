@@ -268,8 +268,9 @@ class Trainer:
                     n_acc += 1
                     bar.update(1)
                     if s.step % cfg.log_every == 0 or s.step == self.total_steps:
-                        self._log_interval(acc, n_acc, time.perf_counter() - t_interval, bar)
-                        acc, n_acc, t_interval = {}, 0, time.perf_counter()
+                        interval, n_interval, acc, n_acc = acc, n_acc, {}, 0
+                        self._log_interval(interval, n_interval, time.perf_counter() - t_interval, bar)
+                        t_interval = time.perf_counter()
                     if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
                         self.evaluate("validation")
                     if cfg.save_every and s.step % cfg.save_every == 0 and s.step < self.total_steps:
@@ -282,6 +283,8 @@ class Trainer:
         except KeyboardInterrupt:
             bar.close()
             s.interrupted = True
+            if n_acc:  # the steps since the last log line, so history and token count are complete
+                self._log_interval(acc, n_acc, time.perf_counter() - t_interval, bar)
             path = self.save()
             log.warning("interrupted at step %d; checkpoint %s; continue with --resume", s.step, path)
         self._emit("on_train_end")

@@ -23,6 +23,11 @@ def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
     assert kdlab.load_config(tmp_path / "c.yaml") == cfg
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    kdlab.load_config(path)
+
+
 def test_yaml_then_overrides_take_precedence(tmp_path):
     (tmp_path / "c.yaml").write_text("batch_size: 8\ntemperature: 2\nalpha_kd: 0.25\n")
     cfg = kdlab.load_config(tmp_path / "c.yaml", {"batch_size": 2})

@@ -75,6 +75,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tiny_overrides, tmp_pa
     cfg_b = kdlab.load_config(overrides={**tiny_overrides, "out_dir": str(tmp_path / "b")})
     first = kdlab.train(cfg_b, callbacks=[_InterruptAt(4)])
     assert first.interrupted and first.step == 4
+    assert first.tokens == 4 * 2 * 31  # 4 steps of 2 blocks of 32 tokens, 31 next-token targets each
     assert latest_checkpoint(tmp_path / "b").name == "step-000004"
     resumed = kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "out_dir": str(tmp_path / "b"),
                                                         "resume": True}))
