@@ -86,22 +86,23 @@ class _ChunkedKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_flat, t_flat, m_flat, temperature: float, top_k: int, chunk_tokens: int):
-        grad = torch.empty_like(s_flat)  # (N, V)
+    def forward(ctx, s_flat, t_flat, m_flat, temperature: float, top_k: int, chunk_tokens: int, need_grad: bool):
+        grad = torch.empty_like(s_flat) if need_grad else None  # (N, V)
         total = torch.zeros((), dtype=torch.float32, device=s_flat.device)
         for start in range(0, s_flat.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             kl, g = _kd_rows(s_flat[rows], t_flat[rows], temperature, top_k)
             m = m_flat[rows].to(torch.float32)  # (C,)
             total += (kl * m).sum()
-            grad[rows] = g.mul_(m.unsqueeze(-1))  # masked rows get exactly zero gradient
+            if need_grad:
+                grad[rows] = g.mul_(m.unsqueeze(-1))  # masked rows get exactly zero gradient
         ctx.save_for_backward(grad)
         return temperature**2 * total
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None
 
 
 def kd_loss(
@@ -146,6 +147,7 @@ def kd_loss(
         float(temperature),
         int(top_k),
         int(chunk_tokens),
+        torch.is_grad_enabled() and student_logits.requires_grad,  # evaluation: no gradient buffer
     )
     return total / _valid_count(mask, num_valid)
 
@@ -159,8 +161,8 @@ class _ChunkedCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, flat, targets, chunk_tokens: int):
-        grad = torch.empty_like(flat)  # (N, V)
+    def forward(ctx, flat, targets, chunk_tokens: int, need_grad: bool):
+        grad = torch.empty_like(flat) if need_grad else None  # (N, V)
         total = torch.zeros((), dtype=torch.float32, device=flat.device)
         for start in range(0, flat.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
@@ -169,6 +171,8 @@ class _ChunkedCE(torch.autograd.Function):
             safe_y = y.clamp_min(0).unsqueeze(-1)  # (C, 1): ignored rows index 0, then get zeroed
             logp = F.log_softmax(flat[rows], dim=-1, dtype=torch.float32)  # (C, V)
             total -= (logp.gather(-1, safe_y).squeeze(-1) * valid).sum()
+            if not need_grad:
+                continue
             g = logp.exp_()  # softmax, in place
             g.scatter_add_(-1, safe_y, torch.full_like(safe_y, -1.0, dtype=g.dtype))
             grad[rows] = g.mul_(valid.unsqueeze(-1))
@@ -178,7 +182,7 @@ class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None
+        return grad * grad_out.to(grad.dtype), None, None, None
 
 
 def lm_loss(
@@ -203,7 +207,8 @@ def lm_loss(
         scalar fp32 tensor.
     """
     V = logits.shape[-1]
-    total = _ChunkedCE.apply(logits.reshape(-1, V), targets.reshape(-1), int(chunk_tokens))
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    total = _ChunkedCE.apply(logits.reshape(-1, V), targets.reshape(-1), int(chunk_tokens), need_grad)
     return total / _valid_count(targets != IGNORE_INDEX, num_valid)
 
 

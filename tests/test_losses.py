@@ -186,3 +186,13 @@ def test_chunked_ce_fp16_logits_upcast():
     logits, y = _logits(3, 11, V).half(), _targets()
     ref = F.cross_entropy(logits.float().reshape(-1, V), y.reshape(-1), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(lm_loss(logits, y, chunk_tokens=5), ref)
+
+
+def test_no_grad_evaluation_gives_the_same_values(batch):
+    s, t, mask = batch
+    y = _targets()
+    with torch.no_grad():
+        values = (kd_loss(s, t, mask, top_k=5), lm_loss(s, y, chunk_tokens=4))
+    s = s.clone().requires_grad_(True)
+    assert torch.equal(values[0], kd_loss(s, t, mask, top_k=5).detach())
+    assert torch.equal(values[1], lm_loss(s, y, chunk_tokens=4).detach())
