@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import KDLabError
+from .losses import DIVERGENCES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -42,6 +43,8 @@ class KDConfig:
     alpha_kd: float = 0.5  # total = alpha_kd * KD + (1 - alpha_kd) * LM
     temperature: float = 1.0  # KD temperature T; the KD term is scaled by T^2 (Hinton et al. 2015)
     kd_top_k: int = 0  # 0 = full vocabulary; k > 0 = teacher top-k plus one tail bucket
+    kd_divergence: str = "forward_kl"  # forward_kl, reverse_kl (MiniLLM) or jsd (GKD's generalised JSD)
+    jsd_beta: float = 0.5  # JSD mixture weight on the teacher, in (0, 1)
     loss_chunk_tokens: int = 128  # rows of [tokens x vocab] upcast to fp32 at a time (fastest on CPU)
 
     # --- optimisation -----------------------------------------------------------------------
@@ -93,6 +96,8 @@ class KDConfig:
         need(math.isfinite(self.temperature) and self.temperature > 0,
              f"temperature={self.temperature} must be a positive number (1.0 is the usual choice for LMs)")
         need(self.kd_top_k >= 0, f"kd_top_k={self.kd_top_k} must be >= 0 (0 = full vocabulary)")
+        choice("kd_divergence", DIVERGENCES)
+        need(0.0 < self.jsd_beta < 1.0, f"jsd_beta={self.jsd_beta} must be in (0, 1)")
         need(self.loss_chunk_tokens >= 1, f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1")
         need(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         need(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")

@@ -16,6 +16,8 @@ Conventions shared by every function here (see ../shared/research/loss-review.md
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -33,16 +35,44 @@ def _valid_count(mask: torch.Tensor, num_valid: torch.Tensor | int | None) -> to
     return torch.as_tensor(num_valid, dtype=torch.float32, device=mask.device).clamp_min(1)
 
 
-def _kd_rows(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float, top_k: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row forward KL and its gradient for one chunk of rows, in fp32.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _bucket_divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reverse KL or generalised JSD between (C, n) log-distributions, and its centred gradient.
+
+    Returns (L, H): L is (C,) and H = G - <Q, G> with G = dL/dQ, so that the gradient with respect
+    to the student's logits z (Q = softmax(z)) is q * H (the softmax Jacobian applied to G).
+        reverse_kl:  L = sum Q log(Q / P)                                  G = log Q - log P (+1)
+        jsd(beta):   L = beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q
+                                                                         G = (1 - beta) log(Q / M)
+    (GKD, Agarwal et al. 2024, eq. 1; TRL's generalized_jsd_loss uses the same mixture.)
+    """
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "reverse_kl":
+        # a teacher log-prob of -inf where the student has mass makes the divergence (truly) huge;
+        # clamping keeps it a large finite number instead of nan
+        g = log_q - log_p.clamp_min(torch.finfo(torch.float32).min)  # (C, n)
+        loss = torch.where(q > 0, q * g, 0.0).sum(-1)
+    else:  # jsd
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))  # (C, n)
+        loss = beta * torch.where(p > 0, p * (log_p - log_m), 0.0).sum(-1)
+        loss = loss + (1 - beta) * torch.where(q > 0, q * (log_q - log_m), 0.0).sum(-1)
+        g = (1 - beta) * (log_q - log_m)
+    return loss, g - torch.linalg.vecdot(q, g).unsqueeze(-1)
+
+
+def _kd_rows(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float, top_k: int,
+             divergence: str = "forward_kl", beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergence and its gradient for one chunk of rows, in fp32.
 
     Args:
         s_logits, t_logits: (C, V) raw logits of any float dtype.
     Returns:
-        kl: (C,) KL(p || q) with p = softmax(t / T), q = softmax(s / T).
-        grad: (C, V) d(T^2 * kl) / d s_logits = T * (q - r), where r is the distribution the
-            student is pulled towards: r = p for the full vocabulary.
+        loss: (C,) D(p, q) with p = softmax(t / T), q = softmax(s / T); forward KL is KL(p || q).
+        grad: (C, V) d(T^2 * loss) / d s_logits. For forward KL this is T * (q - r), where r is
+            the distribution the student is pulled towards: r = p for the full vocabulary.
 
     With 0 < top_k < V the teacher's top-k entries are kept and the rest is merged into one tail
     bucket on both sides (DistillKit SYMMETRIC_UNIFORM, TRL's tail bucket):
@@ -50,20 +80,31 @@ def _kd_rows(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float,
     the exact KL between the coarse-grained (k+1)-way distributions: >= 0, <= the full KL by the
     data-processing inequality, and equal to it at k = V. Then r_i = p_i inside K and
     r_j = p_tail * q_j / q_tail outside: the tail mass is spread as the student already spreads it.
+    Reverse KL and JSD use the same k + 1 buckets.
     """
     if temperature != 1.0:
         s_logits, t_logits = s_logits / temperature, t_logits / temperature
     s_logp = F.log_softmax(s_logits, dim=-1, dtype=torch.float32)  # (C, V)
     t_logp = F.log_softmax(t_logits, dim=-1, dtype=torch.float32)  # (C, V)
     q = s_logp.exp()
-    if 0 < top_k < s_logp.shape[-1]:
+    top = 0 < top_k < s_logp.shape[-1]
+    if top:
         t_top, idx = t_logp.topk(top_k, dim=-1)  # (C, k)
         s_top = s_logp.gather(-1, idx)  # (C, k)
-        p_top = t_top.exp()
         # log of the mass outside the top-k, exactly, as a logsumexp over the remaining entries
         t_tail = t_logp.scatter_(-1, idx, float("-inf")).logsumexp(-1)  # (C,)
         s_tail = s_logp.scatter_(-1, idx, float("-inf")).logsumexp(-1)  # (C,)
-        p_tail = t_tail.exp()
+    if divergence != "forward_kl":
+        if top:
+            log_p = torch.cat([t_top, t_tail.unsqueeze(-1)], -1)  # (C, k + 1)
+            log_q = torch.cat([s_top, s_tail.unsqueeze(-1)], -1)
+            loss, h = _bucket_divergence(log_p, log_q, divergence, beta)
+            h_full = h[:, -1:].expand_as(q).clone().scatter_(-1, idx, h[:, :-1])  # (C, V): bucket of each token
+        else:
+            loss, h_full = _bucket_divergence(t_logp, s_logp, divergence, beta)
+        return loss, q.mul_(h_full).mul_(temperature)
+    if top:
+        p_top, p_tail = t_top.exp(), t_tail.exp()
         # p = 0 contributes exactly 0, not 0 * inf = nan
         kl = torch.where(p_top > 0, p_top * (t_top - s_top), 0.0).sum(-1)
         kl = kl + torch.where(p_tail > 0, p_tail * (t_tail - s_tail), 0.0)
@@ -86,12 +127,13 @@ class _ChunkedKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_flat, t_flat, m_flat, temperature: float, top_k: int, chunk_tokens: int, need_grad: bool):
+    def forward(ctx, s_flat, t_flat, m_flat, temperature: float, top_k: int, chunk_tokens: int, need_grad: bool,
+                divergence: str, beta: float):
         grad = torch.empty_like(s_flat) if need_grad else None  # (N, V)
         total = torch.zeros((), dtype=torch.float32, device=s_flat.device)
         for start in range(0, s_flat.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            kl, g = _kd_rows(s_flat[rows], t_flat[rows], temperature, top_k)
+            kl, g = _kd_rows(s_flat[rows], t_flat[rows], temperature, top_k, divergence, beta)
             m = m_flat[rows].to(torch.float32)  # (C,)
             total += (kl * m).sum()
             if need_grad:
@@ -102,7 +144,7 @@ class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None, None
 
 
 def kd_loss(
@@ -114,6 +156,8 @@ def kd_loss(
     top_k: int = 0,
     chunk_tokens: int = 128,
     num_valid: torch.Tensor | int | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """Forward KL knowledge-distillation loss, T^2-scaled, per-token mean (Hinton et al. 2015).
 
@@ -130,10 +174,17 @@ def kd_loss(
         top_k: 0 for the full vocabulary; k > 0 keeps the teacher's top-k plus one tail bucket.
         chunk_tokens: rows upcast to fp32 at once.
         num_valid: denominator; defaults to mask.sum() (pass the accumulated total under grad-accum).
+        divergence: "forward_kl" (default, mode-covering), "reverse_kl" KL(q || p) (mode-seeking,
+            MiniLLM), or "jsd": generalised Jensen-Shannon with mixture weight `beta` in (0, 1)
+            on the teacher (GKD). All are T^2-scaled per-token means of the same shape.
 
     Returns:
         scalar fp32 tensor.
     """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} is not one of {', '.join(DIVERGENCES)}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta={beta} must be in (0, 1) for the JSD")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -148,6 +199,8 @@ def kd_loss(
         int(top_k),
         int(chunk_tokens),
         torch.is_grad_enabled() and student_logits.requires_grad,  # evaluation: no gradient buffer
+        divergence,
+        float(beta),
     )
     return total / _valid_count(mask, num_valid)
 
@@ -212,4 +265,4 @@ def lm_loss(
     return total / _valid_count(targets != IGNORE_INDEX, num_valid)
 
 
-__all__ = ["IGNORE_INDEX", "next_token_labels", "kd_loss", "lm_loss"]
+__all__ = ["DIVERGENCES", "IGNORE_INDEX", "next_token_labels", "kd_loss", "lm_loss"]

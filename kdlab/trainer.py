@@ -156,7 +156,8 @@ class Trainer:
             if alpha > 0.0:
                 t = teacher_logits(self.teacher, batch)  # (B, T, V)
                 kd = kd_loss(s, t, tgt != IGNORE_INDEX, temperature=cfg.temperature, top_k=cfg.kd_top_k,
-                             chunk_tokens=cfg.loss_chunk_tokens, num_valid=num_valid)
+                             chunk_tokens=cfg.loss_chunk_tokens, num_valid=num_valid,
+                             divergence=cfg.kd_divergence, beta=cfg.jsd_beta)
                 total = total + alpha * kd
                 sums["kd"] += kd.detach()
             self.scaler.scale(total).backward()

@@ -42,6 +42,8 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
     ({"teacher_dtype": "fp8"}, r"teacher_dtype='fp8' is not allowed; choose one of auto, float32"),
     ({"student_init": "copy"}, r"student_init='copy' is not allowed; choose one of random, teacher-layers"),
     ({"batch_size": 0}, r"batch_size=0 must be >= 1"),
+    ({"kd_divergence": "tvd"}, r"kd_divergence='tvd' is not allowed; choose one of forward_kl, reverse_kl, jsd"),
+    ({"jsd_beta": 0.0}, r"jsd_beta=0.0 must be in \(0, 1\)"),
     ({"max_steps": 0}, r"max_steps=0 must be >= 1, or -1"),
     ({"batch_size": "two"}, r"batch_size='two' must be of type int"),
     ({"resume": "maybe"}, r"resume='maybe' must be true or false"),

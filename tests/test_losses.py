@@ -196,3 +196,64 @@ def test_no_grad_evaluation_gives_the_same_values(batch):
     s = s.clone().requires_grad_(True)
     assert torch.equal(values[0], kd_loss(s, t, mask, top_k=5).detach())
     assert torch.equal(values[1], lm_loss(s, y, chunk_tokens=4).detach())
+
+
+# ------------------------------------------------------------------ reverse KL and generalised JSD
+
+
+def ref_divergence(s, t, mask, T=1.0, top_k=0, divergence="reverse_kl", beta=0.5):
+    """Textbook reverse KL / JSD(beta) in float64 on the full or (k+1)-bucket distributions."""
+    log_q, log_p = (s.double() / T).log_softmax(-1), (t.double() / T).log_softmax(-1)
+    p, q = log_p.exp(), log_q.exp()
+    if top_k:
+        idx = log_p.topk(top_k, -1).indices
+        in_k = torch.zeros_like(p, dtype=torch.bool).scatter(-1, idx, True)
+        p = torch.cat([p.gather(-1, idx), (p * ~in_k).sum(-1, keepdim=True)], -1)
+        q = torch.cat([q.gather(-1, idx), (q * ~in_k).sum(-1, keepdim=True)], -1)
+    if divergence == "reverse_kl":
+        per_tok = (q * (q.log() - p.log())).sum(-1)
+    else:
+        m = beta * p + (1 - beta) * q
+        per_tok = beta * (p * (p.log() - m.log())).sum(-1) + (1 - beta) * (q * (q.log() - m.log())).sum(-1)
+    mk = mask.double()
+    return T * T * (per_tok * mk).sum() / mk.sum()
+
+
+@pytest.mark.parametrize("divergence, beta", [("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)])
+@pytest.mark.parametrize("T, top_k", [(1.0, 0), (2.0, 0), (1.0, 5), (1.5, 20)])
+def test_reverse_kl_and_jsd_match_float64_reference(batch, divergence, beta, T, top_k):
+    s, t, mask = batch
+    s32 = s.clone().requires_grad_(True)
+    loss = kd_loss(s32, t, mask, temperature=T, top_k=top_k, divergence=divergence, beta=beta, chunk_tokens=4)
+    loss.backward()
+    s64 = s.double().requires_grad_(True)
+    ref = ref_divergence(s64, t, mask, T, top_k, divergence, beta)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+    assert torch.count_nonzero(s32.grad[~mask]) == 0
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_divergences_vanish_at_equality_and_order_sensibly(batch, divergence):
+    s, t, mask = batch
+    assert kd_loss(s, s.clone(), mask, divergence=divergence).abs() < 1e-6
+    full = kd_loss(s, t, mask, divergence=divergence)
+    assert kd_loss(s, t, mask, divergence=divergence, top_k=8) <= full + 1e-6  # coarse-graining
+    torch.testing.assert_close(kd_loss(s, t, mask, divergence=divergence, top_k=V - 1), full, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_jsd_is_bounded_and_symmetric_at_half(batch):
+    s, t, mask = batch
+    jsd = kd_loss(s, t, mask, divergence="jsd", beta=0.5)
+    assert 0 < jsd <= torch.log(torch.tensor(2.0)) + 1e-6  # JS divergence <= log 2
+    torch.testing.assert_close(jsd, kd_loss(t, s, mask, divergence="jsd", beta=0.5))
+
+
+def test_unknown_divergence_and_bad_beta_are_refused(batch):
+    s, t, mask = batch
+    with pytest.raises(ValueError, match="divergence='tvd' is not one of forward_kl, reverse_kl, jsd"):
+        kd_loss(s, t, mask, divergence="tvd")
+    with pytest.raises(ValueError, match=r"beta=1.0 must be in \(0, 1\)"):
+        kd_loss(s, t, mask, divergence="jsd", beta=1.0)

@@ -126,6 +126,15 @@ def test_lm_only_run_skips_the_teacher_in_training(tiny_overrides, monkeypatch):
     assert all("kd" not in r and "lm" in r for r in state.history if r["kind"] == "train")
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_other_divergences_train(tiny_overrides, divergence):
+    cfg = kdlab.load_config(overrides={**tiny_overrides, "kd_divergence": divergence, "kd_top_k": 16,
+                                        "max_steps": 2, "eval_every": 0, "save_every": 0})
+    state = kdlab.train(cfg)
+    train = [r for r in state.history if r["kind"] == "train"]
+    assert train and all(r["kd"] > 0 and r["kd"] == r["kd"] for r in train)
+
+
 def test_student_weights_stay_fp32_with_a_half_precision_teacher(tiny_teacher):
     p = kdlab.Precision(torch.device("cpu"), torch.bfloat16, None)
     teacher = kdlab.load_teacher(str(tiny_teacher), "data", p)
