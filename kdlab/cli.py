@@ -89,6 +89,9 @@ def cmd_train(args) -> int:
         return 130  # the shell's code for a run stopped by Ctrl-C
     print(format_summary(state.history))
     print(f"done: {state.step} steps, {state.tokens:,} tokens in {seconds:.0f} s; run folder {cfg.out_dir}")
+    if state.stop_reason:
+        print(f"kdlab: error: the run stopped early: {state.stop_reason}", file=sys.stderr)
+        return 1
     return 0
 
 

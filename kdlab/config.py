@@ -59,6 +59,7 @@ class KDConfig:
     warmup_steps: int = 4
     lr_scheduler: str = "cosine"
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    max_nonfinite_steps: int = 5  # stop after this many skipped (non-finite loss) steps in a row
 
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = 20  # optimizer steps between evaluations (0 = only before and after)
@@ -108,6 +109,7 @@ class KDConfig:
         need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
         choice("lr_scheduler", SCHEDULERS)
         need(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        need(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1")
         for name in ("eval_every", "eval_batches", "save_every"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
         need(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")

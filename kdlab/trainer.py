@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,10 @@ class TrainState:
     batch_in_epoch: int = 0  # ... and batch index within it
     tokens: int = 0  # valid target tokens trained on
     should_stop: bool = False
+    stop_reason: str = ""
     interrupted: bool = False
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss, in total ...
+    bad_in_a_row: int = 0  # ... and in a row (the run stops at cfg.max_nonfinite_steps)
     history: list[dict[str, Any]] = field(default_factory=list)  # train and eval records, in order
 
     def evals(self, split: str = "validation") -> list[dict[str, Any]]:
@@ -142,12 +146,13 @@ class Trainer:
         return [{k: v.to(dev, non_blocking=True) for k, v in b.items()} for b in batches], (epoch, pos)
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """One optimizer step; None if a non-finite loss made it skip (no backward, no update)."""
         cfg, alpha = self.cfg, self.cfg.alpha_kd
         targets = [next_token_labels(b["labels"]) for b in micro_batches]  # (B, T) each
         num_valid = sum((t != IGNORE_INDEX).sum() for t in targets)  # tokens of the whole step
         sums = {"loss": 0.0, "lm": 0.0, "kd": 0.0}
-        for batch, tgt in zip(micro_batches, targets):
+        for i, (batch, tgt) in enumerate(zip(micro_batches, targets)):
             s = student_logits(self.student, batch, self.precision)  # (B, T, V)
             # LM is always computed and logged (the seed lost track of it), even at weight 0
             with torch.set_grad_enabled(alpha < 1.0):
@@ -160,6 +165,18 @@ class Trainer:
                              divergence=cfg.kd_divergence, beta=cfg.jsd_beta)
                 total = total + alpha * kd
                 sums["kd"] += kd.detach()
+            # one host sync per micro-batch: replacing nan by 0 would still leave nan gradients, and
+            # AdamW would still move the weights through momentum and decay, so the step is skipped
+            if not torch.isfinite(total):
+                terms = {"lm": lm} | ({"kd": kd} if alpha > 0.0 else {})
+                bad = ", ".join(f"{k}={float(v.detach())}" for k, v in terms.items() if not torch.isfinite(v))
+                log.warning("non-finite loss at step %d, micro-batch %d (epoch %d, batch %d): %s; step skipped",
+                            self.state.step + 1, i, self.state.epoch, self.state.batch_in_epoch + i, bad)
+                self.optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.scheduler.step()  # the learning rate follows the step count, skipped or not
+                return None
             self.scaler.scale(total).backward()
             sums["loss"] += total.detach()
             sums["lm"] += lm.detach()
@@ -190,6 +207,7 @@ class Trainer:
         s = self.state
         return {
             "step": s.step, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "tokens": s.tokens,
+            "skipped_steps": s.skipped_steps, "bad_in_a_row": s.bad_in_a_row,
             "history": s.history, "config": self.cfg.to_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -217,6 +235,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         s = self.state
         s.step, s.epoch, s.batch_in_epoch, s.tokens = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["tokens"]
+        s.skipped_steps, s.bad_in_a_row = ckpt["skipped_steps"], ckpt["bad_in_a_row"]
         s.history = ckpt["history"]
         # the metrics file may hold records written after this checkpoint: rewrite it from history
         tmp = self.out_dir / "metrics.jsonl.tmp"
@@ -264,11 +283,20 @@ class Trainer:
                     out = self.train_step(batches)
                     s.step += 1
                     s.epoch, s.batch_in_epoch = cursor
-                    for k, v in out.items():  # accumulate on the device: no per-step host sync
-                        acc[k] = acc.get(k, 0) + v
-                    n_acc += 1
                     bar.update(1)
-                    if s.step % cfg.log_every == 0 or s.step == self.total_steps:
+                    if out is None:
+                        s.skipped_steps += 1
+                        s.bad_in_a_row += 1
+                        if s.bad_in_a_row >= cfg.max_nonfinite_steps:
+                            s.should_stop = True
+                            s.stop_reason = f"{s.bad_in_a_row} non-finite steps in a row (max_nonfinite_steps)"
+                            log.error("stopping: %s", s.stop_reason)
+                    else:
+                        s.bad_in_a_row = 0
+                        for k, v in out.items():  # accumulate on the device: no per-step host sync
+                            acc[k] = acc.get(k, 0) + v
+                        n_acc += 1
+                    if n_acc and (s.step % cfg.log_every == 0 or s.step == self.total_steps):
                         interval, n_interval, acc, n_acc = acc, n_acc, {}, 0
                         self._log_interval(interval, n_interval, time.perf_counter() - t_interval, bar)
                         t_interval = time.perf_counter()
@@ -300,6 +328,7 @@ class Trainer:
         record = {"kind": "train", "step": self.state.step, "epoch": self.state.epoch,
                   **{k: v / n for k, v in sums.items()},
                   "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(seconds, 1e-9),
+                  "skipped_steps": self.state.skipped_steps,
                   "weights": {"kd": self.cfg.alpha_kd, "lm": 1.0 - self.cfg.alpha_kd}}
         self._record(record)
         kd = f" | kd {record['kd']:.4f}" if "kd" in record else ""

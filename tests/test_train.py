@@ -150,3 +150,55 @@ def test_corrupt_checkpoint_gives_clear_error(tiny_overrides, tmp_path):
     (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(kdlab.KDLabError, match="corrupt or unreadable"):
         kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "max_steps": 3, "resume": True}))
+
+
+def _poison_teacher(trainer, bad_calls):
+    """Make the teacher's logits nan on the given (0-based) forward calls."""
+    real_forward, calls = trainer.teacher.forward, {"n": 0}
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        if calls["n"] in bad_calls:
+            out.logits = torch.full_like(out.logits, float("nan"))
+        calls["n"] += 1
+        return out
+
+    trainer.teacher.forward = forward
+
+
+def test_nonfinite_step_is_skipped_without_touching_the_weights(tiny_overrides):
+    cfg = kdlab.load_config(overrides={**tiny_overrides, "max_steps": 4, "eval_every": 0, "save_every": 0,
+                                        "log_every": 1, "warmup_steps": 0})  # no lr-0 first step
+    trainer = kdlab.Trainer.from_config(cfg)
+    eval_calls = cfg.eval_batches  # the step-0 evaluation runs the teacher first
+    _poison_teacher(trainer, {eval_calls + 1})  # the teacher call of step 2
+    before, real_step = {}, trainer.train_step
+
+    def step(batches):
+        before[trainer.state.step + 1] = [p.detach().clone() for p in trainer.student.parameters()]
+        return real_step(batches)
+
+    trainer.train_step = step
+    state = trainer.fit()
+    assert state.skipped_steps == 1 and not state.stop_reason and state.step == 4
+    train = [r for r in state.history if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 3, 4]  # step 2 logged nothing: it did not happen
+    assert all(r["loss"] == r["loss"] for r in train)  # no nan leaked into the logs
+    assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    assert not same(before[1], before[2])  # step 1 trained
+    assert same(before[2], before[3])  # step 2 was skipped: nothing moved, not even by AdamW's momentum
+
+
+def test_run_stops_after_too_many_nonfinite_steps(tiny_overrides):
+    cfg = kdlab.load_config(overrides={**tiny_overrides, "max_steps": 10, "eval_every": 0, "save_every": 0,
+                                        "max_nonfinite_steps": 3})
+    trainer = kdlab.Trainer.from_config(cfg)
+    _poison_teacher(trainer, set(range(cfg.eval_batches, cfg.eval_batches + 100)))
+    state = trainer.fit()
+    assert state.step == 3 and state.skipped_steps == 3
+    assert state.stop_reason == "3 non-finite steps in a row (max_nonfinite_steps)"
+    assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
