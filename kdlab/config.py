@@ -45,6 +45,19 @@ class KDConfig:
     kd_top_k: int = 0  # 0 = full vocabulary; k > 0 = teacher top-k plus one tail bucket
     kd_divergence: str = "forward_kl"  # forward_kl, reverse_kl (MiniLLM) or jsd (GKD's generalised JSD)
     jsd_beta: float = 0.5  # JSD mixture weight on the teacher, in (0, 1)
+    # intermediate terms (kdlab.terms); weight 0 = not computed, and no hidden states/attentions
+    w_feature: float = 0.0  # router-mixed feature loss, per student block
+    w_attention: float = 0.0  # MiniLM attention KL of mapped blocks (switches to eager attention)
+    w_layerwise: float = 0.0  # LN-MSE of projected student blocks vs uniformly mapped teacher blocks
+    w_contrastive: float = 0.0  # InfoNCE of pooled last states across the batch
+    feature_loss: str = "ln_mse"  # ln_mse (scale-free, in [0, 4]) or cosine
+    router_experts: int = 4  # teacher blocks each router chooses from (evenly spaced)
+    router_top_k: int = 2  # experts mixed per token
+    router_balance: float = 0.01  # weight of the load-balancing term inside the feature term
+    contrastive_tau: float = 0.1
+    adaptive_balance: bool = False  # divide each term by an EMA of its magnitude
+    balance_momentum: float = 0.99
+    grad_share_every: int = 0  # every N steps log each term's share of the student's grad norm (0 = off)
     loss_chunk_tokens: int = 128  # rows of [tokens x vocab] upcast to fp32 at a time (fastest on CPU)
 
     # --- optimisation -----------------------------------------------------------------------
@@ -100,6 +113,17 @@ class KDConfig:
         choice("kd_divergence", DIVERGENCES)
         need(0.0 < self.jsd_beta < 1.0, f"jsd_beta={self.jsd_beta} must be in (0, 1)")
         need(self.loss_chunk_tokens >= 1, f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1")
+        for name in ("w_feature", "w_attention", "w_layerwise", "w_contrastive", "router_balance"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value >= 0, f"{name}={value} must be >= 0")
+        choice("feature_loss", ("ln_mse", "cosine"))
+        need(self.router_experts >= 1, f"router_experts={self.router_experts} must be >= 1")
+        need(1 <= self.router_top_k <= self.router_experts,
+             f"router_top_k={self.router_top_k} must be in [1, router_experts={self.router_experts}]")
+        need(math.isfinite(self.contrastive_tau) and self.contrastive_tau > 0,
+             f"contrastive_tau={self.contrastive_tau} must be > 0")
+        need(0.0 <= self.balance_momentum < 1.0, f"balance_momentum={self.balance_momentum} must be in [0, 1)")
+        need(self.grad_share_every >= 0, f"grad_share_every={self.grad_share_every} must be >= 0")
         need(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
         need(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")
         need(self.epochs >= 1, f"epochs={self.epochs} must be >= 1")

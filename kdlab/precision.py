@@ -79,15 +79,29 @@ def resolve_precision(device: str = "auto", teacher_dtype: str = "auto", autocas
 
 
 @torch.no_grad()
+def teacher_outputs(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], hidden_states: bool = False,
+                    attentions: bool = False):
+    """The frozen teacher's HF output (logits (B, T, V) in the teacher's dtype; optionally more)."""
+    return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   output_hidden_states=hidden_states, output_attentions=attentions)
+
+
+def student_outputs(student: torch.nn.Module, batch: dict[str, torch.Tensor], precision: Precision,
+                    hidden_states: bool = False, attentions: bool = False):
+    """The student's HF output under the policy's autocast (grad enabled if the caller allows)."""
+    with precision.autocast():
+        return student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=hidden_states, output_attentions=attentions)
+
+
 def teacher_logits(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, T, V) logits of the frozen teacher, in the teacher's dtype."""
-    return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return teacher_outputs(teacher, batch).logits
 
 
 def student_logits(student: torch.nn.Module, batch: dict[str, torch.Tensor], precision: Precision) -> torch.Tensor:
-    """(B, T, V) student logits under the policy's autocast (grad enabled if the caller allows)."""
-    with precision.autocast():
-        return student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """(B, T, V) student logits under the policy's autocast."""
+    return student_outputs(student, batch, precision).logits
 
 
-__all__ = ["Precision", "resolve_precision", "teacher_logits", "student_logits"]
+__all__ = ["Precision", "resolve_precision", "teacher_logits", "student_logits", "teacher_outputs", "student_outputs"]

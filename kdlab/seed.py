@@ -22,4 +22,34 @@ def seed_kd_batchmean(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(s, t, reduction="batchmean") * temperature**2
 
 
-__all__ = ["seed_kd_batchmean"]
+def seed_feature_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The seed's feature loss before its fix: `mse_loss(reduction="mean")` on raw hidden states.
+
+    Its size is set by the hidden states' scale (150-200 in the seed), dominated by a few tokens
+    with massive activations; padding is averaged in.
+    """
+    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+def seed_feature_mse_per_dim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The seed's "normalised" feature loss: the raw MSE divided by the hidden size.
+
+    `reduction="mean"` already divides by B*T*D; dividing by D again only multiplies the term's
+    weight by 1/D (1/576 here), which switches the term off rather than normalising it.
+    """
+    return seed_feature_mse(pred, target) / target.shape[-1]
+
+
+def seed_attention_batchmean(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
+                             temperature: float = 1.0) -> torch.Tensor:
+    """The seed's attention loss: `kl_div(log A_s, A_t, batchmean)` on (B, H, T, T) maps, x T^2, / T.
+
+    `batchmean` divides by B only, so after the division by the sequence length the value is
+    still H x (mean per-row KL): it grows with the number of heads. Causal zeros make it nan
+    (0 * log 0), and padded rows are counted.
+    """
+    raw = F.kl_div(student_attn.float().log(), teacher_attn.float(), reduction="batchmean")
+    return raw * temperature**2 / student_attn.shape[-1]
+
+
+__all__ = ["seed_kd_batchmean", "seed_feature_mse", "seed_feature_mse_per_dim", "seed_attention_batchmean"]

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .balance import AdaptiveBalancer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import KDConfig, save_config
 from .data import PackedSplit, batches_per_epoch, epoch_order, prepare_data
@@ -38,7 +39,8 @@ from .errors import KDLabError
 from .evaluation import evaluate
 from .losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
 from .models import build_student, count_parameters, load_teacher, load_tokenizer
-from .precision import Precision, resolve_precision, student_logits, teacher_logits
+from .precision import Precision, resolve_precision, student_outputs, teacher_outputs
+from .terms import TERMS, DistillationHeads, needs
 
 log = logging.getLogger("kdlab")
 
@@ -94,8 +96,18 @@ class Trainer:
             )
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.steps_per_epoch
 
+        # the trainable student-side modules of the intermediate terms (routers, projections)
+        self.heads = DistillationHeads.for_models(cfg, student, teacher)
+        self.needs = needs(cfg)
+        if self.needs.attentions:  # attention maps exist only in eager attention
+            for model in (student, teacher):
+                model.set_attn_implementation("eager")
+        self.balancer = AdaptiveBalancer(cfg.balance_momentum) if cfg.adaptive_balance else None
+        self.last_grad_shares: dict[str, torch.Tensor] = {}
+
         # AdamW with decay on matrices only (not norms/biases), as in nanoGPT
-        params = [p for p in student.parameters() if p.requires_grad]
+        params = [p for p in student.parameters() if p.requires_grad] + list(self.heads.parameters())
+        self.trainable = params
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         fused = precision.device.type == "cuda"
@@ -147,28 +159,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
-        """One optimizer step; None if a non-finite loss made it skip (no backward, no update)."""
+        """One optimizer step; None if a non-finite loss made it skip (no backward, no update).
+
+        Returns the step's unweighted terms, the total, the grad norm and the token count, as
+        device tensors (no host sync): the step's terms are accumulated over micro-batches with
+        each micro-batch's share of the step's tokens, so they equal the terms of one big batch.
+        """
         cfg, alpha = self.cfg, self.cfg.alpha_kd
         targets = [next_token_labels(b["labels"]) for b in micro_batches]  # (B, T) each
-        num_valid = sum((t != IGNORE_INDEX).sum() for t in targets)  # tokens of the whole step
-        sums = {"loss": 0.0, "lm": 0.0, "kd": 0.0}
+        num_valid = sum((t != IGNORE_INDEX).sum() for t in targets)  # next-token targets of the step
+        num_tokens = sum(b["attention_mask"].sum() for b in micro_batches)  # real tokens of the step
+        weights = {"kd": alpha, "lm": 1.0 - alpha, **self.heads.weights}
+        need = self.needs
+        sums: dict[str, torch.Tensor | float] = {}
+        want_shares = cfg.grad_share_every > 0 and (self.state.step + 1) % cfg.grad_share_every == 0
         for i, (batch, tgt) in enumerate(zip(micro_batches, targets)):
-            s = student_logits(self.student, batch, self.precision)  # (B, T, V)
+            s_out = student_outputs(self.student, batch, self.precision, need.hidden_states, need.attentions)
             # LM is always computed and logged (the seed lost track of it), even at weight 0
             with torch.set_grad_enabled(alpha < 1.0):
-                lm = lm_loss(s, tgt, chunk_tokens=cfg.loss_chunk_tokens, num_valid=num_valid)
-            total = (1.0 - alpha) * lm
+                terms = {"lm": lm_loss(s_out.logits, tgt, chunk_tokens=cfg.loss_chunk_tokens, num_valid=num_valid)}
+            if alpha > 0.0 or self.heads.weights:  # an LM-only run never runs the teacher
+                t_out = teacher_outputs(self.teacher, batch, need.hidden_states, need.attentions)
             if alpha > 0.0:
-                t = teacher_logits(self.teacher, batch)  # (B, T, V)
-                kd = kd_loss(s, t, tgt != IGNORE_INDEX, temperature=cfg.temperature, top_k=cfg.kd_top_k,
-                             chunk_tokens=cfg.loss_chunk_tokens, num_valid=num_valid,
-                             divergence=cfg.kd_divergence, beta=cfg.jsd_beta)
-                total = total + alpha * kd
-                sums["kd"] += kd.detach()
+                terms["kd"] = kd_loss(s_out.logits, t_out.logits, tgt != IGNORE_INDEX, temperature=cfg.temperature,
+                                      top_k=cfg.kd_top_k, chunk_tokens=cfg.loss_chunk_tokens, num_valid=num_valid,
+                                      divergence=cfg.kd_divergence, beta=cfg.jsd_beta)
+            if self.heads.weights:
+                share = batch["attention_mask"].sum() / num_tokens  # this micro-batch's part of the step
+                for name, value in self.heads(s_out, t_out, batch["attention_mask"].bool()).items():
+                    terms[name] = value * (1.0 / len(micro_batches) if name == "contrastive" else share)
+            scaled = self.balancer(terms) if self.balancer is not None else terms
+            total = sum(weights[k] * v for k, v in scaled.items() if weights[k] > 0)
             # one host sync per micro-batch: replacing nan by 0 would still leave nan gradients, and
             # AdamW would still move the weights through momentum and decay, so the step is skipped
             if not torch.isfinite(total):
-                terms = {"lm": lm} | ({"kd": kd} if alpha > 0.0 else {})
                 bad = ", ".join(f"{k}={float(v.detach())}" for k, v in terms.items() if not torch.isfinite(v))
                 log.warning("non-finite loss at step %d, micro-batch %d (epoch %d, batch %d): %s; step skipped",
                             self.state.step + 1, i, self.state.epoch, self.state.batch_in_epoch + i, bad)
@@ -177,19 +201,34 @@ class Trainer:
                     warnings.simplefilter("ignore", UserWarning)
                     self.scheduler.step()  # the learning rate follows the step count, skipped or not
                 return None
+            if want_shares and i == 0:
+                self.last_grad_shares = self._grad_shares(scaled, weights)
             self.scaler.scale(total).backward()
-            sums["loss"] += total.detach()
-            sums["lm"] += lm.detach()
+            for name, value in {"loss": total, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if alpha == 0.0:
-            del sums["kd"]  # not computed: no teacher forward in an LM-only run
         return {**sums, "grad_norm": grad_norm.detach(), "tokens": num_valid}
+
+    def _grad_shares(self, terms: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Each weighted term's share of the sum of per-term gradient norms on the student's weights.
+
+        One extra backward per active term on this micro-batch, so it runs every grad_share_every steps.
+        """
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        norms = {}
+        for name, value in terms.items():
+            if weights[name] > 0 and value.requires_grad:
+                grads = torch.autograd.grad(weights[name] * value, params, retain_graph=True, allow_unused=True)
+                norms[name] = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads if g is not None]))
+        total = sum(norms.values())
+        return {k: v / total for k, v in norms.items()}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "validation") -> dict[str, Any]:
@@ -209,6 +248,8 @@ class Trainer:
             "step": s.step, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "tokens": s.tokens,
             "skipped_steps": s.skipped_steps, "bad_in_a_row": s.bad_in_a_row,
             "history": s.history, "config": self.cfg.to_dict(),
+            "heads": self.heads.state_dict(),
+            "balancer": self.balancer.state_dict() if self.balancer is not None else {},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
@@ -227,6 +268,9 @@ class Trainer:
                    if k not in RESUMABLE_CHANGES and old.get(k) != v]
         if changed:
             raise KDLabError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)})")
+        self.heads.load_state_dict(ckpt["heads"])
+        if self.balancer is not None:
+            self.balancer.load_state_dict(ckpt["balancer"], self.precision.device)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -320,21 +364,40 @@ class Trainer:
         return s
 
     def _log_interval(self, acc: dict[str, torch.Tensor], n: int, seconds: float, bar) -> None:
-        keys = list(acc)
-        values = torch.stack([torch.as_tensor(acc[k], dtype=torch.float32).to("cpu") for k in keys]).tolist()
-        sums = dict(zip(keys, values))  # one host sync per interval
+        extra = {f"share/{k}": v for k, v in self.last_grad_shares.items()}
+        for layer, stats in enumerate(self.heads.last_router_stats):
+            extra[f"router{layer}/entropy"] = stats["entropy"]
+            extra |= {f"router{layer}/util{e}": u for e, u in enumerate(stats["utilisation"])}
+        keys = list(acc) + list(extra)
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32).to("cpu")
+                              for v in [*acc.values(), *extra.values()]]).tolist()  # one host sync
+        sums, extra = dict(zip(keys[: len(acc)], values)), dict(zip(keys[len(acc):], values[len(acc):]))
         tokens = int(sums.pop("tokens"))
         self.state.tokens += tokens
         record = {"kind": "train", "step": self.state.step, "epoch": self.state.epoch,
                   **{k: v / n for k, v in sums.items()},
                   "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(seconds, 1e-9),
                   "skipped_steps": self.state.skipped_steps,
-                  "weights": {"kd": self.cfg.alpha_kd, "lm": 1.0 - self.cfg.alpha_kd}}
+                  "weights": {"kd": self.cfg.alpha_kd, "lm": 1.0 - self.cfg.alpha_kd, **self.heads.weights}}
+        if any(k.startswith("share/") for k in extra):
+            record["grad_share"] = {k[6:]: v for k, v in extra.items() if k.startswith("share/")}
+        if self.heads.last_router_stats:
+            record["router"] = [
+                {"entropy": extra[f"router{layer}/entropy"],
+                 "utilisation": [extra[f"router{layer}/util{e}"] for e in range(len(stats["utilisation"]))]}
+                for layer, stats in enumerate(self.heads.last_router_stats)]
+        self.last_grad_shares = {}
         self._record(record)
-        kd = f" | kd {record['kd']:.4f}" if "kd" in record else ""
-        log.info("step %d/%d | loss %.4f%s | lm %.4f | lr %.2e | grad-norm %.3f | %.0f tok/s",
-                 self.state.step, self.total_steps, record["loss"], kd, record["lm"], record["lr"],
+        terms = " | ".join(f"{k} {record[k]:.4f}" for k in ("kd", "lm", *TERMS) if k in record)
+        log.info("step %d/%d | loss %.4f | %s | lr %.2e | grad-norm %.3f | %.0f tok/s",
+                 self.state.step, self.total_steps, record["loss"], terms, record["lr"],
                  record["grad_norm"], record["tokens_per_s"])
+        if "router" in record:
+            log.info("  router utilisation: %s", "; ".join(
+                "layer %d [%s] H=%.2f" % (i, " ".join(f"{u:.2f}" for u in r["utilisation"]), r["entropy"])
+                for i, r in enumerate(record["router"])))
+        if "grad_share" in record:
+            log.info("  grad-norm share: %s", ", ".join(f"{k} {v:.2f}" for k, v in record["grad_share"].items()))
         bar.set_postfix(loss=f"{record['loss']:.3f}")
 
 
