@@ -58,6 +58,7 @@ class KDConfig:
     adaptive_balance: bool = False  # divide each term by an EMA of its magnitude
     balance_momentum: float = 0.99
     grad_share_every: int = 0  # every N steps log each term's share of the student's grad norm (0 = off)
+    logit_projection: str = "align"  # vocabularies of different size: align by id, or "learned" (student side)
     loss_chunk_tokens: int = 128  # rows of [tokens x vocab] upcast to fp32 at a time (fastest on CPU)
 
     # --- optimisation -----------------------------------------------------------------------
@@ -117,6 +118,7 @@ class KDConfig:
             value = getattr(self, name)
             need(math.isfinite(value) and value >= 0, f"{name}={value} must be >= 0")
         choice("feature_loss", ("ln_mse", "cosine"))
+        choice("logit_projection", ("align", "learned"))
         need(self.router_experts >= 1, f"router_experts={self.router_experts} must be >= 1")
         need(1 <= self.router_top_k <= self.router_experts,
              f"router_top_k={self.router_top_k} must be in [1, router_experts={self.router_experts}]")

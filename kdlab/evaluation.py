@@ -28,7 +28,9 @@ def evaluate(
     batches: Iterable[dict[str, torch.Tensor]],
     precision: Precision,
     chunk_tokens: int = 128,
+    match_logits=None,
 ) -> dict[str, float]:
+    """`match_logits(s, t) -> (s, t)` makes the vocabularies comparable (see kdlab.terms); default: same."""
     was_training = student.training
     student.eval()
     sums = {"student_ce": 0.0, "teacher_ce": 0.0, "kl": 0.0, "top1_agree": 0.0}
@@ -44,8 +46,10 @@ def evaluate(
         # losses return per-token means; times n gives sums that add up across batches exactly
         sums["student_ce"] += float(lm_loss(s, targets, chunk_tokens=chunk_tokens)) * n
         if teacher is not None:
-            t = teacher_logits(teacher, batch)  # (B, T, V)
+            t = teacher_logits(teacher, batch)  # (B, T, V_t)
             sums["teacher_ce"] += float(lm_loss(t, targets, chunk_tokens=chunk_tokens)) * n
+            if match_logits is not None:
+                s, t = match_logits(s, t)
             sums["kl"] += float(kd_loss(s, t, mask, temperature=1.0, chunk_tokens=chunk_tokens)) * n
             sums["top1_agree"] += float(((s.argmax(-1) == t.argmax(-1)) & mask).sum())
         tokens += n

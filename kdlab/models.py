@@ -131,8 +131,12 @@ def _layer_map(n_student: int, n_teacher: int) -> list[int]:
 
 
 def build_student(spec: str, teacher: torch.nn.Module, init: str, data_dir: str | Path,
-                  precision: Precision) -> torch.nn.Module:
-    """A student sharing the teacher's vocabulary. Its weights are fp32 whatever the teacher's dtype."""
+                  precision: Precision, tokenizer_size: int | None = None) -> torch.nn.Module:
+    """A student for the teacher's tokenizer. Its weights are fp32 whatever the teacher's dtype.
+
+    Presets share the teacher's vocabulary; a pretrained student may have a different (padded)
+    vocabulary size, as long as it covers every id of the tokenizer the data is encoded with.
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     tcfg = teacher.config
@@ -150,10 +154,10 @@ def build_student(spec: str, teacher: torch.nn.Module, init: str, data_dir: str 
             log.info("student %r is a pretrained model; student_init=teacher-layers applies to presets only", spec)
         student = _from_pretrained(AutoModelForCausalLM, resolve_model(spec, data_dir, "student"), "student",
                                    dtype=torch.float32)
-    if student.config.vocab_size != tcfg.vocab_size:
+    if tokenizer_size is not None and student.config.vocab_size < tokenizer_size:
         raise KDLabError(
-            f"student vocabulary ({student.config.vocab_size}) differs from the teacher's ({tcfg.vocab_size}); "
-            "kdlab's KD needs the same tokenizer for now"
+            f"student vocabulary ({student.config.vocab_size}) is smaller than the teacher tokenizer's "
+            f"({tokenizer_size}); the data is encoded with the teacher's tokenizer, so the student must cover its ids"
         )
     return student.to(precision.device).train()
 

@@ -52,4 +52,32 @@ def seed_attention_batchmean(student_attn: torch.Tensor, teacher_attn: torch.Ten
     return raw * temperature**2 / student_attn.shape[-1]
 
 
-__all__ = ["seed_kd_batchmean", "seed_feature_mse", "seed_feature_mse_per_dim", "seed_attention_batchmean"]
+class SeedTeacherProjector(torch.nn.Module):
+    """The seed's LogitProjector: a *trainable* linear map applied to the *teacher's* probabilities.
+
+    Two faults, both reproduced in the course and the tests:
+    * dtype: with an fp16 teacher and fp32 weights, calling it outside autocast raises
+      `RuntimeError: mat1 and mat2 must have the same dtype, but got Half and Float` (the seed's
+      evaluation crash). Casting the module to fp16 instead makes AdamW's first step non-finite.
+    * collapse: the KD target now moves to meet the student. Minimising KL(projected teacher ||
+      student) can drive the reported KD to ~0 while the true KL(teacher || student) stays large.
+    """
+
+    def __init__(self, teacher_vocab: int, student_vocab: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(teacher_vocab, student_vocab)
+
+    def forward(self, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.softmax(teacher_logits, dim=-1))  # no cast: as in the seed
+
+
+def seed_projected_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      projector: SeedTeacherProjector) -> torch.Tensor:
+    """The KD the seed reported with its projector: KL(softmax(projector(p_t)) || q_s), per token."""
+    target = F.log_softmax(projector(teacher_logits).float(), dim=-1)
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    return F.kl_div(student, target, log_target=True, reduction="none").sum(-1).mean()
+
+
+__all__ = ["seed_kd_batchmean", "seed_feature_mse", "seed_feature_mse_per_dim", "seed_attention_batchmean",
+           "SeedTeacherProjector", "seed_projected_kd"]

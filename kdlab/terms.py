@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from .feature_losses import attention_kl, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
+from .errors import KDLabError
+from .projection import StudentLogitProjector, align_vocab
 from .router import StudentAwareRouter
 
 TERMS = ("feature", "attention", "layerwise", "contrastive")
@@ -66,12 +68,29 @@ class DistillationHeads(nn.Module):
         if "contrastive" in self.weights:
             self.contrastive_proj = nn.Linear(s_dim, t_dim, bias=False)
         self.last_router_stats: list[dict[str, torch.Tensor]] = []
+        self.logit_proj: StudentLogitProjector | None = None
 
     @classmethod
     def for_models(cls, cfg, student, teacher) -> DistillationHeads:
         s, t = student.config, teacher.config
         heads = cls(cfg, s.num_hidden_layers, t.num_hidden_layers, s.hidden_size, t.hidden_size)
+        if s.vocab_size != t.vocab_size and cfg.logit_projection == "learned":
+            n_params = s.vocab_size * t.vocab_size
+            if n_params > 50_000_000:
+                raise KDLabError(
+                    f"logit_projection='learned' between vocabularies of {s.vocab_size} and {t.vocab_size} "
+                    f"would train {n_params:,} parameters; use logit_projection=align for padded vocabularies"
+                )
+            heads.logit_proj = StudentLogitProjector(s.vocab_size, t.vocab_size)
         return heads.to(next(student.parameters()).device)
+
+    def match_logits(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student and teacher logits over one vocabulary: learned student-side projection, or by id."""
+        if s_logits.shape[-1] == t_logits.shape[-1]:
+            return s_logits, t_logits
+        if self.logit_proj is not None:
+            return self.logit_proj(s_logits), t_logits
+        return s_logits, align_vocab(t_logits, s_logits.shape[-1])
 
     def forward(self, s_out, t_out, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """s_out / t_out: HF outputs with hidden_states ((L+1) x (B, T, D)) and/or attentions."""

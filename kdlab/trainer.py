@@ -72,7 +72,7 @@ def build_components(cfg: KDConfig):
     tokenizer = load_tokenizer(cfg.teacher, cfg.data_dir)
     teacher = load_teacher(cfg.teacher, cfg.data_dir, precision)
     data = prepare_data(cfg.data, cfg.data_dir, tokenizer, cfg.seq_len)
-    student = build_student(cfg.student, teacher, cfg.student_init, cfg.data_dir, precision)
+    student = build_student(cfg.student, teacher, cfg.student_init, cfg.data_dir, precision, len(tokenizer))
     log.info("teacher %s (%.1fM params) -> student %s (%.1fM params, init=%s); %s",
              cfg.teacher, count_parameters(teacher) / 1e6, cfg.student, count_parameters(student) / 1e6,
              cfg.student_init, precision.describe())
@@ -181,7 +181,8 @@ class Trainer:
             if alpha > 0.0 or self.heads.weights:  # an LM-only run never runs the teacher
                 t_out = teacher_outputs(self.teacher, batch, need.hidden_states, need.attentions)
             if alpha > 0.0:
-                terms["kd"] = kd_loss(s_out.logits, t_out.logits, tgt != IGNORE_INDEX, temperature=cfg.temperature,
+                s_kd, t_kd = self.heads.match_logits(s_out.logits, t_out.logits)
+                terms["kd"] = kd_loss(s_kd, t_kd, tgt != IGNORE_INDEX, temperature=cfg.temperature,
                                       top_k=cfg.kd_top_k, chunk_tokens=cfg.loss_chunk_tokens, num_valid=num_valid,
                                       divergence=cfg.kd_divergence, beta=cfg.jsd_beta)
             if self.heads.weights:
@@ -233,7 +234,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "validation") -> dict[str, Any]:
         batches = self.data[split].eval_batches(self.cfg.batch_size, self.cfg.eval_batches)
-        metrics = evaluate(self.student, self.teacher, batches, self.precision, self.cfg.loss_chunk_tokens)
+        metrics = evaluate(self.student, self.teacher, batches, self.precision, self.cfg.loss_chunk_tokens,
+                           self.heads.match_logits)
         record = {"kind": "eval", "split": split, "step": self.state.step, **metrics}
         self._record(record)
         log.info("eval %-10s step %d | student ppl %.2f | teacher ppl %.2f | KL %.4f | top-1 agree %.3f",
