@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .feature_losses import attention_kl, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
 from .errors import KDLabError
+from .feature_losses import attention_kl, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
 from .projection import StudentLogitProjector, align_vocab
 from .router import StudentAwareRouter
 
