@@ -135,3 +135,20 @@ def test_uniform_layer_map():
     assert uniform_layer_map(4, 30) == [7, 14, 22, 29]
     assert uniform_layer_map(2, 2) == [0, 1]
     assert uniform_layer_map(1, 30) == [29]
+
+
+def test_attention_kl_invariant_to_batch_size_and_padding_length(mask):
+    s, t = _attn(H, 7, mask), _attn(H, 8, mask)
+    base = attention_kl(s, t, mask)
+    torch.testing.assert_close(attention_kl(torch.cat([s, s]), torch.cat([t, t]), torch.cat([mask, mask])), base)
+    # the same sequences padded to twice the length: padded keys hold 0, padded query rows are masked
+    pad = T
+
+    def grow(a):
+        out = torch.zeros(B, a.shape[1], T + pad, T + pad, dtype=a.dtype)
+        out[:, :, :T, :T] = a
+        out[:, :, T:, 0] = 1.0  # padded query rows still hold some distribution
+        return out
+
+    longer_mask = torch.cat([mask, torch.zeros(B, pad, dtype=torch.bool)], 1)
+    torch.testing.assert_close(attention_kl(grow(s), grow(t), longer_mask), base)
