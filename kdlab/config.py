@@ -53,7 +53,7 @@ class KDConfig:
     feature_loss: str = "ln_mse"  # ln_mse (scale-free, in [0, 4]) or cosine
     router_experts: int = 4  # teacher blocks each router chooses from (evenly spaced)
     router_top_k: int = 2  # experts mixed per token
-    router_balance: float = 0.01  # weight of the load-balancing term inside the feature term
+    router_balance: float = 0.1  # weight of the load-balancing term inside the feature term (0.01 let routers collapse)
     contrastive_tau: float = 0.1
     adaptive_balance: bool = False  # divide each term by an EMA of its magnitude
     balance_momentum: float = 0.99
