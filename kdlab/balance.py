@@ -14,15 +14,24 @@ class AdaptiveBalancer:
         self.momentum, self.eps = momentum, eps
         self.ema: dict[str, torch.Tensor] = {}
 
-    def __call__(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{name: scalar term} -> {name: term / EMA(|term|)}; the EMA sees detached values only."""
+    def __call__(self, terms: dict[str, torch.Tensor], reduce=None) -> dict[str, torch.Tensor]:
+        """{name: scalar term} -> {name: term / EMA(|term|)}; the EMA sees detached values only.
+
+        `reduce` (in-place sum over processes) turns each process's partial term into the whole
+        batch's magnitude under DDP, so every process divides by the same mean.
+        """
+        names = list(terms)
+        mags = torch.stack([terms[k].detach().abs().float() for k in names])
+        if reduce is not None:
+            reduce(mags)
         out = {}
-        for name, value in terms.items():
-            mag = value.detach().abs().float()
+        for name, mag in zip(names, mags):
             prev = self.ema.get(name)
-            # the first value initialises the mean: no warm-up bias towards 0
-            self.ema[name] = mag if prev is None else self.momentum * prev + (1 - self.momentum) * mag
-            out[name] = value / self.ema[name].clamp_min(self.eps)
+            # the first value initialises the mean: no warm-up bias towards 0. A non-finite value
+            # (a step the trainer will skip) must not poison the mean for the rest of the run.
+            new = mag if prev is None else self.momentum * prev + (1 - self.momentum) * mag
+            self.ema[name] = new if prev is None else torch.where(torch.isfinite(mag), new, prev)
+            out[name] = terms[name] / self.ema[name].clamp_min(self.eps)
         return out
 
     def state_dict(self) -> dict:

@@ -2,12 +2,16 @@
 
 Layout of `<out_dir>/checkpoints/`:
     step-000050/config.json, model.safetensors   the student (loadable with from_pretrained)
-    step-000050/trainer_state.pt                  optimizer, scheduler, RNG, data position, history
+    step-000050/heads.safetensors                 routers and projections of the intermediate terms
+    step-000050/trainer_state.pt                  optimizer, scheduler, curriculum, callbacks (early
+                                                  stopping), balancer, RNG, data position, history
     latest                                        name of the newest complete checkpoint
+and `<out_dir>/best/` (the same weight files): the best evaluation so far, for restore-best.
 
 A checkpoint is written into a temporary folder, flushed to disk, then renamed into place;
 `latest` is replaced the same way (os.replace is atomic on POSIX). So `latest` only ever names a
 complete folder, and a crash mid-write leaves only a `.tmp-*` folder that the next save removes.
+Weights are safetensors; trainer_state.pt is loaded with `weights_only=True` (no pickled code).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from .errors import KDLabError
 
 STATE_FILE = "trainer_state.pt"
+HEADS_FILE = "heads.safetensors"
 
 
 def _fsync_tree(path: Path) -> None:
@@ -30,15 +35,23 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def save_checkpoint(out_dir: str | Path, step: int, student: torch.nn.Module, state: dict[str, Any],
-                    keep: int = 2) -> Path:
+def _write_weights(folder: Path, student: torch.nn.Module, heads: torch.nn.Module | None) -> None:
+    from safetensors.torch import save_file
+
+    student.save_pretrained(folder, safe_serialization=True)
+    if heads is not None and len(heads.state_dict()):
+        save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, folder / HEADS_FILE)
+
+
+def save_checkpoint(out_dir: str | Path, step: int, student: torch.nn.Module, heads: torch.nn.Module | None,
+                    state: dict[str, Any], keep: int = 2) -> Path:
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{name}"
-    student.save_pretrained(tmp, safe_serialization=True)
+    _write_weights(tmp, student, heads)
     torch.save(state, tmp / STATE_FILE)
     _fsync_tree(tmp)
     final = root / name
@@ -55,6 +68,26 @@ def save_checkpoint(out_dir: str | Path, step: int, student: torch.nn.Module, st
     return final
 
 
+def best_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "best"
+
+
+def save_best(out_dir: str | Path, step: int, student: torch.nn.Module, heads: torch.nn.Module | None) -> Path:
+    """The weights of the best evaluation so far, swapped in whole (tmp folder, then rename)."""
+    final = best_dir(out_dir)
+    tmp, old = final.with_name(".best.tmp"), final.with_name(".best.old")
+    for p in (tmp, old):
+        shutil.rmtree(p, ignore_errors=True)
+    _write_weights(tmp, student, heads)
+    (tmp / "step").write_text(f"{step}\n")
+    _fsync_tree(tmp)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path:
     root = Path(out_dir) / "checkpoints"
     pointer = root / "latest"
@@ -66,15 +99,22 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, student: torch.nn.Module) -> dict[str, Any]:
-    """Load the student's weights from `path` in place and return the trainer state."""
+def load_checkpoint(path: str | Path, student: torch.nn.Module, heads: torch.nn.Module | None = None,
+                    state: bool = True) -> dict[str, Any]:
+    """Load the student's (and heads') weights from `path` in place and return the trainer state."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
+    device = str(next(student.parameters()).device)
+    want_heads = heads is not None and len(heads.state_dict()) > 0
     try:
-        weights = load_file(path / "model.safetensors", device=str(next(student.parameters()).device))
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        weights = load_file(path / "model.safetensors", device=device)
+        head_weights = load_file(path / HEADS_FILE, device=device) if want_heads else {}
+        trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True) if state else {}
+    except FileNotFoundError as e:
+        raise KDLabError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing; it was "
+                         "written by a run with other settings, or damaged") from None
     except (SafetensorError, RuntimeError, OSError, EOFError) as e:
         raise KDLabError(f"checkpoint {path} is corrupt or unreadable: {str(e).splitlines()[0]}") from None
     if student.config.tie_word_embeddings:
@@ -86,7 +126,12 @@ def load_checkpoint(path: str | Path, student: torch.nn.Module) -> dict[str, Any
             f"checkpoint {path} does not fit this student (missing {missing[:3]}, unexpected {unexpected[:3]}); "
             "resume with the same student settings"
         )
-    return state
+    if want_heads:
+        try:
+            heads.load_state_dict(head_weights)
+        except RuntimeError as e:
+            raise KDLabError(f"checkpoint {path}: the heads do not fit these settings ({str(e).splitlines()[0]})") from None
+    return trainer_state
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_best", "best_dir"]

@@ -30,7 +30,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                            help=f"(default: {f.default})")
         else:
-            p.add_argument(flag, dest=name, metavar=str(f.type).upper() if isinstance(f.type, str) else None,
+            metavar = "YAML" if str(f.type).startswith("dict") else str(f.type).upper()
+            p.add_argument(flag, dest=name, metavar=metavar,
                            default=None, help=f"(default: {f.default})")
 
 
@@ -89,9 +90,11 @@ def cmd_train(args) -> int:
         return 130  # the shell's code for a run stopped by Ctrl-C
     print(format_summary(state.history))
     print(f"done: {state.step} steps, {state.tokens:,} tokens in {seconds:.0f} s; run folder {cfg.out_dir}")
-    if state.stop_reason:
+    if state.failed:
         print(f"kdlab: error: the run stopped early: {state.stop_reason}", file=sys.stderr)
         return 1
+    if state.stop_reason:
+        print(f"stopped early: {state.stop_reason}")
     return 0
 
 

@@ -12,18 +12,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .curriculum import PRESETS, parse_ramps
+from .early_stopping import METRICS
 from .errors import KDLabError
 from .losses import DIVERGENCES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SCHEDULERS = ("cosine", "linear", "constant")
+LOG_STYLES = ("concise", "seed-verbose")
 STUDENT_INITS = ("random", "teacher-layers")
 
 
@@ -61,6 +64,11 @@ class KDConfig:
     logit_projection: str = "align"  # vocabularies of different size: align by id, or "learned" (student side)
     loss_chunk_tokens: int = 128  # rows of [tokens x vocab] upcast to fp32 at a time (fastest on CPU)
 
+    # --- curriculum (kdlab.curriculum): each weight above is the maximum its ramp reaches ---------
+    curriculum: str = "seed"  # seed (the write-up's table), seed-phases (its earlier schedule), constant
+    # per-term overrides of the preset, e.g. {feature: {start: 0.1, end: 0.4, shape: cosine}}
+    ramps: dict[str, Any] = field(default_factory=dict)
+
     # --- optimisation -----------------------------------------------------------------------
     batch_size: int = 4  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -78,11 +86,23 @@ class KDConfig:
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = 20  # optimizer steps between evaluations (0 = only before and after)
     eval_batches: int = 4  # micro-batches per evaluation (0 = the whole split)
-    log_every: int = 5  # optimizer steps per log line
+    log_every: int = 100  # optimizer steps per log line (interval means; no per-step host sync)
+    log_first: int = 3  # also log each of the first N steps
+    log_style: str = "concise"  # or "seed-verbose": the seed's ~36 lines per step, to measure its cost
     save_every: int = 20  # optimizer steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
     resume: bool = False  # continue from out_dir's latest checkpoint
+
+    # --- early stopping (kdlab.early_stopping): patience counts evaluations ----------------------
+    early_stopping: bool = True
+    es_monitor: str = "val_kl"  # val_kl (KL(teacher || student), T = 1) or val_ce: fixed definitions
+    es_patience: int = 20
+    es_min_delta: float = 0.001
+    es_mode: str = "min"
+    es_warmup_steps: int = -1  # no stopping before this step; -1 = when the curriculum's last ramp ends
+    es_divergence: float = 0.0  # stop at once when the metric passes this value (0 = off)
+    restore_best: bool = True  # end with the weights of the best evaluation
 
     # --- runtime ----------------------------------------------------------------------------
     seed: int = 0
@@ -139,6 +159,20 @@ class KDConfig:
         for name in ("eval_every", "eval_batches", "save_every"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
         need(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        need(self.log_first >= 0, f"log_first={self.log_first} must be >= 0")
+        choice("log_style", LOG_STYLES)
+        choice("curriculum", tuple(PRESETS))
+        try:
+            parse_ramps(self.ramps)
+        except KDLabError as e:
+            errors.append(str(e))
+        choice("es_monitor", tuple(METRICS))
+        choice("es_mode", ("min", "max"))
+        need(self.es_patience >= 1, f"es_patience={self.es_patience} must be >= 1")
+        need(math.isfinite(self.es_min_delta) and self.es_min_delta >= 0, f"es_min_delta={self.es_min_delta} must be >= 0")
+        need(self.es_warmup_steps >= -1, f"es_warmup_steps={self.es_warmup_steps} must be >= 0, or -1 for auto")
+        need(math.isfinite(self.es_divergence) and self.es_divergence >= 0,
+             f"es_divergence={self.es_divergence} must be >= 0 (0 = off)")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         need(bool(self.out_dir.strip()), "out_dir='' is empty")
         choice("device", DEVICES)
@@ -159,7 +193,12 @@ def _coerce_types(cfg: KDConfig) -> None:
     """Check each field's type; ints are accepted where floats are expected (YAML writes 1 not 1.0)."""
     for name, typ in _TYPES.items():
         value = getattr(cfg, name)
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        if typing.get_origin(typ) is dict:
+            if value is None:
+                setattr(cfg, name, {})
+            elif not isinstance(value, dict):
+                raise KDLabError(f"{name}={value!r} must be a mapping")
+        elif typ is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, name, float(value))
         elif typ is bool and not isinstance(value, bool):
             raise KDLabError(f"{name}={value!r} must be true or false")
@@ -173,6 +212,11 @@ def parse_value(name: str, text: str) -> Any:
     """Convert a command-line string to the type of field `name` (used by the CLI's flags)."""
     typ = _TYPES[name]
     try:
+        if typing.get_origin(typ) is dict:
+            try:
+                return yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise ValueError from None
         if typ is bool:
             lowered = text.lower()
             if lowered in ("1", "true", "yes", "on"):
@@ -182,7 +226,7 @@ def parse_value(name: str, text: str) -> Any:
             raise ValueError
         return typ(text)
     except ValueError:
-        raise KDLabError(f"{name}={text!r} must be of type {typ.__name__}") from None
+        raise KDLabError(f"{name}={text!r} must be of type {getattr(typ, '__name__', 'mapping')}") from None
 
 
 def config_from_dict(values: dict[str, Any]) -> KDConfig:

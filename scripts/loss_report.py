@@ -20,7 +20,12 @@ import kdlab
 from kdlab.feature_losses import attention_kl, ln_mse
 from kdlab.losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
 from kdlab.precision import student_outputs, teacher_outputs
-from kdlab.seed import seed_attention_batchmean, seed_feature_mse, seed_feature_mse_per_dim, seed_kd_batchmean
+from kdlab.seed import (
+    seed_attention_batchmean,
+    seed_feature_mse,
+    seed_feature_mse_per_dim,
+    seed_kd_batchmean,
+)
 
 
 def measure(trainer: kdlab.Trainer, n_batches: int) -> dict[str, float]:
@@ -40,8 +45,8 @@ def measure(trainer: kdlab.Trainer, n_batches: int) -> dict[str, float]:
                  "lm": lm_loss(s_out.logits, tgt), **heads(s_out, t_out, mask)}
         for k, v in terms.items():
             add(f"kdlab/{k}", v.detach())
-        shares = trainer._grad_shares({k: v for k, v in terms.items()},
-                                      {"kd": cfg.alpha_kd, "lm": 1 - cfg.alpha_kd, **heads.weights})
+        weights = {"kd": cfg.alpha_kd, "lm": 1 - cfg.alpha_kd, **heads.weights}
+        shares = trainer._grad_shares({k: weights[k] * v for k, v in terms.items() if weights[k] > 0})
         for k, v in shares.items():
             add(f"share/{k}", v)
         with torch.no_grad():
@@ -86,7 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = kdlab.load_config(args.config, {"max_steps": args.steps, "eval_every": 0, "save_every": 0,
-                                          "out_dir": "runs/loss-report", "log_every": 10})
+                                          "out_dir": "runs/loss-report", "log_every": 10,
+                                          "curriculum": "constant", "early_stopping": False})  # as measured
     trainer = kdlab.Trainer.from_config(cfg)
     before = measure(trainer, args.batches)
     t0 = time.perf_counter()

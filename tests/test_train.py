@@ -27,8 +27,13 @@ def test_end_to_end_run_writes_its_files_and_learns(tiny_overrides, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records == state.history
     train = [r for r in records if r["kind"] == "train"]
-    assert [r["step"] for r in train] == [2, 4, 6]
-    assert all({"loss", "kd", "lm", "lr", "grad_norm", "tokens_per_s"} <= set(r) for r in train)
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 6]  # the first log_first=3 steps, then every log_every=2
+    assert [r["steps"] for r in train] == [1, 1, 1, 1, 2]
+    keys = {"loss", "kd", "lm", "weighted", "weights", "lr", "grad_norm", "tokens_per_s", "skipped_steps"}
+    assert all(keys <= set(r) for r in train)
+    for r in train:  # the weighted terms add up to the logged total
+        assert sum(r["weighted"].values()) == pytest.approx(r["loss"], rel=1e-5)
+        assert r["weighted"]["kd"] == pytest.approx(0.5 * r["kd"], rel=1e-5)
     val = state.evals("validation")
     assert [r["step"] for r in val] == [0, 3, 6]
     assert val[-1]["kl"] < val[0]["kl"]  # it distils
