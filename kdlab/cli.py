@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -84,12 +85,14 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     state = train(cfg)
     seconds = time.perf_counter() - t0
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 1 if state.failed else 130 if state.interrupted else 0
     if state.interrupted:
         print(f"interrupted at step {state.step} ({state.tokens:,} tokens, {seconds:.0f} s); continue with "
               f"`kdlab train --out-dir {cfg.out_dir} --resume` and the same settings")
         return 130  # the shell's code for a run stopped by Ctrl-C
     print(format_summary(state.history))
-    print(f"done: {state.step} steps, {state.tokens:,} tokens in {seconds:.0f} s; run folder {cfg.out_dir}")
+    print(f"done: {state.step} steps, {state.tokens:,} tokens in {seconds:.1f} s; run folder {cfg.out_dir}")
     if state.failed:
         print(f"kdlab: error: the run stopped early: {state.stop_reason}", file=sys.stderr)
         return 1

@@ -95,10 +95,10 @@ def parse_ramps(spec: dict[str, Any]) -> dict[str, Ramp]:
         try:
             out[name] = Ramp(float(fields.get("start", 0.0)), float(fields.get("end", 0.0)),
                              shape=str(fields.get("shape", "linear")))
+        except KDLabError as e:  # (a ValueError too: caught first)
+            raise KDLabError(f"ramps.{name}: {e}") from None
         except (TypeError, ValueError):
             raise KDLabError(f"ramps.{name}={fields!r}: start and end must be numbers") from None
-        except KDLabError as e:
-            raise KDLabError(f"ramps.{name}: {e}") from None
     return out
 
 

@@ -78,11 +78,18 @@ def resolve_precision(device: str = "auto", teacher_dtype: str = "auto", autocas
     return Precision(dev, t_dtype, a_dtype)
 
 
+def _attention_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    # The trainer marks batches it knows (from their CPU copy) to hold no padding. Passing no mask
+    # then spares transformers' mask builder its `padding_mask.all()` check: a host sync on CUDA in
+    # every forward. The result is the same causal attention either way.
+    return None if batch.get("no_padding") is True else batch["attention_mask"]
+
+
 @torch.no_grad()
 def teacher_outputs(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], hidden_states: bool = False,
                     attentions: bool = False):
     """The frozen teacher's HF output (logits (B, T, V) in the teacher's dtype; optionally more)."""
-    return teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    return teacher(input_ids=batch["input_ids"], attention_mask=_attention_mask(batch),
                    output_hidden_states=hidden_states, output_attentions=attentions)
 
 
@@ -90,7 +97,7 @@ def student_outputs(student: torch.nn.Module, batch: dict[str, torch.Tensor], pr
                     hidden_states: bool = False, attentions: bool = False):
     """The student's HF output under the policy's autocast (grad enabled if the caller allows)."""
     with precision.autocast():
-        return student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        return student(input_ids=batch["input_ids"], attention_mask=_attention_mask(batch),
                        output_hidden_states=hidden_states, output_attentions=attentions)
 
 

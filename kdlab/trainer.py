@@ -220,7 +220,10 @@ class Trainer:
         if pos == n:
             epoch, pos = epoch + 1, 0
         dev = self.precision.device
-        return [{k: v.to(dev, non_blocking=True) for k, v in b.items()} for b in batches], (epoch, pos)
+        moved = [{**{k: v.to(dev, non_blocking=True) for k, v in b.items()},
+                  "no_padding": bool(b["attention_mask"].all())}  # read on the CPU copy: no device sync
+                 for b in batches]
+        return moved, (epoch, pos)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -321,7 +324,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "validation", **extra) -> dict[str, Any]:
-        batches = self.data[split].eval_batches(self.cfg.batch_size, self.cfg.eval_batches)
+        # every process evaluates the same global batches, so a torchrun run evaluates what one
+        # process with the same global batch would
+        batches = self.data[split].eval_batches(self.global_batch, self.cfg.eval_batches)
         metrics = evaluate(self.student, self.teacher, batches, self.precision, self.cfg.loss_chunk_tokens,
                            self.heads.match_logits)
         record = {"kind": "eval", "split": split, "step": self.state.step, **metrics, **extra}
