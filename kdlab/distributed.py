@@ -4,8 +4,8 @@
 
 Each process holds a frozen replica of the teacher and a DDP-wrapped student and trains on its
 own slice of every global batch; `batch_size` is per process, as in torchrun convention. Only
-rank 0 logs, writes metrics and checkpoints. Without torchrun's environment (WORLD_SIZE unset or
-1) nothing here does anything, so a plain `kdlab train` never touches torch.distributed.
+rank 0 logs, writes metrics and checkpoints. Without torchrun's environment (LOCAL_RANK and
+WORLD_SIZE unset) nothing here does anything, so a plain `kdlab train` never touches torch.distributed.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
 
+    launched: bool = False  # under torchrun (a process group exists, even of one process)
+
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.launched
 
     @property
     def is_main(self) -> bool:
@@ -33,16 +35,18 @@ class DistInfo:
 
 
 def init_from_env(device_type: str) -> DistInfo:
-    """Join torchrun's process group if WORLD_SIZE > 1 (idempotent)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Join torchrun's process group when launched by torchrun (idempotent); else a single process.
+
+    `torchrun --nproc_per_node 1` also takes the DDP path, so one GPU can exercise NCCL.
+    """
+    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return DistInfo(rank, world, local_rank)
+    return DistInfo(rank, world, local_rank, launched=True)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

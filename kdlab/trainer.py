@@ -542,6 +542,8 @@ class Trainer:
                   "weights": self.curriculum.weights_at(s.step - 1),
                   "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(seconds, 1e-9),
                   "skipped_steps": s.skipped_steps, "skipped_in_interval": skipped}
+        if self.precision.device.type == "cuda":  # the allocator's own counter: no device sync
+            record["peak_mem_mib"] = torch.cuda.max_memory_allocated(self.precision.device) / 2**20
         if any(k.startswith("share/") for k in vals):
             record["grad_share"] = {k[6:]: v for k, v in vals.items() if k.startswith("share/")}
         if self.heads.last_router_stats:

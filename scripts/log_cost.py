@@ -44,9 +44,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/log-cost")
+    ap.add_argument("--prepare-only", action="store_true", help="only build the tiny teacher (<out>/teacher)")
     args = ap.parse_args()
     out = ROOT / args.out
     teacher = tiny_teacher(out / "teacher")
+    if args.prepare_only:
+        print(f"tiny teacher: {teacher}")
+        return
     rows = []
     for style in ("concise", "seed-verbose"):
         cmd = [sys.executable, "-m", "kdlab", "train", "--teacher", str(teacher), "--student", "tiny",
