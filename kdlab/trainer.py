@@ -541,6 +541,7 @@ class Trainer:
                   "weighted": {k[2:]: v for k, v in means.items() if k.startswith("w/")},
                   "weights": self.curriculum.weights_at(s.step - 1),
                   "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens / max(seconds, 1e-9),
+                  "interval_s": seconds,
                   "skipped_steps": s.skipped_steps, "skipped_in_interval": skipped}
         if self.precision.device.type == "cuda":  # the allocator's own counter: no device sync
             record["peak_mem_mib"] = torch.cuda.max_memory_allocated(self.precision.device) / 2**20

@@ -1,20 +1,23 @@
 """What the seed's logging costs: lines and wall time of N steps, seed-verbose against concise.
 
-    python scripts/log_cost.py                  # 500 steps each, CUDA if present, else CPU
-    python scripts/log_cost.py --steps 100 --device cpu
+    python scripts/log_cost.py                        # 500 steps each, tiny models, CUDA if present
+    python scripts/log_cost.py --arch smollm2 --steps 500   # the real architecture (random weights)
 
-Both runs are `kdlab train` in a child process (so the output is counted as a user would see it)
-with a tiny random student and teacher that share SmolLM2's 49,152-token vocabulary and tokenizer
-(loss math over the full vocabulary, as in the real run; the models are small so the logging's
-share of the time is visible). The same steps, data and seed; only --log-style differs.
-Needs `make setup` (the tokenizer and the Austen corpus).
+Both runs are `kdlab train` in a child process (the output is counted as a user would see it),
+with the same steps, data and seed; only --log-style differs. A 2-step run first builds the
+token cache, so neither timed run pays for it. "loop s" is the training loop alone (the sum of the
+log intervals' wall times); "wall s" is the whole process.
+
+--arch tiny: a random 2-layer teacher and the tiny student, sharing SmolLM2's 49,152-token
+vocabulary (the loss still spans the full vocabulary); --arch smollm2: SmolLM2-135M's shapes with
+random weights (scripts/cuda_bench.py) and the default `small` student. Needs `make setup`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -43,37 +46,58 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--arch", choices=["tiny", "smollm2"], default="tiny")
     ap.add_argument("--out", default="runs/log-cost")
     ap.add_argument("--prepare-only", action="store_true", help="only build the tiny teacher (<out>/teacher)")
     args = ap.parse_args()
     out = ROOT / args.out
-    teacher = tiny_teacher(out / "teacher")
+    if args.arch == "tiny":
+        teacher = tiny_teacher(out / "teacher")
+        model = ["--teacher", str(teacher), "--student", "tiny", "--student-init", "random", "--seq-len", "64"]
+    else:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from cuda_bench import random_teacher
+
+        teacher = random_teacher(out / "teacher-smollm2")
+        model = ["--teacher", str(teacher), "--seq-len", "256"]
     if args.prepare_only:
-        print(f"tiny teacher: {teacher}")
+        print(f"teacher: {teacher}")
         return
-    rows = []
-    for style in ("concise", "seed-verbose"):
-        cmd = [sys.executable, "-m", "kdlab", "train", "--teacher", str(teacher), "--student", "tiny",
-               "--student-init", "random", "--seq-len", "64", "--batch-size", "4", "--max-steps", str(args.steps),
-               "--warmup-steps", "10", "--eval-every", "0", "--save-every", "0", "--device", args.device,
-               "--log-style", style, "--out-dir", str(out / style)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                              env={**os.environ, "TQDM_DISABLE": "1"})
-        wall = time.perf_counter() - t0
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+
+    def run(style: str, steps: int, folder: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "kdlab", "train", *model, "--batch-size", "4", "--max-steps", str(steps),
+               "--warmup-steps", "10", "--eval-every", "0", "--eval-batches", "1", "--save-every", "0",
+               "--device", args.device, "--log-style", style, "--out-dir", str(out / folder)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if proc.returncode != 0:
             sys.exit(f"log_cost: {style} run failed:\n{proc.stderr[-3000:]}")
+        return proc
+
+    run("concise", 2, "warm-up")  # builds the token cache for this seq_len
+    rows = []
+    for style in ("concise", "seed-verbose"):
+        t0 = time.perf_counter()
+        proc = run(style, args.steps, f"{args.arch}-{style}")
+        wall = time.perf_counter() - t0
         text = proc.stdout + proc.stderr
-        (out / f"{style}.log").write_text(text)
-        train_s = float(re.search(r"tokens in (\d+(?:\.\d+)?) s", proc.stdout).group(1))
-        device = re.search(r"device=(\w+)", text).group(1)
-        rows.append((style, len(text.splitlines()), len(text.encode()), train_s, wall, device))
-    base = rows[0]
-    print(f"{args.steps} steps, tiny student and teacher, 49,152-token vocabulary, device {base[5]}")
-    print(f"{'log style':14} {'lines':>7} {'bytes':>9} {'lines/step':>10} {'train s':>8} {'wall s':>7} {'time ratio':>10}")
-    for style, lines, nbytes, train_s, wall, _ in rows:
-        print(f"{style:14} {lines:>7,} {nbytes:>9,} {lines / args.steps:>10.1f} {train_s:>8.1f} {wall:>7.1f} "
-              f"{wall / base[4]:>10.2f}")
+        (out / f"{args.arch}-{style}.log").write_text(text)
+        recs = [json.loads(x) for x in (out / f"{args.arch}-{style}" / "metrics.jsonl").read_text().splitlines()]
+        loop = sum(r["interval_s"] for r in recs if r["kind"] == "train")
+        rows.append((style, len(text.splitlines()), len(text.encode()), loop, wall))
+    device = "cuda" if "device=cuda" in text else "cpu"
+    extra = ""
+    if device == "cuda":
+        import torch
+
+        extra = f" ({torch.cuda.get_device_name()})"
+    print(f"{args.steps} steps, arch {args.arch}, batch 4, device {device}{extra}")
+    print(f"{'log style':14} {'lines':>7} {'bytes':>9} {'lines/step':>10} {'loop s':>8} {'ms/step':>8} "
+          f"{'wall s':>7} {'loop ratio':>10}")
+    base = rows[0][3]
+    for style, lines, nbytes, loop, wall in rows:
+        print(f"{style:14} {lines:>7,} {nbytes:>9,} {lines / args.steps:>10.1f} {loop:>8.2f} "
+              f"{1000 * loop / args.steps:>8.1f} {wall:>7.1f} {loop / base:>10.2f}")
 
 
 if __name__ == "__main__":
