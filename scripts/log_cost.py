@@ -47,26 +47,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--arch", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=0, help="default: 64 (tiny), 256 (smollm2)")
     ap.add_argument("--out", default="runs/log-cost")
     ap.add_argument("--prepare-only", action="store_true", help="only build the tiny teacher (<out>/teacher)")
     args = ap.parse_args()
     out = ROOT / args.out
     if args.arch == "tiny":
         teacher = tiny_teacher(out / "teacher")
-        model = ["--teacher", str(teacher), "--student", "tiny", "--student-init", "random", "--seq-len", "64"]
+        model = ["--teacher", str(teacher), "--student", "tiny", "--student-init", "random",
+                 "--seq-len", str(args.seq_len or 64)]
     else:
         sys.path.insert(0, str(ROOT / "scripts"))
         from cuda_bench import random_teacher
 
         teacher = random_teacher(out / "teacher-smollm2")
-        model = ["--teacher", str(teacher), "--seq-len", "256"]
+        model = ["--teacher", str(teacher), "--seq-len", str(args.seq_len or 256)]
     if args.prepare_only:
         print(f"teacher: {teacher}")
         return
     env = {**os.environ, "TQDM_DISABLE": "1"}
 
     def run(style: str, steps: int, folder: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "kdlab", "train", *model, "--batch-size", "4", "--max-steps", str(steps),
+        cmd = [sys.executable, "-m", "kdlab", "train", *model, "--batch-size", str(args.batch_size), "--max-steps", str(steps),
                "--warmup-steps", "10", "--eval-every", "0", "--eval-batches", "1", "--save-every", "0",
                "--device", args.device, "--log-style", style, "--out-dir", str(out / folder)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -78,11 +81,12 @@ def main() -> None:
     rows = []
     for style in ("concise", "seed-verbose"):
         t0 = time.perf_counter()
-        proc = run(style, args.steps, f"{args.arch}-{style}")
+        name = f"{args.arch}-b{args.batch_size}-{style}"
+        proc = run(style, args.steps, name)
         wall = time.perf_counter() - t0
         text = proc.stdout + proc.stderr
-        (out / f"{args.arch}-{style}.log").write_text(text)
-        recs = [json.loads(x) for x in (out / f"{args.arch}-{style}" / "metrics.jsonl").read_text().splitlines()]
+        (out / f"{name}.log").write_text(text)
+        recs = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
         loop = sum(r["interval_s"] for r in recs if r["kind"] == "train")
         rows.append((style, len(text.splitlines()), len(text.encode()), loop, wall))
     device = "cuda" if "device=cuda" in text else "cpu"
@@ -91,7 +95,7 @@ def main() -> None:
         import torch
 
         extra = f" ({torch.cuda.get_device_name()})"
-    print(f"{args.steps} steps, arch {args.arch}, batch 4, device {device}{extra}")
+    print(f"{args.steps} steps, arch {args.arch}, batch {args.batch_size} x {model[-1]} tokens, device {device}{extra}")
     print(f"{'log style':14} {'lines':>7} {'bytes':>9} {'lines/step':>10} {'loop s':>8} {'ms/step':>8} "
           f"{'wall s':>7} {'loop ratio':>10}")
     base = rows[0][3]
