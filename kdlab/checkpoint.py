@@ -99,6 +99,17 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
     return path
 
 
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint alone (its config can be checked before any weight loads)."""
+    path = Path(path)
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise KDLabError(f"checkpoint {path} is incomplete: {STATE_FILE} is missing") from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise KDLabError(f"checkpoint {path} is corrupt or unreadable: {str(e).splitlines()[0]}") from None
+
+
 def load_checkpoint(path: str | Path, student: torch.nn.Module, heads: torch.nn.Module | None = None,
                     state: bool = True) -> dict[str, Any]:
     """Load the student's (and heads') weights from `path` in place and return the trainer state."""
@@ -119,7 +130,12 @@ def load_checkpoint(path: str | Path, student: torch.nn.Module, heads: torch.nn.
         raise KDLabError(f"checkpoint {path} is corrupt or unreadable: {str(e).splitlines()[0]}") from None
     if student.config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    missing, unexpected = student.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = student.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shapes differ: another student size
+        detail = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e).splitlines()[0])
+        raise KDLabError(f"checkpoint {path} does not fit this student ({detail}); resume with the same student "
+                         "settings") from None
     missing = [k for k in missing if not (k == "lm_head.weight" and student.config.tie_word_embeddings)]
     if missing or unexpected:
         raise KDLabError(
@@ -134,4 +150,4 @@ def load_checkpoint(path: str | Path, student: torch.nn.Module, heads: torch.nn.
     return trainer_state
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_best", "best_dir"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_trainer_state", "save_best", "best_dir"]

@@ -44,6 +44,7 @@ from .checkpoint import (
     best_dir,
     latest_checkpoint,
     load_checkpoint,
+    read_trainer_state,
     save_best,
     save_checkpoint,
 )
@@ -174,6 +175,8 @@ class Trainer:
         dev = precision.device
         self._interval: dict[str, torch.Tensor] = {}
         self._interval_steps = 0
+        self._interval_elapsed = 0.0
+        self._t_interval = time.perf_counter()
         self._bad_run = torch.zeros((), device=dev)  # non-finite steps in a row, ...
         self._max_run = torch.zeros((), device=dev)  # ... and the longest such run in this interval
 
@@ -351,6 +354,7 @@ class Trainer:
             # the unfinished log interval, so a resumed run logs the same means
             "interval": {k: v.detach().cpu() for k, v in self._interval.items()},
             "interval_steps": self._interval_steps,
+            "interval_elapsed": time.perf_counter() - self._t_interval,
             "bad_run": self._bad_run.cpu(), "max_run": self._max_run.cpu(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -378,12 +382,13 @@ class Trainer:
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.out_dir)
-        ckpt = load_checkpoint(path, self.student, self.heads)
+        ckpt = read_trainer_state(path)  # settings first: nothing is loaded into a run it does not fit
         old = ckpt["config"]
         changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in self.cfg.to_dict().items()
                    if k not in RESUMABLE_CHANGES and old.get(k) != v]
         if changed:
             raise KDLabError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)})")
+        load_checkpoint(path, self.student, self.heads, state=False)
         dev = self.precision.device
         if self.balancer is not None:
             self.balancer.load_state_dict(ckpt["balancer"], dev)
@@ -396,6 +401,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self._interval = {k: v.to(dev) for k, v in ckpt["interval"].items()}
         self._interval_steps = ckpt["interval_steps"]
+        self._interval_elapsed = ckpt["interval_elapsed"]  # so the resumed interval's tokens/s stays right
         self._bad_run, self._max_run = ckpt["bad_run"].to(dev), ckpt["max_run"].to(dev)
         torch.set_rng_state(ckpt["rng_cpu"])
         if ckpt["rng_cuda"] and torch.cuda.is_available():
@@ -451,7 +457,7 @@ class Trainer:
         self._emit("on_train_begin")
         if s.step == 0 and not s.evals("validation"):
             self.evaluate("validation")  # "student before" for the summary table
-        t_interval = time.perf_counter()
+        self._t_interval = time.perf_counter() - self._interval_elapsed
         bar = tqdm(total=self.total_steps, initial=s.step, desc="distilling", unit="step", dynamic_ncols=True,
                    disable=not self.dist.is_main or None)
         try:
@@ -468,8 +474,8 @@ class Trainer:
                     if cfg.log_style == "seed-verbose":
                         self._seed_verbose(out)
                     if s.step <= cfg.log_first or s.step % cfg.log_every == 0 or s.step == self.total_steps:
-                        self._log_interval(time.perf_counter() - t_interval, bar)
-                        t_interval = time.perf_counter()
+                        self._log_interval(time.perf_counter() - self._t_interval, bar)
+                        self._t_interval = time.perf_counter()
                     if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
                         self.evaluate("validation")
                         self._agree_on_stop()
@@ -480,6 +486,7 @@ class Trainer:
                 if last_val["step"] != s.step:
                     self.evaluate("validation")
                 es = self.early_stopping
+                barrier(self.dist)  # rank 0's last save_best is complete before anyone looks
                 if (es is not None and cfg.restore_best and es.best_step is not None and es.best_step != s.step
                         and best_dir(self.out_dir).exists()):
                     self._restore_best(es.best_step)
@@ -492,7 +499,8 @@ class Trainer:
             bar.close()
             s.interrupted = True
             if self._interval_steps:  # the steps since the last log line, so the history is complete
-                self._log_interval(time.perf_counter() - t_interval, bar)
+                self._log_interval(time.perf_counter() - self._t_interval, bar)
+                self._t_interval = time.perf_counter()
             path = self.save()
             log.warning("interrupted at step %d; checkpoint %s; continue with --resume", s.step, path)
         self._emit("on_train_end")

@@ -5,8 +5,9 @@
 
 Both runs are `kdlab train` in a child process (the output is counted as a user would see it),
 with the same steps, data and seed; only --log-style differs. A 2-step run first builds the
-token cache, so neither timed run pays for it. "loop s" is the training loop alone (the sum of the
-log intervals' wall times); "wall s" is the whole process.
+token cache, so neither timed run pays for it; the styles then alternate (A B B A, `--repeats`
+runs each) so a machine whose speed drifts favours neither. "loop s" is the training loop alone
+(the sum of the log intervals' wall times); "wall s" is the whole process.
 
 --arch tiny: a random 2-layer teacher and the tiny student, sharing SmolLM2's 49,152-token
 vocabulary (the loss still spans the full vocabulary); --arch smollm2: SmolLM2-135M's shapes with
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--arch", choices=["tiny", "smollm2"], default="tiny")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each style, interleaved")
     ap.add_argument("--seq-len", type=int, default=0, help="default: 64 (tiny), 256 (smollm2)")
     ap.add_argument("--out", default="runs/log-cost")
     ap.add_argument("--prepare-only", action="store_true", help="only build the tiny teacher (<out>/teacher)")
@@ -78,17 +80,19 @@ def main() -> None:
         return proc
 
     run("concise", 2, "warm-up")  # builds the token cache for this seq_len
-    rows = []
-    for style in ("concise", "seed-verbose"):
+    # interleaved A B B A ...: a machine whose speed drifts during the measurement biases neither style
+    order = [("concise", "seed-verbose")[(i + i // 2) % 2] for i in range(2 * args.repeats)]
+    runs = []
+    for i, style in enumerate(order):
         t0 = time.perf_counter()
-        name = f"{args.arch}-b{args.batch_size}-{style}"
+        name = f"{args.arch}-b{args.batch_size}-{style}-{i}"
         proc = run(style, args.steps, name)
         wall = time.perf_counter() - t0
         text = proc.stdout + proc.stderr
         (out / f"{name}.log").write_text(text)
         recs = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
         loop = sum(r["interval_s"] for r in recs if r["kind"] == "train")
-        rows.append((style, len(text.splitlines()), len(text.encode()), loop, wall))
+        runs.append((style, len(text.splitlines()), len(text.encode()), loop, wall))
     device = "cuda" if "device=cuda" in text else "cpu"
     extra = ""
     if device == "cuda":
@@ -96,13 +100,15 @@ def main() -> None:
 
         extra = f" ({torch.cuda.get_device_name()})"
     print(f"{args.steps} steps, arch {args.arch}, batch {args.batch_size} x {model[-1]} tokens, device {device}{extra}")
-    print(f"{'log style':14} {'lines':>7} {'bytes':>9} {'lines/step':>10} {'loop s':>8} {'ms/step':>8} "
-          f"{'wall s':>7} {'loop ratio':>10}")
-    base = rows[0][3]
-    for style, lines, nbytes, loop, wall in rows:
-        print(f"{style:14} {lines:>7,} {nbytes:>9,} {lines / args.steps:>10.1f} {loop:>8.2f} "
-              f"{1000 * loop / args.steps:>8.1f} {wall:>7.1f} {loop / base:>10.2f}")
-
+    print(f"{'run':3} {'log style':14} {'lines':>7} {'bytes':>9} {'lines/step':>10} {'loop s':>8} {'ms/step':>8} "
+          f"{'wall s':>7}")
+    for i, (style, lines, nbytes, loop, wall) in enumerate(runs):
+        print(f"{i:<3} {style:14} {lines:>7,} {nbytes:>9,} {lines / args.steps:>10.1f} {loop:>8.2f} "
+              f"{1000 * loop / args.steps:>8.1f} {wall:>7.1f}")
+    mean = {s: sum(r[3] for r in runs if r[0] == s) / args.repeats for s in ("concise", "seed-verbose")}
+    spread = {s: [round(r[3], 2) for r in runs if r[0] == s] for s in mean}
+    print(f"loop time, mean of {args.repeats}: concise {mean['concise']:.2f} s {spread['concise']}, seed-verbose "
+          f"{mean['seed-verbose']:.2f} s {spread['seed-verbose']}; ratio {mean['seed-verbose'] / mean['concise']:.3f}")
 
 if __name__ == "__main__":
     main()
