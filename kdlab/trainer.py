@@ -93,6 +93,21 @@ class TrainState:
         return [r for r in self.history if r["kind"] == "eval" and r["split"] == split]
 
 
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """transformers' own progress bars (weight loading, every checkpoint's save) off for a while:
+    in a notebook each is a widget, and a run saves many times."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def build_components(cfg: KDConfig):
     """(precision, tokenizer, teacher, data, student) as `cfg` describes them; shared by train and eval."""
     precision = resolve_precision(cfg.device, cfg.teacher_dtype, cfg.autocast_dtype)
@@ -184,7 +199,8 @@ class Trainer:
     @classmethod
     def from_config(cls, cfg: KDConfig, callbacks=()) -> Trainer:
         """Load teacher, tokenizer and data, build the student: everything `kdlab train` does."""
-        precision, tokenizer, teacher, data, student = build_components(cfg)
+        with quiet_hf_progress():
+            precision, tokenizer, teacher, data, student = build_components(cfg)
         return cls(cfg, student, teacher, data, precision, tokenizer, callbacks)
 
     # ------------------------------------------------------------------ events
@@ -432,6 +448,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
+        with quiet_hf_progress():
+            return self._fit()
+
+    def _fit(self) -> TrainState:
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -458,8 +478,10 @@ class Trainer:
         if s.step == 0 and not s.evals("validation"):
             self.evaluate("validation")  # "student before" for the summary table
         self._t_interval = time.perf_counter() - self._interval_elapsed
+        widget_bar = any(getattr(cb, "shows_progress", False) and getattr(cb, "use_widgets", False)
+                         for cb in self.callbacks)  # a live plot shows the progress already
         bar = tqdm(total=self.total_steps, initial=s.step, desc="distilling", unit="step", dynamic_ncols=True,
-                   disable=not self.dist.is_main or None)
+                   disable=not self.dist.is_main or widget_bar or None)
         try:
             with logging_redirect_tqdm():
                 while s.step < self.total_steps and not s.should_stop:

@@ -38,4 +38,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# the browser test (tests/test_browser.py) drives Debian's chromium: Playwright cannot download its
+# own browser here. Needs root or sudo; without either, say so (the test then fails, or set
+# KDLAB_SKIP_BROWSER=1).
+if ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  echo "setup: installing chromium (apt-get)"
+  if ! { $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+         { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium >/dev/null 2>&1; }; }; then
+    echo "setup: could not install chromium; the browser test needs it (or KDLAB_SKIP_BROWSER=1)" >&2
+  fi
+fi
+
 "$VPY" -m kdlab prepare

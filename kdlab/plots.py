@@ -1,0 +1,178 @@
+"""Figures of a run's records (matplotlib only): the ones the live plot draws, from files too.
+
+    records = load_metrics("runs/default")                 # a run folder or its metrics.jsonl
+    fig = plot_run(records)                                # terms, curriculum weights, validation
+    fig = plot_runs({"seed form": "runs/seed", "kdlab": "runs/default"})   # side by side
+    fig = plot_router(records)                             # expert utilisation per student layer
+
+Figures are `matplotlib.figure.Figure` objects made without pyplot, so they never pop up or
+display themselves twice; `display(fig)` shows one in a notebook and `fig.savefig(path)` writes it.
+`import kdlab` does not import this module (nor matplotlib).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+TERM_ORDER = ("kd", "lm", "feature", "attention", "layerwise", "contrastive")
+COLORS = dict(zip(TERM_ORDER, ("C0", "C1", "C2", "C3", "C4", "C5"), strict=True)) | {"total": "k"}
+VAL_METRICS = {"kl": "val KL(teacher‖student)", "student_ce": "val CE (student)"}
+
+
+def load_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a run: `path` is a run folder (out_dir) or a metrics.jsonl file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.is_file():
+        from .errors import KDLabError
+
+        raise KDLabError(f"no metrics file at {str(p)!r}; give a run folder (out_dir) or its metrics.jsonl")
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def terms_of(records: list[dict[str, Any]]) -> list[str]:
+    """The loss terms present in a run's train records, in a fixed order."""
+    seen = {k for r in records if r.get("kind") == "train" for k in r.get("weights", {})}
+    seen |= {k for r in records if r.get("kind") == "train" for k in TERM_ORDER if k in r}
+    return [t for t in TERM_ORDER if t in seen]
+
+
+def term_series(records, term: str, show: str = "raw") -> tuple[list[int], list[float]]:
+    """(steps, values) of one term: "raw" (unweighted), "weighted", or the total for term="total"."""
+    steps, values = [], []
+    for r in records:
+        if r.get("kind") != "train":
+            continue
+        if term == "total":
+            value = r.get("loss")
+        elif show == "weighted":
+            value = r.get("weighted", {}).get(term, 0.0 if term in r.get("weights", {}) else None)
+        else:
+            value = r.get(term)
+        if value is not None:
+            steps.append(r["step"])
+            values.append(value)
+    return steps, values
+
+
+def draw_terms(ax, records, show: str = "raw", terms=None, label_prefix: str = "", style: str = "-") -> dict:
+    """Each visible term (and the total) against the step on `ax`; returns {name: Line2D}."""
+    lines = {}
+    for term in [*(terms if terms is not None else terms_of(records)), "total"]:
+        steps, values = term_series(records, term, show)
+        if steps:
+            (lines[term],) = ax.plot(steps, values, style, color=COLORS.get(term), label=label_prefix + term,
+                                     lw=1.8 if term == "total" else 1.2, marker="." if len(steps) < 30 else None)
+    ax.set_title(f"loss terms ({show})" + ("" if show == "raw" else ", summing to the total"))
+    ax.set_xlabel("optimizer step")
+    if any(v > 0 for line in lines.values() for v in line.get_ydata()):
+        ax.set_yscale("log")
+    return lines
+
+
+def draw_weights(ax, records, terms=None) -> dict:
+    lines = {}
+    train = [r for r in records if r.get("kind") == "train" and "weights" in r]
+    for term in terms if terms is not None else terms_of(records):
+        pts = [(r["step"], r["weights"][term]) for r in train if term in r["weights"]]
+        if pts:
+            (lines[term],) = ax.plot(*zip(*pts, strict=True), color=COLORS.get(term), label=term, lw=1.2,
+                                     marker="." if len(pts) < 30 else None)
+    ax.set_title("curriculum weights")
+    ax.set_xlabel("optimizer step")
+    return lines
+
+
+def draw_validation(ax, records, early_stopping: dict | None = None) -> dict:
+    """Validation KL and CE over the run; the early-stopping best, if given, as a star."""
+    lines = {}
+    val = [r for r in records if r.get("kind") == "eval" and r.get("split") == "validation"]
+    for i, (key, label) in enumerate(VAL_METRICS.items()):
+        pts = [(r["step"], r[key]) for r in val if key in r]
+        if pts:
+            axis = ax if i == 0 else ax.twinx()
+            (lines[key],) = axis.plot(*zip(*pts, strict=True), "o-" if i == 0 else "s--", ms=3,
+                                      color="C0" if i == 0 else "C7", label=label)
+            axis.set_ylabel(label, color="C0" if i == 0 else "C7")
+    if early_stopping and early_stopping.get("best_step") is not None:
+        ax.plot([early_stopping["best_step"]], [early_stopping["best"]], "*", ms=12, color="gold", mec="k",
+                label="best (restored at the end)")
+    ax.set_title("validation")
+    ax.set_xlabel("optimizer step")
+    return lines
+
+
+def new_figure(panels: int, width: float = 4.2, height: float = 3.2, fast: bool = False) -> tuple[Figure, list]:
+    """`fast`: fixed margins instead of constrained layout, which costs half of a redraw (live plots)."""
+    fig = Figure(figsize=(width * panels, height), layout=None if fast else "constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    if fast:
+        fig.subplots_adjust(left=0.6 / (width * panels), right=1 - 0.5 / (width * panels), bottom=0.16, top=0.88,
+                            wspace=0.45)
+    return fig, list(axes)
+
+
+def plot_run(records, show: str = "raw", terms=None, early_stopping: dict | None = None) -> Figure:
+    """Three panels: the loss terms and total, the curriculum weights, validation KL and CE."""
+    records = load_metrics(records) if isinstance(records, (str, Path)) else records
+    fig, (a, b, c) = new_figure(3)
+    if draw_terms(a, records, show, terms):
+        a.legend(fontsize=7, ncol=2)
+    if draw_weights(b, records, terms):
+        b.legend(fontsize=7)
+    draw_validation(c, records, early_stopping)
+    return fig
+
+
+def plot_runs(runs: dict[str, Any], show: str = "raw", terms=None) -> Figure:
+    """Several runs on shared axes (solid, dashed, dotted...): the loss terms and validation KL."""
+    styles = ["-", "--", ":", "-."]
+    fig, (a, b) = new_figure(2, width=5.0)
+    for i, (name, rec) in enumerate(runs.items()):
+        rec = load_metrics(rec) if isinstance(rec, (str, Path)) else rec
+        draw_terms(a, rec, show, terms, label_prefix=f"{name}: ", style=styles[i % len(styles)])
+        val = [(r["step"], r["kl"]) for r in rec if r.get("kind") == "eval" and r.get("split") == "validation"]
+        if val:
+            b.plot(*zip(*val, strict=True), styles[i % len(styles)], marker="o", ms=3, label=name)
+    a.legend(fontsize=6, ncol=2)
+    b.set_title("validation KL(teacher‖student)")
+    b.set_xlabel("optimizer step")
+    b.legend(fontsize=7)
+    return fig
+
+
+def draw_router(axes, records) -> int:
+    """Stacked expert utilisation over steps, one axis per student layer; returns the layer count."""
+    train = [r for r in records if r.get("kind") == "train" and r.get("router")]
+    if not train:
+        return 0
+    steps = [r["step"] for r in train]
+    for layer, ax in enumerate(axes[: len(train[0]["router"])]):
+        util = [r["router"][layer]["utilisation"] for r in train]
+        ax.stackplot(steps, *zip(*util, strict=True), labels=[f"expert {e}" for e in range(len(util[0]))])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"student layer {layer}: H = {train[-1]['router'][layer]['entropy']:.2f}", fontsize=9)
+        ax.set_xlabel("optimizer step")
+    axes[0].set_ylabel("share of routed tokens")
+    axes[0].legend(fontsize=6, loc="lower left")
+    return len(train[0]["router"])
+
+
+def plot_router(records) -> Figure:
+    """Is the router routing? Expert utilisation per student layer over the run."""
+    records = load_metrics(records) if isinstance(records, (str, Path)) else records
+    train = [r for r in records if r.get("kind") == "train" and r.get("router")]
+    n = len(train[0]["router"]) if train else 1
+    fig, axes = new_figure(n, width=3.0)
+    if not draw_router(axes, records):
+        axes[0].set_title("no router records (w_feature = 0)")
+    return fig
+
+
+__all__ = ["load_metrics", "plot_run", "plot_runs", "plot_router", "terms_of", "term_series",
+           "draw_terms", "draw_weights", "draw_validation", "draw_router"]

@@ -1,0 +1,163 @@
+"""The live plot, the curriculum explorer and the plots from files, without a browser
+(tests/test_browser.py drives them in a real JupyterLab)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+
+import kdlab
+from kdlab.curriculum import CurriculumScheduler
+
+pytest.importorskip("ipywidgets")
+pytest.importorskip("matplotlib")
+
+from kdlab import plots  # noqa: E402
+from kdlab.widgets import CurriculumExplorer, LivePlot  # noqa: E402
+
+TERMS = ("kd", "lm", "feature", "attention")
+
+
+class FakeTrainer:
+    """What the callback reads from a trainer: total steps, history, early stopping."""
+
+    def __init__(self, total=1000):
+        self.total_steps = total
+        self.state = kdlab.TrainState()
+        self.early_stopping = kdlab.EarlyStopping(patience=5)
+
+
+def record(step):
+    w = {"kd": 0.5, "lm": 0.5, "feature": min(1.0, step / 10), "attention": 0.25}
+    raw = {t: 1.0 + 1.0 / (step + i + 1) for i, t in enumerate(TERMS)}
+    return {"kind": "train", "step": step, "steps": 1, **raw, "loss": sum(w[t] * raw[t] for t in TERMS),
+            "weighted": {t: w[t] * raw[t] for t in TERMS}, "weights": w, "lr": 1e-3, "grad_norm": 1.0,
+            "tokens_per_s": 100.0, "skipped_steps": 0}
+
+
+def val(step, kl):
+    return {"kind": "eval", "split": "validation", "step": step, "kl": kl, "student_ce": kl + 2,
+            "student_ppl": 10.0, "teacher_ppl": 5.0, "top1_agree": 0.5, "tokens": 100}
+
+
+def feed(lp, trainer, k, evals_every=0):
+    lp.on_train_begin(trainer)
+    for step in range(1, k + 1):
+        lp.on_log(trainer, record(step))
+        if evals_every and step % evals_every == 0:
+            rec = val(step, 3.0 / step)
+            trainer.early_stopping.update(step, rec["kl"])
+            lp.on_eval(trainer, rec)
+
+
+@pytest.mark.parametrize("k", [1, 12])
+def test_after_k_updates_each_visible_term_has_k_points(k):
+    lp = LivePlot(widgets=True, min_interval_s=0.0, max_overhead=1.0)
+    trainer = FakeTrainer()
+    feed(lp, trainer, k)
+    assert lp.points() == {t: k for t in (*TERMS, "total")}
+    assert lp.bar.value == k and f"step {k}/1000" in lp.status.value
+    (frame,) = lp.out.outputs  # exactly one frame: replaced, never appended
+    assert base64.b64decode(frame["data"]["image/png"]).startswith(b"\x89PNG")
+    json.dumps(lp.widget.get_state())  # serialisable widget state
+
+
+def test_hiding_a_term_removes_it_and_weighted_view_sums_to_the_total():
+    lp = LivePlot(widgets=True, min_interval_s=0.0, max_overhead=1.0)
+    feed(lp, FakeTrainer(), 5)
+    lp.hide("feature")
+    assert set(lp.points()) == {"kd", "lm", "attention", "total"}
+    lp.select(["kd", "lm"], show="weighted")
+    assert set(lp.points()) == {"kd", "lm", "total"}
+    ys = {name: line.get_ydata() for name, line in lp.lines.items()}
+    r = record(5)
+    assert ys["kd"][-1] == pytest.approx(r["weighted"]["kd"]) and ys["total"][-1] == pytest.approx(r["loss"])
+
+
+def test_throttling_bounds_the_redraws():
+    lp = LivePlot(widgets=True, min_interval_s=1e9)
+    trainer = FakeTrainer()
+    feed(lp, trainer, 1000)
+    assert lp.renders == 1  # the first update only
+    lp.on_train_end(trainer)
+    assert lp.renders == 2  # ... and always the last step
+    assert lp.points()["kd"] == 1000
+    lp = LivePlot(widgets=True, min_interval_s=0.0, max_overhead=1.0, every_steps=100)
+    feed(lp, FakeTrainer(), 1000)
+    assert lp.renders == 10  # steps 1, 101, ..., 901
+    # the overhead bound: after a redraw of r seconds, the next waits r * (1 / 0.03 - 1)
+    lp = LivePlot(widgets=True, min_interval_s=0.0)
+    feed(lp, FakeTrainer(), 200)
+    assert lp.renders == 1 and lp._render_s > 0
+
+
+def test_early_stopping_state_and_validation_are_shown():
+    lp = LivePlot(widgets=True, min_interval_s=0.0, max_overhead=1.0, every_steps=10)
+    trainer = FakeTrainer()
+    feed(lp, trainer, 20, evals_every=5)
+    assert "early stopping: best 0.1500 at step 20, 0/5 evaluations without improvement" in lp.status.value
+    assert "val KL 0.1500" in lp.status.value
+
+
+def test_headless_it_prints_nothing_and_writes_the_final_png(tiny_overrides, tmp_path, capsys):
+    lp = LivePlot(png_path=str(tmp_path / "curves.png"))
+    assert not lp.use_widgets  # no Jupyter kernel here
+    capsys.readouterr()
+    state = kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "w_feature": 0.5}), callbacks=[lp])
+    out = capsys.readouterr()
+    assert out.out == ""  # nothing printed by the callback (kdlab's own log lines go to stderr)
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert lp.renders == 1 and lp.widget is None
+    assert lp.records == state.history
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.2, 0.3, 0.5, 0.8, 1.0])
+def test_explorer_table_equals_the_scheduler(progress):
+    ex = CurriculumExplorer(progress=progress)  # default state: the seed's table
+    seed = CurriculumScheduler.from_preset("seed", 1000)
+    assert ex.weights() == pytest.approx(seed.weights_at(round(progress * 1000)))
+    for term, weight in ex.weights().items():
+        assert f"<td>{term}</td><td style='text-align:right'>{weight:.1%}</td>" in ex.table.value
+
+
+def test_explorer_sliders_change_the_schedule():
+    ex = CurriculumExplorer(progress=0.5)
+    ex.ranges["feature"].value = (0.4, 0.6)
+    ex.shape.value = "cosine"
+    expected = CurriculumScheduler(1000, dict.fromkeys(("kd", "feature", "attention", "layerwise", "contrastive"), 1.0),
+                                   {"feature": kdlab.Ramp(0.4, 0.6, shape="cosine"),
+                                    "attention": kdlab.Ramp(0.1, 0.4, shape="cosine"),
+                                    "layerwise": kdlab.Ramp(0.4, 0.7, shape="cosine"),
+                                    "contrastive": kdlab.Ramp(0.7, 1.0, shape="cosine")})
+    assert ex.weights() == pytest.approx(expected.weights_at(500))
+    assert ex.weights()["feature"] == pytest.approx(0.5)
+    ex.preset.value = "seed-phases"
+    assert ex.weights()["feature"] == pytest.approx(0.067, abs=5e-4)
+
+
+def test_plots_from_files_compare_runs(tiny_overrides, tmp_path):
+    over = {**tiny_overrides, "w_feature": 0.5, "curriculum": "constant", "log_every": 1}
+    kdlab.train(kdlab.load_config(overrides={**over, "out_dir": str(tmp_path / "a")}))
+    kdlab.train(kdlab.load_config(overrides={**over, "alpha_kd": 0.0, "out_dir": str(tmp_path / "b")}))
+    records = plots.load_metrics(tmp_path / "a")
+    fig = plots.plot_run(records)
+    loss_ax = fig.axes[0]
+    assert {line.get_label() for line in loss_ax.lines} == {"kd", "lm", "feature", "total"}
+    assert all(len(line.get_xdata()) == 6 for line in loss_ax.lines)
+    both = plots.plot_runs({"KD": tmp_path / "a", "LM only": tmp_path / "b"})
+    labels = {line.get_label() for line in both.axes[0].lines}
+    assert {"KD: kd", "KD: total", "LM only: lm", "LM only: total"} <= labels and "LM only: kd" not in labels
+    router = plots.plot_router(records)
+    assert len(router.axes) == 2  # the tiny student's two layers
+    with pytest.raises(kdlab.KDLabError, match="no metrics file"):
+        plots.load_metrics(tmp_path / "nowhere")
+
+
+def test_import_kdlab_imports_no_widgets_or_matplotlib():
+    code = "import sys, kdlab; print(sorted(m for m in ('ipywidgets', 'matplotlib', 'IPython') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
