@@ -26,7 +26,14 @@ import time
 from typing import Any
 
 from .curriculum import PRESETS, SHAPES, CurriculumScheduler, Ramp
-from .plots import draw_router, draw_terms, draw_validation, draw_weights, new_figure, terms_of
+from .plots import (
+    draw_router,
+    draw_terms,
+    draw_validation,
+    draw_weights,
+    new_figure,
+    terms_of,
+)
 
 
 def in_notebook() -> bool:
