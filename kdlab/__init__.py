@@ -10,31 +10,13 @@ from .balance import AdaptiveBalancer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import KDConfig, load_config, save_config
 from .curriculum import CurriculumScheduler, Ramp
-from .data import (
-    PackedSplit,
-    load_documents,
-    prepare_austen,
-    prepare_data,
-    tokenize_and_pack,
-)
+from .data import PackedSplit, load_documents, prepare_austen, prepare_data, tokenize_and_pack
 from .early_stopping import EarlyStopping
 from .errors import KDLabError
 from .evaluation import evaluate, format_summary
-from .feature_losses import (
-    attention_kl,
-    cosine_distance,
-    info_nce,
-    ln_mse,
-    masked_mean_pool,
-)
+from .feature_losses import attention_kl, cosine_distance, info_nce, ln_mse, masked_mean_pool
 from .losses import DIVERGENCES, IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
-from .models import (
-    STUDENT_PRESETS,
-    build_student,
-    load_teacher,
-    load_tokenizer,
-    prepare_teacher,
-)
+from .models import STUDENT_PRESETS, build_student, load_teacher, load_tokenizer, prepare_teacher
 from .precision import Precision, resolve_precision, student_logits, teacher_logits
 from .projection import StudentLogitProjector, align_vocab
 from .router import StudentAwareRouter

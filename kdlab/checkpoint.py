@@ -122,7 +122,6 @@ def load_checkpoint(path: str | Path, student: torch.nn.Module, heads: torch.nn.
     try:
         weights = load_file(path / "model.safetensors", device=device)
         head_weights = load_file(path / HEADS_FILE, device=device) if want_heads else {}
-        trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True) if state else {}
     except FileNotFoundError as e:
         raise KDLabError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing; it was "
                          "written by a run with other settings, or damaged") from None
@@ -147,7 +146,7 @@ def load_checkpoint(path: str | Path, student: torch.nn.Module, heads: torch.nn.
             heads.load_state_dict(head_weights)
         except RuntimeError as e:
             raise KDLabError(f"checkpoint {path}: the heads do not fit these settings ({str(e).splitlines()[0]})") from None
-    return trainer_state
+    return read_trainer_state(path) if state else {}
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_trainer_state", "save_best", "best_dir"]

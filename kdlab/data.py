@@ -12,6 +12,7 @@ mask 0, label -100) rather than dropped, so validation and test cover every toke
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -292,9 +293,10 @@ def tokenize_and_pack(documents, tokenizer, seq_len: int) -> dict[str, PackedSpl
     return packed
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled block order of one epoch: a pure function of (seed, epoch), so a resumed run
-    sees the very same batches."""
+    sees the very same batches. Cached: the trainer asks for it for every micro-batch (read-only)."""
     return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 

@@ -52,6 +52,7 @@ class EarlyStopping:
         self.wait = 0  # evaluations since the last improvement (after warmup)
         self.stopped_step: int | None = None
         self.reason = ""
+        self.fault = False  # stopped by a non-finite or diverging metric, not by patience
 
     # ------------------------------------------------------------------ the rule, testable alone
     def _better(self, value: float, than: float | None, margin: float) -> bool:
@@ -62,12 +63,12 @@ class EarlyStopping:
     def update(self, step: int, value: float) -> str:
         """Feed one evaluation; returns "improved" (a new best), "wait" or "stop" (reason in self.reason)."""
         if not math.isfinite(value):
-            return self._stop(step, f"{self.monitor} is {value} at step {step} (non-finite)")
+            return self._stop(step, f"{self.monitor} is {value} at step {step} (non-finite)", fault=True)
         if self.divergence_threshold is not None:
             worse = value > self.divergence_threshold if self.mode == "min" else value < self.divergence_threshold
             if worse:
                 return self._stop(step, f"{self.monitor}={value:.4f} at step {step} passed the divergence "
-                                        f"threshold {self.divergence_threshold}")
+                                        f"threshold {self.divergence_threshold}", fault=True)
         new_best = self._better(value, self.best, 0.0)
         if new_best:
             self.best, self.best_step = value, step
@@ -80,8 +81,8 @@ class EarlyStopping:
                                     f"{self.patience} evaluations (best {self.best:.4f} at step {self.best_step})")
         return "improved" if new_best else "wait"
 
-    def _stop(self, step: int, reason: str) -> str:
-        self.stopped_step, self.reason = step, reason
+    def _stop(self, step: int, reason: str, fault: bool = False) -> str:
+        self.stopped_step, self.reason, self.fault = step, reason, fault
         return "stop"
 
     # ------------------------------------------------------------------ trainer callback
@@ -93,16 +94,16 @@ class EarlyStopping:
             trainer.save_best()
         elif verdict == "stop" and not trainer.state.should_stop:  # the first reason to stop is the one kept
             trainer.state.should_stop = True
-            trainer.state.failed = "non-finite" in self.reason or "divergence" in self.reason
+            trainer.state.failed = self.fault
             trainer.state.stop_reason = f"early stopping: {self.reason}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"ref": self.ref, "best": self.best, "best_step": self.best_step, "wait": self.wait,
-                "stopped_step": self.stopped_step, "reason": self.reason}
+                "stopped_step": self.stopped_step, "reason": self.reason, "fault": self.fault}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ref, self.best, self.best_step, self.wait = state["ref"], state["best"], state["best_step"], state["wait"]
-        self.stopped_step, self.reason = state["stopped_step"], state["reason"]
+        self.stopped_step, self.reason, self.fault = state["stopped_step"], state["reason"], state["fault"]
 
 
 __all__ = ["EarlyStopping", "METRICS"]

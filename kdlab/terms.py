@@ -24,13 +24,7 @@ import torch
 from torch import nn
 
 from .errors import KDLabError
-from .feature_losses import (
-    attention_kl,
-    info_nce,
-    ln_mse,
-    masked_mean_pool,
-    uniform_layer_map,
-)
+from .feature_losses import attention_kl, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
 from .projection import StudentLogitProjector, align_vocab
 from .router import StudentAwareRouter
 

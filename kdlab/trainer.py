@@ -40,25 +40,11 @@ from typing import Any
 import torch
 
 from .balance import AdaptiveBalancer
-from .checkpoint import (
-    best_dir,
-    latest_checkpoint,
-    load_checkpoint,
-    read_trainer_state,
-    save_best,
-    save_checkpoint,
-)
+from .checkpoint import best_dir, latest_checkpoint, load_checkpoint, read_trainer_state, save_best, save_checkpoint
 from .config import KDConfig, save_config
 from .curriculum import CurriculumScheduler, parse_ramps
 from .data import PackedSplit, batches_per_epoch, epoch_order, prepare_data
-from .distributed import (
-    DistInfo,
-    all_reduce_max,
-    all_reduce_sum,
-    barrier,
-    broadcast_object,
-    init_from_env,
-)
+from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_from_env
 from .early_stopping import EarlyStopping
 from .errors import KDLabError
 from .evaluation import evaluate
@@ -255,7 +241,7 @@ class Trainer:
         so they equal the terms of one big batch.
         """
         cfg, dev, info = self.cfg, self.precision.device, self.dist
-        weights = self.curriculum.weights_at(self.state.step)
+        weights = self.curriculum.get_weights()  # = weights_at(steps done); stepped below, like the LR
         targets = [next_token_labels(b["labels"]) for b in micro_batches]  # (B, T) each
         counts = torch.stack([sum((t != IGNORE_INDEX).sum() for t in targets),  # next-token targets
                               sum(b["attention_mask"].sum() for b in micro_batches)]).float()  # real tokens
@@ -314,7 +300,8 @@ class Trainer:
             self.optimizer.found_inf = found  # read by the fused AdamW kernel: skip the update if 1
             self.optimizer.step()
             del self.optimizer.found_inf
-        self.scheduler.step()  # the learning rate follows the step count, skipped or not
+        self.scheduler.step()  # the learning rate and loss weights follow the step count, skipped or not
+        self.curriculum.step()
         self.optimizer.zero_grad(set_to_none=True)
 
         self._bad_run = (self._bad_run + 1) * found
@@ -379,7 +366,6 @@ class Trainer:
     def save(self) -> Path | None:
         path = None
         if self.dist.is_main:
-            self.curriculum.last_step = self.state.step
             path = save_checkpoint(self.out_dir, self.state.step, self.student, self.heads, self._trainer_state(),
                                    keep=self.cfg.keep_checkpoints)
         barrier(self.dist)
@@ -507,14 +493,14 @@ class Trainer:
                 last_val = s.evals("validation")[-1]
                 if last_val["step"] != s.step:
                     self.evaluate("validation")
-                es = self.early_stopping
+                es, restored = self.early_stopping, {}
                 barrier(self.dist)  # rank 0's last save_best is complete before anyone looks
                 if (es is not None and cfg.restore_best and es.best_step is not None and es.best_step != s.step
                         and best_dir(self.out_dir).exists()):
                     self._restore_best(es.best_step)
-                    self.evaluate("validation", restored_from=es.best_step)
-                self.evaluate("test", **({"restored_from": es.best_step} if s.evals()[-1].get("restored_from")
-                                         is not None else {}))
+                    restored = {"restored_from": es.best_step}
+                    self.evaluate("validation", **restored)
+                self.evaluate("test", **restored)
                 self.save()
                 self.save_final()
         except KeyboardInterrupt:

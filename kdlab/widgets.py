@@ -155,15 +155,15 @@ class LivePlot:
 
     # ------------------------------------------------------------------ drawing
     def status_html(self) -> str:
-        train = [r for r in self.records if r.get("kind") == "train"]
-        val = [r for r in self.records if r.get("kind") == "eval" and r.get("split") == "validation"]
+        # the newest train and validation records (searched from the end: this runs on every update)
+        r = next((x for x in reversed(self.records) if x.get("kind") == "train"), None)
+        v = next((x for x in reversed(self.records) if x.get("kind") == "eval" and x.get("split") == "validation"), None)
         parts = []
-        if train:
-            r = train[-1]
+        if r is not None:
             parts.append(f"step {r['step']}/{self.total_steps} · loss {r['loss']:.4f} · " + " · ".join(
                 f"{t} {r[t]:.4f}" for t in terms_of(self.records) if t in r))
-        if val:
-            parts.append(f"val KL {val[-1]['kl']:.4f} · val ppl {val[-1]['student_ppl']:.2f}")
+        if v is not None:
+            parts.append(f"val KL {v['kl']:.4f} · val ppl {v['student_ppl']:.2f}")
         es = self.early_stopping
         if es and es.get("best") is not None:
             parts.append(f"early stopping: best {es['best']:.4f} at step {es['best_step']}, "

@@ -7,14 +7,7 @@ import json
 import pytest
 import torch
 
-from kdlab.data import (
-    PackedSplit,
-    load_documents,
-    prepare_austen,
-    split_of,
-    tokenize_and_pack,
-    train_batches,
-)
+from kdlab.data import PackedSplit, load_documents, prepare_austen, split_of, tokenize_and_pack, train_batches
 from kdlab.errors import KDLabError
 from kdlab.losses import IGNORE_INDEX
 from kdlab.manifest import load_manifest, sha256_file

@@ -7,19 +7,8 @@ import math
 import pytest
 import torch
 
-from kdlab.feature_losses import (
-    attention_kl,
-    cosine_distance,
-    info_nce,
-    ln_mse,
-    masked_mean_pool,
-    uniform_layer_map,
-)
-from kdlab.seed import (
-    seed_attention_batchmean,
-    seed_feature_mse,
-    seed_feature_mse_per_dim,
-)
+from kdlab.feature_losses import attention_kl, cosine_distance, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
+from kdlab.seed import seed_attention_batchmean, seed_feature_mse, seed_feature_mse_per_dim
 
 B, T, D, H = 3, 9, 16, 4
 
