@@ -91,6 +91,7 @@ class KDConfig:
     log_style: str = "concise"  # or "seed-verbose": the seed's ~36 lines per step, to measure its cost
     save_every: int = 20  # optimizer steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
+    checkpoints: bool = True  # false: no resumable checkpoints (sweeps, the course); final/ and best/ still written
     out_dir: str = "runs/default"
     resume: bool = False  # continue from out_dir's latest checkpoint
 
@@ -174,6 +175,7 @@ class KDConfig:
         need(math.isfinite(self.es_divergence) and self.es_divergence >= 0,
              f"es_divergence={self.es_divergence} must be >= 0 (0 = off)")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        need(self.checkpoints or not self.resume, "resume=true needs checkpoints=true (there is nothing to resume from)")
         need(bool(self.out_dir.strip()), "out_dir='' is empty")
         choice("device", DEVICES)
         choice("teacher_dtype", DTYPES)

@@ -57,7 +57,7 @@ log = logging.getLogger("kdlab")
 
 # fields that may differ between a run and its resumption without changing what is trained
 RESUMABLE_CHANGES = {"resume", "out_dir", "log_every", "log_first", "log_style", "eval_every", "eval_batches",
-                     "save_every", "keep_checkpoints"}
+                     "save_every", "keep_checkpoints", "checkpoints"}
 ALL_TERMS = ("kd", "lm", *TERMS)
 
 
@@ -365,6 +365,8 @@ class Trainer:
 
     def save(self) -> Path | None:
         path = None
+        if not self.cfg.checkpoints:
+            return None
         if self.dist.is_main:
             path = save_checkpoint(self.out_dir, self.state.step, self.student, self.heads, self._trainer_state(),
                                    keep=self.cfg.keep_checkpoints)
@@ -510,7 +512,10 @@ class Trainer:
                 self._log_interval(time.perf_counter() - self._t_interval, bar)
                 self._t_interval = time.perf_counter()
             path = self.save()
-            log.warning("interrupted at step %d; checkpoint %s; continue with --resume", s.step, path)
+            if path is None and not cfg.checkpoints:
+                log.warning("interrupted at step %d; no checkpoint written (checkpoints=false)", s.step)
+            else:
+                log.warning("interrupted at step %d; checkpoint %s; continue with --resume", s.step, path)
         self._emit("on_train_end")
         return s
 

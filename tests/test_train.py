@@ -207,3 +207,14 @@ def test_run_stops_after_too_many_nonfinite_steps(tiny_overrides):
     assert state.step == 3 and state.skipped_steps == 3
     assert state.stop_reason == "3 non-finite steps in a row (max_nonfinite_steps)"
     assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
+
+
+def test_checkpoints_off_writes_only_the_models(tiny_overrides, tmp_path):
+    # sweeps and the course: no ~0.5 GB resumable checkpoint per run, but the final (and best) model
+    cfg = kdlab.load_config(overrides={**tiny_overrides, "max_steps": 3, "save_every": 1, "checkpoints": False})
+    state = kdlab.train(cfg)
+    out = tmp_path / "run"
+    assert state.step == 3 and not (out / "checkpoints").exists()
+    assert (out / "final" / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    with pytest.raises(kdlab.KDLabError, match=r"resume=true needs checkpoints=true"):
+        kdlab.load_config(overrides={**tiny_overrides, "checkpoints": False, "resume": True})
