@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .early_stopping import EarlyStopping
+
 
 def seed_kd_batchmean(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
@@ -81,3 +83,53 @@ def seed_projected_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 __all__ = ["seed_kd_batchmean", "seed_feature_mse", "seed_feature_mse_per_dim", "seed_attention_batchmean",
            "SeedTeacherProjector", "seed_projected_kd"]
+
+
+# ---------------------------------------------------------------------------- early stopping (notebook 05)
+
+class SeedTotalEarlyStopping(EarlyStopping):
+    """The seed's early stopping: patience on the *curriculum-weighted total loss* (fix 7: patience
+    10 at first, then 20 with a 1,000-step warmup), as a trainer callback.
+
+    The seed checked its monitor at every evaluation; kdlab's evaluations report fixed-definition
+    metrics only (val KL, val CE), so this callback feeds it the weighted total of each logged train
+    interval (`record["loss"]`): with `log_every=1` every step is one check, which lets a short run
+    show what patience 10 does. The rule is kdlab's EarlyStopping.update (improvement = below the
+    reference by more than `min_delta`; checks before `warmup_steps` never count against patience),
+    so only the monitored quantity differs from kdlab's. That quantity changes definition whenever a
+    curriculum weight ramps, so it rises by design at every ramp: the fault this class reproduces.
+
+    `stop=False` only records where the rule would have stopped (`stopped_step`, `reason`), so
+    several monitors can watch one run. It never saves or restores weights (the seed did neither);
+    `checks` holds (step, value, verdict) for every check. The trainer checkpoints callbacks by class
+    name, so with two instances in one run a resumed run restores only one of them.
+    """
+
+    def __init__(self, patience: int = 10, min_delta: float = 0.001, warmup_steps: int = 0, stop: bool = True):
+        super().__init__("val_kl", patience, min_delta, "min", warmup_steps)
+        self.monitor = "weighted total (train interval)"
+        self.stop = stop
+        self.checks: list[tuple[int, float, str]] = []
+
+    def on_log(self, trainer, record) -> None:
+        if record.get("kind") != "train" or self.stopped_step is not None:
+            return
+        verdict = self.update(record["step"], float(record["loss"]))
+        self.checks.append((record["step"], float(record["loss"]), verdict))
+        if verdict == "stop" and self.stop and not trainer.state.should_stop:
+            trainer.state.should_stop = True
+            trainer.state.failed = self.fault
+            trainer.state.stop_reason = f"seed early stopping: {self.reason}"
+
+    def on_eval(self, trainer, record) -> None:  # evaluations are not its monitor
+        return
+
+    def state_dict(self):
+        return {**super().state_dict(), "checks": [list(c) for c in self.checks]}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.checks = [tuple(c) for c in state.get("checks", [])]
+
+
+__all__ += ["SeedTotalEarlyStopping"]
