@@ -49,16 +49,9 @@ def _config(args: argparse.Namespace, extra: dict | None = None) -> KDConfig:
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else logging.DEBUG if verbose > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    try:  # the libraries' own chatter (weight-loading bars, hub notices) hides kdlab's lines
-        import datasets
-        import transformers
+    from .trainer import quiet_libraries
 
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        datasets.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
+    quiet_libraries()
 
 
 def cmd_prepare(args) -> int:

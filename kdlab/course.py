@@ -25,6 +25,7 @@ from typing import Any
 
 from .config import KDConfig, load_config
 from .errors import KDLabError
+from .trainer import quiet_libraries
 
 ENV_VAR = "KDLAB_PROFILE"
 
@@ -111,13 +112,7 @@ def _rel(path: Path) -> str:
 def quiet() -> None:
     """Notebook set-up: transformers' and datasets' warnings and progress bars off, so stored outputs
     hold only what the lesson prints (kdlab's own warnings still show)."""
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    quiet_libraries()
 
 
 __all__ = ["ENV_VAR", "PROFILES", "Profile", "profile", "quiet", "repo_root"]

@@ -94,6 +94,18 @@ def quiet_hf_progress():
             hf_logging.enable_progress_bar()
 
 
+def quiet_libraries() -> None:
+    """transformers' and datasets' warnings and progress bars off for good (the CLI and the course):
+    their chatter (weight-loading bars, hub notices) hides kdlab's own lines."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
 def build_components(cfg: KDConfig):
     """(precision, tokenizer, teacher, data, student) as `cfg` describes them; shared by train and eval."""
     precision = resolve_precision(cfg.device, cfg.teacher_dtype, cfg.autocast_dtype)
@@ -364,9 +376,9 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        path = None
         if not self.cfg.checkpoints:
             return None
+        path = None
         if self.dist.is_main:
             path = save_checkpoint(self.out_dir, self.state.step, self.student, self.heads, self._trainer_state(),
                                    keep=self.cfg.keep_checkpoints)
@@ -512,7 +524,7 @@ class Trainer:
                 self._log_interval(time.perf_counter() - self._t_interval, bar)
                 self._t_interval = time.perf_counter()
             path = self.save()
-            if path is None and not cfg.checkpoints:
+            if not cfg.checkpoints:
                 log.warning("interrupted at step %d; no checkpoint written (checkpoints=false)", s.step)
             else:
                 log.warning("interrupted at step %d; checkpoint %s; continue with --resume", s.step, path)

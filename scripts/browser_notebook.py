@@ -32,15 +32,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, seconds: float) -> None:
+def wait_http(url: str, seconds: float, server: subprocess.Popen | None = None) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
+        if server is not None and server.poll() is not None:
+            raise RuntimeError(f"jupyter lab exited with code {server.returncode} (see its log)")
         try:
             urllib.request.urlopen(url, timeout=2)
             return
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer in {seconds} s")
+
+
+def start_lab(root_dir: Path, port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`jupyter lab` on loopback, no token, the app exposed to scripts (window.jupyterapp); also used by
+    tests/test_browser.py."""
+    with open(log_path, "w") as log:  # the child keeps its own handle
+        return subprocess.Popen(
+            [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+             f"--ServerApp.port={port}", "--ServerApp.token=", "--ServerApp.password=",
+             "--ServerApp.disable_check_xsrf=True", "--LabApp.expose_app_in_browser=True",
+             f"--ServerApp.root_dir={root_dir}", *(["--allow-root"] if os.geteuid() == 0 else [])],
+            env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
 def main() -> None:
@@ -66,14 +80,10 @@ def main() -> None:
     if args.profile:
         env["KDLAB_PROFILE"] = args.profile
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", str(work / "notebooks"), "--no-browser", "--ServerApp.ip=127.0.0.1",
-         f"--ServerApp.port={port}", "--ServerApp.token=", "--ServerApp.password=",
-         "--LabApp.expose_app_in_browser=True", *(["--allow-root"] if os.geteuid() == 0 else [])],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(work / "jupyter.log", "w"))
+    server = start_lab(work / "notebooks", port, env, work / "jupyter.log")
     t_start = time.time()
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/status", 90)
+        wait_http(f"http://127.0.0.1:{port}/api/status", 90, server)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1500, "height": 1000})

@@ -12,16 +12,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from browser_notebook import free_port, start_lab, wait_http  # noqa: E402  (one JupyterLab launcher)
+
 ARTIFACTS = ROOT / "runs" / "browser"
 
 pytestmark = pytest.mark.skipif(os.environ.get("KDLAB_SKIP_BROWSER") == "1", reason="KDLAB_SKIP_BROWSER=1")
@@ -44,25 +44,6 @@ def _notebook(overrides: dict) -> dict:
                        "source": src} for i, src in enumerate(cells)]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, seconds: float, server: subprocess.Popen) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"jupyter lab exited with code {server.returncode} (see its log in the test's tmp_path)")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer in {seconds} s")
-
-
 def test_live_plot_updates_in_jupyterlab(tmp_path, tiny_teacher, austen_ready):
     from playwright.sync_api import sync_playwright
 
@@ -73,18 +54,13 @@ def test_live_plot_updates_in_jupyterlab(tmp_path, tiny_teacher, austen_ready):
                  "eval_every": 5, "eval_batches": 1, "save_every": 0, "out_dir": str(tmp_path / "run"),
                  "device": "cpu"}
     (tmp_path / "live.ipynb").write_text(json.dumps(_notebook(overrides)))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TQDM_DISABLE": "1", "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-         "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-         "--LabApp.expose_app_in_browser=True", f"--ServerApp.root_dir={tmp_path}",
-         *(["--allow-root"] if os.geteuid() == 0 else [])],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "jupyter.log", "w"))
+    server = start_lab(tmp_path, port, env, tmp_path / "jupyter.log")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/api/status", 90, server)
+        wait_http(f"http://127.0.0.1:{port}/api/status", 90, server)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
