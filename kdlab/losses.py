@@ -63,12 +63,26 @@ def _bucket_divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str
     return loss, g - torch.linalg.vecdot(q, g).unsqueeze(-1)
 
 
-def _kd_rows(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float, top_k: int,
+def _teacher_buckets(t_logits: torch.Tensor, temperature: float, top_k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(C, V) teacher logits -> its top-k log-probabilities at temperature T (C, k) fp32, their
+    vocabulary ids (C, k) int64 and the log of the remaining probability mass (C,) fp32."""
+    t_logp = F.log_softmax(t_logits / temperature if temperature != 1.0 else t_logits, dim=-1, dtype=torch.float32)
+    t_top, idx = t_logp.topk(top_k, dim=-1)  # (C, k)
+    # log of the mass outside the top-k, exactly, as a logsumexp over the remaining entries
+    t_tail = t_logp.scatter_(-1, idx, float("-inf")).logsumexp(-1)  # (C,)
+    return t_top, idx, t_tail
+
+
+def _kd_rows(s_logits: torch.Tensor, teacher: tuple[torch.Tensor, ...], temperature: float, top_k: int,
              divergence: str = "forward_kl", beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row divergence and its gradient for one chunk of rows, in fp32.
 
     Args:
-        s_logits, t_logits: (C, V) raw logits of any float dtype.
+        s_logits: (C, V) raw student logits of any float dtype.
+        teacher: (t_logits,), the (C, V) raw teacher logits, or the teacher already reduced to
+            buckets (top-k log-probs at T (C, k), their ids (C, k), log tail mass (C,)), as
+            `_teacher_buckets` makes them and kdlab.teacher_cache stores them.
     Returns:
         loss: (C,) D(p, q) with p = softmax(t / T), q = softmax(s / T); forward KL is KL(p || q).
         grad: (C, V) d(T^2 * loss) / d s_logits. For forward KL this is T * (q - r), where r is
@@ -83,68 +97,99 @@ def _kd_rows(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float,
     Reverse KL and JSD use the same k + 1 buckets.
     """
     if temperature != 1.0:
-        s_logits, t_logits = s_logits / temperature, t_logits / temperature
+        s_logits = s_logits / temperature
     s_logp = F.log_softmax(s_logits, dim=-1, dtype=torch.float32)  # (C, V)
-    t_logp = F.log_softmax(t_logits, dim=-1, dtype=torch.float32)  # (C, V)
-    q = s_logp.exp()
-    top = 0 < top_k < s_logp.shape[-1]
-    if top:
-        t_top, idx = t_logp.topk(top_k, dim=-1)  # (C, k)
-        s_top = s_logp.gather(-1, idx)  # (C, k)
-        # log of the mass outside the top-k, exactly, as a logsumexp over the remaining entries
-        t_tail = t_logp.scatter_(-1, idx, float("-inf")).logsumexp(-1)  # (C,)
-        s_tail = s_logp.scatter_(-1, idx, float("-inf")).logsumexp(-1)  # (C,)
-    if divergence != "forward_kl":
-        if top:
-            log_p = torch.cat([t_top, t_tail.unsqueeze(-1)], -1)  # (C, k + 1)
-            log_q = torch.cat([s_top, s_tail.unsqueeze(-1)], -1)
-            loss, h = _bucket_divergence(log_p, log_q, divergence, beta)
-            h_full = h[:, -1:].expand_as(q).clone().scatter_(-1, idx, h[:, :-1])  # (C, V): bucket of each token
-        else:
-            loss, h_full = _bucket_divergence(t_logp, s_logp, divergence, beta)
+    top = len(teacher) == 3 or 0 < top_k < s_logp.shape[-1]
+    if not top:
+        t_logits = teacher[0] / temperature if temperature != 1.0 else teacher[0]
+        t_logp = F.log_softmax(t_logits, dim=-1, dtype=torch.float32)  # (C, V)
+        if divergence == "forward_kl":  # the default, with the fewest (C, V) temporaries
+            p = t_logp.exp()  # (C, V) teacher probabilities
+            # where p underflows to 0, p * (log p - log q) must be 0; a teacher logit of -inf (padded
+            # vocabulary) would make it 0 * -inf = nan, so -inf is clamped to the lowest finite float
+            diff = t_logp.clamp_min_(torch.finfo(torch.float32).min).sub_(s_logp)  # (C, V) in place
+            kl = torch.linalg.vecdot(p, diff)  # (C,) sum_v p (log p - log q), no (C, V) temporary
+            return kl, s_logp.exp_().sub_(p).mul_(temperature)  # T * (q - p), in place
+        q = s_logp.exp()
+        loss, h_full = _bucket_divergence(t_logp, s_logp, divergence, beta)
         return loss, q.mul_(h_full).mul_(temperature)
-    if top:
-        p_top, p_tail = t_top.exp(), t_tail.exp()
-        # p = 0 contributes exactly 0, not 0 * inf = nan
-        kl = torch.where(p_top > 0, p_top * (t_top - s_top), 0.0).sum(-1)
-        kl = kl + torch.where(p_tail > 0, p_tail * (t_tail - s_tail), 0.0)
-        r = q * (t_tail - s_tail).exp().unsqueeze(-1)  # (C, V): p_tail * q_j / q_tail
-        r.scatter_(-1, idx, p_top)
-    else:
-        r = t_logp.exp()  # (C, V) teacher probabilities p
-        # where p underflows to 0, p * (log p - log q) must be 0; a teacher logit of -inf (padded
-        # vocabulary) would make it 0 * -inf = nan, so -inf is clamped to the lowest finite float
-        diff = t_logp.clamp_min_(torch.finfo(torch.float32).min).sub_(s_logp)  # (C, V) in place
-        kl = torch.linalg.vecdot(r, diff)  # (C,) sum_v p (log p - log q), no (C, V) temporary
+
+    t_top, idx, t_tail = teacher if len(teacher) == 3 else _teacher_buckets(teacher[0], temperature, top_k)
+    t_top, idx, t_tail = t_top.float(), idx.long(), t_tail.float()  # a cache stores them smaller
+    q = s_logp.exp()
+    s_top = s_logp.gather(-1, idx)  # (C, k)
+    s_tail = s_logp.scatter_(-1, idx, float("-inf")).logsumexp(-1)  # (C,)
+    if divergence != "forward_kl":
+        log_p = torch.cat([t_top, t_tail.unsqueeze(-1)], -1)  # (C, k + 1)
+        log_q = torch.cat([s_top, s_tail.unsqueeze(-1)], -1)
+        loss, h = _bucket_divergence(log_p, log_q, divergence, beta)
+        h_full = h[:, -1:].expand_as(q).clone().scatter_(-1, idx, h[:, :-1])  # (C, V): bucket of each token
+        return loss, q.mul_(h_full).mul_(temperature)
+    p_top, p_tail = t_top.exp(), t_tail.exp()
+    # p = 0 contributes exactly 0, not 0 * inf = nan
+    kl = torch.where(p_top > 0, p_top * (t_top - s_top), 0.0).sum(-1)
+    kl = kl + torch.where(p_tail > 0, p_tail * (t_tail - s_tail), 0.0)
+    r = q * (t_tail - s_tail).exp().unsqueeze(-1)  # (C, V): p_tail * q_j / q_tail
+    r.scatter_(-1, idx, p_top)
     return kl, q.sub_(r).mul_(temperature)  # T * (q - r), in place
+
+
+def _apply_grad_out(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    """The stored (N, V) gradient times the incoming scalar, scaled in place: no second (N, V) tensor.
+
+    A repeated backward (retain_graph=True, e.g. the trainer's gradient-share diagnostic) finds the
+    buffer already scaled by the previous grad_out and returns an out-of-place rescaled copy.
+    """
+    (grad,) = ctx.saved_tensors
+    grad_out = grad_out.to(grad.dtype)
+    if ctx.applied is None:
+        ctx.applied = grad_out
+        # through .data: scaling the saved buffer must not bump the version autograd checks when a
+        # retained graph unpacks it again (that path, below, knows it was scaled)
+        grad.data.mul_(grad_out)
+        return grad
+    # a backward output of zero would have erased the buffer; losses never receive exactly 0 here
+    # (the trainer drops weight-0 terms), so refuse rather than return a wrong gradient
+    if not torch.is_nonzero(ctx.applied):
+        raise RuntimeError("the loss's stored gradient was scaled by 0 in an earlier backward; "
+                           "compute the loss again instead of backpropagating through it twice")
+    return grad * (grad_out / ctx.applied)
 
 
 class _ChunkedKD(torch.autograd.Function):
     """Sum over valid rows of T^2 * KL, with the gradient computed chunk by chunk in the forward.
 
     Only one (N, V) gradient in the logits' dtype outlives a chunk, instead of autograd keeping
-    every chunk's fp32 softmax for the backward (the approach of Liger's chunked losses).
+    every chunk's fp32 softmax for the backward (the approach of Liger's chunked losses); the
+    backward scales it in place.
     """
 
     @staticmethod
-    def forward(ctx, s_flat, t_flat, m_flat, temperature: float, top_k: int, chunk_tokens: int, need_grad: bool,
+    def forward(ctx, s_flat, teacher, m_flat, temperature: float, top_k: int, chunk_tokens: int, need_grad: bool,
                 divergence: str, beta: float):
         grad = torch.empty_like(s_flat) if need_grad else None  # (N, V)
         total = torch.zeros((), dtype=torch.float32, device=s_flat.device)
         for start in range(0, s_flat.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            kl, g = _kd_rows(s_flat[rows], t_flat[rows], temperature, top_k, divergence, beta)
+            kl, g = _kd_rows(s_flat[rows], tuple(x[rows] for x in teacher), temperature, top_k, divergence, beta)
             m = m_flat[rows].to(torch.float32)  # (C,)
             total += (kl * m).sum()
             if need_grad:
                 grad[rows] = g.mul_(m.unsqueeze(-1))  # masked rows get exactly zero gradient
         ctx.save_for_backward(grad)
+        ctx.applied = None
         return temperature**2 * total
 
     @staticmethod
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None, None, None
+        return _apply_grad_out(ctx, grad_out), None, None, None, None, None, None, None, None
+
+
+def _check_divergence(divergence: str, beta: float) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} is not one of {', '.join(DIVERGENCES)}")
+    if divergence == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta={beta} must be in (0, 1) for the JSD")
 
 
 def kd_loss(
@@ -181,10 +226,7 @@ def kd_loss(
     Returns:
         scalar fp32 tensor.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r} is not one of {', '.join(DIVERGENCES)}")
-    if divergence == "jsd" and not 0.0 < beta < 1.0:
-        raise ValueError(f"beta={beta} must be in (0, 1) for the JSD")
+    _check_divergence(divergence, beta)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -193,7 +235,7 @@ def kd_loss(
     V = student_logits.shape[-1]
     total = _ChunkedKD.apply(
         student_logits.reshape(-1, V),  # (N, V), a view for contiguous logits
-        teacher_logits.detach().reshape(-1, V),
+        (teacher_logits.detach().reshape(-1, V),),
         mask.reshape(-1),
         float(temperature),
         int(top_k),
@@ -203,6 +245,89 @@ def kd_loss(
         float(beta),
     )
     return total / _valid_count(mask, num_valid)
+
+
+@torch.no_grad()
+def teacher_top_k(teacher_logits: torch.Tensor, top_k: int, *, temperature: float = 1.0, chunk_tokens: int = 128
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher reduced to what top-k KD reads: (..., V) logits -> top-k log-probabilities at
+    temperature T (..., k) fp32, their vocabulary ids (..., k) int64, and the log of the remaining
+    mass (...) fp32, chunk by chunk (no full fp32 copy). `kd_loss_topk` takes these three."""
+    V = teacher_logits.shape[-1]
+    if not 0 < top_k < V:
+        raise ValueError(f"top_k={top_k} must be in [1, {V - 1}] for a vocabulary of {V}")
+    flat = teacher_logits.reshape(-1, V)
+    parts = [_teacher_buckets(flat[i : i + chunk_tokens], float(temperature), top_k)
+             for i in range(0, flat.shape[0], chunk_tokens)]
+    lead = teacher_logits.shape[:-1]
+    top, idx, tail = (torch.cat(x) for x in zip(*parts))
+    return top.view(*lead, top_k), idx.view(*lead, top_k), tail.view(lead)
+
+
+def kd_loss_topk(
+    student_logits: torch.Tensor,
+    teacher_top_logp: torch.Tensor,
+    teacher_top_ids: torch.Tensor,
+    teacher_tail_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = 128,
+    num_valid: torch.Tensor | int | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """`kd_loss(..., top_k=k)` for a teacher given only as its top-k (a cached teacher, no forward).
+
+    Args:
+        student_logits: (B, T, V), any float dtype; gradients flow into it.
+        teacher_top_logp: (B, T, k) the teacher's top-k log-probabilities at this temperature
+            (any float dtype, e.g. fp16 from kdlab.teacher_cache).
+        teacher_top_ids: (B, T, k) their vocabulary ids (any integer dtype).
+        teacher_tail_logp: (B, T) log of the teacher's probability mass outside the top-k.
+        mask, temperature, chunk_tokens, num_valid, divergence, beta: as for `kd_loss`.
+    On `teacher_top_k(teacher_logits, k, temperature=T)` it equals `kd_loss(student_logits,
+    teacher_logits, mask, top_k=k, temperature=T)`: the same code computes both.
+    """
+    _check_divergence(divergence, beta)
+    V, k = student_logits.shape[-1], teacher_top_logp.shape[-1]
+    if teacher_top_logp.shape[:-1] != student_logits.shape[:-1] or teacher_top_ids.shape != teacher_top_logp.shape \
+            or teacher_tail_logp.shape != student_logits.shape[:-1]:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} do not match the teacher's top-k "
+                         f"{tuple(teacher_top_logp.shape)}, ids {tuple(teacher_top_ids.shape)} and tail "
+                         f"{tuple(teacher_tail_logp.shape)}")
+    total = _ChunkedKD.apply(
+        student_logits.reshape(-1, V),
+        (teacher_top_logp.reshape(-1, k), teacher_top_ids.reshape(-1, k), teacher_tail_logp.reshape(-1)),
+        mask.reshape(-1),
+        float(temperature),
+        k,
+        int(chunk_tokens),
+        torch.is_grad_enabled() and student_logits.requires_grad,
+        divergence,
+        float(beta),
+    )
+    return total / _valid_count(mask, num_valid)
+
+
+def kd_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    num_valid: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """The same forward-KL loss as `kd_loss` (full vocabulary), written the plain autograd way.
+
+    Whole (N, V) fp32 tensors and `F.kl_div`: autograd keeps both log-softmaxes for the backward.
+    It is the baseline of `benchmarks/bench.py` and the tests' fp32 cross-check; train with `kd_loss`.
+    """
+    T = float(temperature)
+    log_q = F.log_softmax(student_logits.float() / T, dim=-1)  # (B, T, V)
+    log_p = F.log_softmax(teacher_logits.detach().float() / T, dim=-1)  # (B, T, V)
+    per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # (B, T)
+    return T * T * (per_token * mask).sum() / _valid_count(mask, num_valid)
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -230,12 +355,12 @@ class _ChunkedCE(torch.autograd.Function):
             g.scatter_add_(-1, safe_y, torch.full_like(safe_y, -1.0, dtype=g.dtype))
             grad[rows] = g.mul_(valid.unsqueeze(-1))
         ctx.save_for_backward(grad)
+        ctx.applied = None
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None
+        return _apply_grad_out(ctx, grad_out), None, None, None
 
 
 def lm_loss(
@@ -265,4 +390,5 @@ def lm_loss(
     return total / _valid_count(targets != IGNORE_INDEX, num_valid)
 
 
-__all__ = ["DIVERGENCES", "IGNORE_INDEX", "next_token_labels", "kd_loss", "lm_loss"]
+__all__ = ["DIVERGENCES", "IGNORE_INDEX", "next_token_labels", "kd_loss", "kd_loss_topk", "teacher_top_k", "kd_loss_reference",
+           "lm_loss"]

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
+from kdlab.losses import (IGNORE_INDEX, kd_loss, kd_loss_reference, kd_loss_topk, lm_loss, next_token_labels,
+                           teacher_top_k)
 
 V = 97  # a small prime vocabulary: chunks never line up with anything by accident
 
@@ -257,3 +258,67 @@ def test_unknown_divergence_and_bad_beta_are_refused(batch):
         kd_loss(s, t, mask, divergence="tvd")
     with pytest.raises(ValueError, match=r"beta=1.0 must be in \(0, 1\)"):
         kd_loss(s, t, mask, divergence="jsd", beta=1.0)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_chunked_kd_equals_the_plain_autograd_version(batch, T):
+    """kd_loss (chunked, gradient computed in the forward) against kd_loss_reference (whole-tensor
+    F.kl_div, autograd): the two implementations `benchmarks/bench.py` compares, in fp32."""
+    s, t, mask = batch
+    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    kd_loss(a, t, mask, temperature=T, chunk_tokens=4).backward()
+    kd_loss_reference(b, t, mask, temperature=T).backward()
+    torch.testing.assert_close(kd_loss(a, t, mask, temperature=T), kd_loss_reference(b, t, mask, temperature=T))
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_repeated_backward_gives_the_same_gradient(batch):
+    """The backward scales its stored gradient in place; a second backward through the same graph
+    (retain_graph, as the trainer's grad-share diagnostic does) must still be exact."""
+    s, t, mask = batch
+    targets = torch.randint(0, V, mask.shape).masked_fill(~mask, IGNORE_INDEX)
+    x = s.clone().requires_grad_(True)
+    y = x * 1.0  # a non-leaf, like a model's logits
+    total = 0.3 * kd_loss(y, t, mask, chunk_tokens=4) + 0.7 * lm_loss(y, targets, chunk_tokens=4)
+    first = torch.autograd.grad(total, x, retain_graph=True)[0]
+    second = torch.autograd.grad(2.0 * total, x, retain_graph=True)[0]
+    total.backward()
+    ref = s.double().requires_grad_(True)
+    (0.3 * ref_kd(ref, t, mask) + 0.7 * F.cross_entropy(ref.reshape(-1, V), targets.reshape(-1))).backward()
+    torch.testing.assert_close(first.double(), ref.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(second, 2.0 * first, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(x.grad, first, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_kd_from_a_top_k_teacher_equals_kd_top_k(batch, divergence, T):
+    """kd_loss_topk on teacher_top_k(t) (what a cached teacher holds) is kd_loss(top_k=k) exactly."""
+    s, t, mask = batch
+    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    top, ids, tail = teacher_top_k(t, 5, temperature=T, chunk_tokens=4)
+    assert top.shape == ids.shape == (3, 11, 5) and tail.shape == (3, 11)
+    cached = kd_loss_topk(a, top, ids, tail, mask, temperature=T, chunk_tokens=4, divergence=divergence)
+    live = kd_loss(b, t, mask, top_k=5, temperature=T, chunk_tokens=4, divergence=divergence)
+    cached.backward()
+    live.backward()
+    assert torch.equal(cached, live)
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_kd_from_a_half_precision_top_k_is_close(batch):
+    """A cache stores log-probs in fp16 and ids in 16 bits: the loss moves by < 0.1%."""
+    s, t, mask = batch
+    top, ids, tail = teacher_top_k(t, 5)
+    exact = kd_loss_topk(s, top, ids, tail, mask)
+    stored = kd_loss_topk(s, top.half(), ids.to(torch.int16), tail, mask)
+    torch.testing.assert_close(stored, exact, rtol=1e-3, atol=0)
+
+
+def test_kd_top_k_rejects_mismatched_shapes(batch):
+    s, t, mask = batch
+    top, ids, tail = teacher_top_k(t, 5)
+    with pytest.raises(ValueError, match=r"do not match the teacher's top-k"):
+        kd_loss_topk(s[:, :5], top, ids, tail, mask)
+    with pytest.raises(ValueError, match=r"top_k=97 must be in \[1, 96\]"):
+        teacher_top_k(t, 97)
