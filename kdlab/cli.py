@@ -1,4 +1,4 @@
-"""Command line: `kdlab prepare`, `kdlab train`, `kdlab eval` (also `python -m kdlab ...`).
+"""Command line: `kdlab prepare`, `kdlab train`, `kdlab eval`, `kdlab cache-teacher` (also `python -m kdlab ...`).
 
 Every config field has a flag (`alpha_kd` -> `--alpha-kd`); precedence is defaults < --config
 YAML < flags. User mistakes print one `kdlab: error: ...` line and exit with code 2.
@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from .config import FIELDS, KDConfig, load_config, parse_value
 from .errors import KDLabError
@@ -110,6 +111,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_cache_teacher(args) -> int:
+    from .teacher_cache import build_teacher_cache, cache_key, open_teacher_cache
+    from .trainer import build_components
+
+    cfg = _config(args)
+    if not cfg.teacher_cache:
+        raise KDLabError("cache-teacher needs --teacher-cache FOLDER (where to write the cache)")
+    precision, tokenizer, teacher, data, _ = build_components(cfg)
+    key = cache_key(data["train"], tokenizer, teacher, cfg.kd_top_k, cfg.temperature)
+    try:
+        cache = open_teacher_cache(cfg.teacher_cache, key)
+        log.info("teacher cache %s is up to date (%d blocks, top-%d)", cfg.teacher_cache, key["blocks"], key["top_k"])
+    except KDLabError as e:
+        if (Path(cfg.teacher_cache) / "meta.json").is_file():
+            log.info("rebuilding: %s", e)
+        cache = build_teacher_cache(cfg.teacher_cache, teacher, data["train"], key, device=precision.device,
+                                    # no gradients: batches larger than training's fit
+                                    batch_size=max(8, cfg.batch_size), chunk_tokens=cfg.loss_chunk_tokens)
+    print(f"teacher cache {cfg.teacher_cache}: {key['blocks']} blocks, top-{key['top_k']} at T={key['temperature']:g}, "
+          f"{cache.nbytes / 2**20:,.0f} MiB; train with --teacher-cache {cfg.teacher_cache} --kd-top-k {cfg.kd_top_k}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdlab", description="Knowledge distillation for causal language models.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -125,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--split", choices=["validation", "test", "both"], default="both")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("cache-teacher", help="precompute the teacher's top-k for the training set (--teacher-cache)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_cache_teacher)
     return parser
 
 

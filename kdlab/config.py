@@ -63,6 +63,9 @@ class KDConfig:
     grad_share_every: int = 0  # every N steps log each term's share of the student's grad norm (0 = off)
     logit_projection: str = "align"  # vocabularies of different size: align by id, or "learned" (student side)
     loss_chunk_tokens: int = 128  # rows of [tokens x vocab] upcast to fp32 at a time (fastest on CPU)
+    # folder of a cached teacher (kdlab cache-teacher): KD reads the teacher's stored top-k instead
+    # of running its forward in each step; needs kd_top_k > 0 and no intermediate terms ("" = live)
+    teacher_cache: str = ""
 
     # --- curriculum (kdlab.curriculum): each weight above is the maximum its ramp reaches ---------
     curriculum: str = "seed"  # seed (the write-up's table), seed-phases (its earlier schedule), constant
@@ -134,6 +137,14 @@ class KDConfig:
         need(self.kd_top_k >= 0, f"kd_top_k={self.kd_top_k} must be >= 0 (0 = full vocabulary)")
         choice("kd_divergence", DIVERGENCES)
         need(0.0 < self.jsd_beta < 1.0, f"jsd_beta={self.jsd_beta} must be in (0, 1)")
+        if self.teacher_cache:
+            need(self.kd_top_k > 0, f"teacher_cache={self.teacher_cache!r} needs kd_top_k > 0 (the cache stores the "
+                                    f"teacher's top-k), but kd_top_k={self.kd_top_k}")
+            active = [f"{n}={getattr(self, n)}" for n in ("w_feature", "w_attention", "w_layerwise", "w_contrastive")
+                      if getattr(self, n) > 0]
+            need(not active, f"teacher_cache={self.teacher_cache!r} holds the teacher's logits only, but "
+                             f"{', '.join(active)} needs its hidden states or attention maps; set those weights to 0 "
+                             f"or teacher_cache=''")
         need(self.loss_chunk_tokens >= 1, f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1")
         for name in ("w_feature", "w_attention", "w_layerwise", "w_contrastive", "router_balance"):
             value = getattr(self, name)

@@ -48,7 +48,7 @@ from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broa
 from .early_stopping import EarlyStopping
 from .errors import KDLabError
 from .evaluation import evaluate
-from .losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
+from .losses import IGNORE_INDEX, kd_loss, kd_loss_topk, lm_loss, next_token_labels
 from .models import build_student, count_parameters, load_teacher, load_tokenizer
 from .precision import Precision, resolve_precision, student_outputs, teacher_outputs
 from .terms import TERMS, DistillationHeads, needs
@@ -59,6 +59,11 @@ log = logging.getLogger("kdlab")
 RESUMABLE_CHANGES = {"resume", "out_dir", "log_every", "log_first", "log_style", "eval_every", "eval_batches",
                      "save_every", "keep_checkpoints", "checkpoints"}
 ALL_TERMS = ("kd", "lm", *TERMS)
+
+
+def phase(name: str):
+    """A named range of the step for torch.profiler ("kdlab: backward", ...); next to free without one."""
+    return torch.profiler.record_function(f"kdlab: {name}")
 
 
 @dataclass
@@ -161,6 +166,9 @@ class Trainer:
                                                 warmup, cfg.es_divergence or None)
             self.callbacks.append(self.early_stopping)
         self.last_grad_shares: dict[str, torch.Tensor] = {}
+        self.teacher_cache = None
+        if cfg.teacher_cache and cfg.alpha_kd > 0:
+            self.teacher_cache = self._open_teacher_cache()
 
         # DDP averages the student's gradients across processes; the heads are small and all-reduced
         # by hand (their parameters are unused while a ramp holds their weight at 0)
@@ -192,6 +200,20 @@ class Trainer:
         self._t_interval = time.perf_counter()
         self._bad_run = torch.zeros((), device=dev)  # non-finite steps in a row, ...
         self._max_run = torch.zeros((), device=dev)  # ... and the longest such run in this interval
+
+    def _open_teacher_cache(self):
+        from .teacher_cache import cache_key, open_teacher_cache
+
+        s_vocab = self.student.get_output_embeddings().weight.shape[0]
+        t_vocab = self.teacher.get_output_embeddings().weight.shape[0]
+        if s_vocab != t_vocab:
+            raise KDLabError(f"teacher_cache needs the student's vocabulary to be the teacher's ({s_vocab} vs "
+                             f"{t_vocab}); train with teacher_cache=''")
+        key = cache_key(self.data["train"], self.tokenizer, self.teacher, self.cfg.kd_top_k, self.cfg.temperature)
+        cache = open_teacher_cache(self.cfg.teacher_cache, key)
+        log.info("teacher cache %s: top-%d of %d blocks; training steps skip the teacher's forward",
+                 self.cfg.teacher_cache, key["top_k"], key["blocks"])
+        return cache
 
     # ------------------------------------------------------------------ construction from config
     @classmethod
@@ -232,7 +254,11 @@ class Trainer:
             if pos == n:
                 epoch, pos = epoch + 1, 0
             order = epoch_order(len(train), self.cfg.seed, epoch)[pos * gbs : (pos + 1) * gbs]
-            batches.append(train.batch(order[rank * bs : (rank + 1) * bs]))
+            blocks = order[rank * bs : (rank + 1) * bs]
+            batch = train.batch(blocks)
+            if self.teacher_cache is not None:  # the teacher's stored top-k for these blocks
+                batch |= self.teacher_cache.batch(blocks)
+            batches.append(batch)
             pos += 1
         if pos == n:
             epoch, pos = epoch + 1, 0
@@ -268,22 +294,34 @@ class Trainer:
             # DDP all-reduces gradients in the backward of the last micro-batch only
             sync = contextlib.nullcontext() if last or not info.enabled else self.model.no_sync()
             with sync:
-                s_out = student_outputs(self.model, batch, self.precision, need.hidden_states, need.attentions)
+                with phase("student forward"):
+                    s_out = student_outputs(self.model, batch, self.precision, need.hidden_states, need.attentions)
                 # LM is always computed and logged (the seed lost track of it), even at weight 0
-                with torch.set_grad_enabled(alpha < 1.0):
+                with torch.set_grad_enabled(alpha < 1.0), phase("loss: lm"):
                     terms = {"lm": lm_loss(s_out.logits, tgt, chunk_tokens=cfg.loss_chunk_tokens,
                                            num_valid=num_valid)}
-                if alpha > 0.0 or self.heads.weights:  # an LM-only run never runs the teacher
-                    t_out = teacher_outputs(self.teacher, batch, need.hidden_states, need.attentions)
-                if alpha > 0.0:
-                    s_kd, t_kd = self.heads.match_logits(s_out.logits, t_out.logits)
-                    terms["kd"] = kd_loss(s_kd, t_kd, tgt != IGNORE_INDEX, temperature=cfg.temperature,
-                                          top_k=cfg.kd_top_k, chunk_tokens=cfg.loss_chunk_tokens,
-                                          num_valid=num_valid, divergence=cfg.kd_divergence, beta=cfg.jsd_beta)
+                cached = "t_top" in batch
+                if (alpha > 0.0 and not cached) or self.heads.weights:  # LM-only or cached: no teacher forward
+                    with phase("teacher forward"):
+                        t_out = teacher_outputs(self.teacher, batch, need.hidden_states, need.attentions)
+                if alpha > 0.0 and cached:
+                    with phase("loss: kd"):
+                        terms["kd"] = kd_loss_topk(s_out.logits, batch["t_top"], batch["t_ids"], batch["t_tail"],
+                                                   tgt != IGNORE_INDEX, temperature=cfg.temperature,
+                                                   chunk_tokens=cfg.loss_chunk_tokens, num_valid=num_valid,
+                                                   divergence=cfg.kd_divergence, beta=cfg.jsd_beta)
+                elif alpha > 0.0:
+                    with phase("loss: kd"):
+                        s_kd, t_kd = self.heads.match_logits(s_out.logits, t_out.logits)
+                        terms["kd"] = kd_loss(s_kd, t_kd, tgt != IGNORE_INDEX, temperature=cfg.temperature,
+                                              top_k=cfg.kd_top_k, chunk_tokens=cfg.loss_chunk_tokens,
+                                              num_valid=num_valid, divergence=cfg.kd_divergence, beta=cfg.jsd_beta)
                 if self.heads.weights:
                     share = batch["attention_mask"].sum() / num_tokens  # this micro-batch's part of the step
                     per_batch = 1.0 / (len(micro_batches) * info.world)  # InfoNCE is a per-batch mean
-                    for name, value in self.heads(s_out, t_out, batch["attention_mask"].bool()).items():
+                    with phase("loss: intermediate terms"):
+                        heads_out = self.heads(s_out, t_out, batch["attention_mask"].bool())
+                    for name, value in heads_out.items():
                         terms[name] = value * (per_batch if name == "contrastive" else share)
                 scaled = self.balancer(terms, reduce) if self.balancer is not None else terms
                 weighted = {k: weights[k] * v for k, v in scaled.items() if weights[k] > 0}
@@ -294,27 +332,29 @@ class Trainer:
                 if total.requires_grad:
                     # DDP averages gradients over processes; each process's terms are already its
                     # part of the global mean, so undo the average to get their sum
-                    self.scaler.scale(total * info.world).backward()
+                    with phase("backward"):
+                        self.scaler.scale(total * info.world).backward()
             for name, value in {"loss": total, **terms, **{f"w/{k}": v for k, v in weighted.items()}}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
         for p in self.heads.parameters():  # the heads are outside DDP: sum their gradients by hand
             if info.enabled and p.grad is not None:
                 all_reduce_sum(p.grad, info)
-        self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
-        found = (bad | ~torch.isfinite(grad_norm)).float()
-        all_reduce_max(found, info)  # one process's nan loss skips the step everywhere
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # GradScaler passes its own found_inf (non-finite grads)
-            self.scaler.update()
-        else:
-            self.optimizer.found_inf = found  # read by the fused AdamW kernel: skip the update if 1
-            self.optimizer.step()
-            del self.optimizer.found_inf
-        self.scheduler.step()  # the learning rate and loss weights follow the step count, skipped or not
-        self.curriculum.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+            found = (bad | ~torch.isfinite(grad_norm)).float()
+            all_reduce_max(found, info)  # one process's nan loss skips the step everywhere
+            if self.scaler.is_enabled():
+                self.scaler.step(self.optimizer)  # GradScaler passes its own found_inf (non-finite grads)
+                self.scaler.update()
+            else:
+                self.optimizer.found_inf = found  # read by the fused AdamW kernel: skip the update if 1
+                self.optimizer.step()
+                del self.optimizer.found_inf
+            self.scheduler.step()  # the learning rate and loss weights follow the step count, skipped or not
+            self.curriculum.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
         self._bad_run = (self._bad_run + 1) * found
         self._max_run = torch.maximum(self._max_run, self._bad_run)
