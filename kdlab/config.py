@@ -113,6 +113,7 @@ class KDConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     teacher_dtype: str = "auto"  # auto = float16 on CUDA (the seed's set-up), float32 on CPU
     autocast_dtype: str = "auto"  # student compute: auto = bf16/fp16 autocast on CUDA, off on CPU
+    compile: bool = False  # torch.compile the training step's student and teacher forwards (first steps compile)
 
     def __post_init__(self) -> None:
         _coerce_types(self)

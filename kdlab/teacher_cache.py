@@ -124,21 +124,21 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
 def open_teacher_cache(path: str | Path, key: dict, verify_files: bool = True) -> TeacherCache:
     """Open the cache at `path` for a run whose key is `key`; a clear KDLabError if it does not fit."""
     path = Path(path)
-    rebuild = f"build it with `kdlab cache-teacher --teacher-cache {path}` and this run's other settings"
+    how = f"with `kdlab cache-teacher --teacher-cache {path}` and this run's other settings"
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise KDLabError(f"teacher_cache={str(path)!r} holds no teacher cache (no meta.json); {rebuild}")
+        raise KDLabError(f"teacher_cache={str(path)!r} holds no teacher cache (no meta.json); build it {how}")
     meta = json.loads(meta_file.read_text())
     diff = _differences(meta.get("key", {}), key)
     if diff:
         raise KDLabError(f"teacher_cache={str(path)!r} was built for another run ({'; '.join(diff)}); "
-                         f"refusing to train on it; re{rebuild.removeprefix('build')}")
+                         f"refusing to train on it; rebuild it {how}")
     if verify_files:
         for name in FILES:
             f = path / name
             if not f.is_file() or sha256_file(f) != meta["files"][name]:
                 raise KDLabError(f"teacher cache file {f} is missing or corrupt (sha256 differs from meta.json); "
-                                 f"re{rebuild.removeprefix('build')}")
+                                 f"rebuild it {how}")
     arrays = [np.load(path / name, mmap_mode="r") for name in FILES]
     return TeacherCache(path, meta, *arrays)
 
@@ -160,7 +160,7 @@ def build_teacher_cache(path: str | Path, teacher: torch.nn.Module, split: Packe
     top_ids = open_mm(tmp / FILES[1], mode="w+", dtype=ids_dtype, shape=(n, seq_len, k))
     tail_logp = open_mm(tmp / FILES[2], mode="w+", dtype=np.float32, shape=(n, seq_len))
     t0 = time.perf_counter()
-    for start in tqdm(range(0, n, batch_size), desc="caching the teacher", unit="batch"):
+    for start in tqdm(range(0, n, batch_size), desc="caching the teacher", unit="batch", disable=None):
         rows = list(range(start, min(start + batch_size, n)))
         batch = {k_: v.to(device) for k_, v in split.batch(rows).items()}
         batch["no_padding"] = bool(split.attention_mask[rows].all())

@@ -57,7 +57,7 @@ log = logging.getLogger("kdlab")
 
 # fields that may differ between a run and its resumption without changing what is trained
 RESUMABLE_CHANGES = {"resume", "out_dir", "log_every", "log_first", "log_style", "eval_every", "eval_batches",
-                     "save_every", "keep_checkpoints", "checkpoints"}
+                     "save_every", "keep_checkpoints", "checkpoints", "compile"}
 ALL_TERMS = ("kd", "lm", *TERMS)
 
 
@@ -166,6 +166,7 @@ class Trainer:
                                                 warmup, cfg.es_divergence or None)
             self.callbacks.append(self.early_stopping)
         self.last_grad_shares: dict[str, torch.Tensor] = {}
+        self._bar = None  # fit()'s progress bar
         self.teacher_cache = None
         if cfg.teacher_cache and cfg.alpha_kd > 0:
             self.teacher_cache = self._open_teacher_cache()
@@ -178,6 +179,11 @@ class Trainer:
 
             ids = [precision.device.index] if precision.device.type == "cuda" else None
             self.model = DistributedDataParallel(student, device_ids=ids)
+
+        # compiled forwards for the training step only; evaluation (other shapes, no grad) runs eager
+        self.teacher_step = teacher
+        if cfg.compile:
+            self.model, self.teacher_step = torch.compile(self.model), torch.compile(teacher)
 
         # AdamW with decay on matrices only (not norms/biases), as in nanoGPT. Fused (CPU and CUDA):
         # one kernel, and it takes `found_inf`, which skips a step on the device without a host sync.
@@ -303,7 +309,7 @@ class Trainer:
                 cached = "t_top" in batch
                 if (alpha > 0.0 and not cached) or self.heads.weights:  # LM-only or cached: no teacher forward
                     with phase("teacher forward"):
-                        t_out = teacher_outputs(self.teacher, batch, need.hidden_states, need.attentions)
+                        t_out = teacher_outputs(self.teacher_step, batch, need.hidden_states, need.attentions)
                 if alpha > 0.0 and cached:
                     with phase("loss: kd"):
                         terms["kd"] = kd_loss_topk(s_out.logits, batch["t_top"], batch["t_ids"], batch["t_tail"],
@@ -520,29 +526,12 @@ class Trainer:
         self._t_interval = time.perf_counter() - self._interval_elapsed
         widget_bar = any(getattr(cb, "shows_progress", False) and getattr(cb, "use_widgets", False)
                          for cb in self.callbacks)  # a live plot shows the progress already
-        bar = tqdm(total=self.total_steps, initial=s.step, desc="distilling", unit="step", dynamic_ncols=True,
-                   disable=not self.dist.is_main or widget_bar or None)
+        self._bar = bar = tqdm(total=self.total_steps, initial=s.step, desc="distilling", unit="step",
+                               dynamic_ncols=True, disable=not self.dist.is_main or widget_bar or None)
         try:
             with logging_redirect_tqdm():
                 while s.step < self.total_steps and not s.should_stop:
-                    batches, cursor = self._next_micro_batches()
-                    out = self.train_step(batches)
-                    s.step += 1
-                    s.epoch, s.batch_in_epoch = cursor
-                    bar.update(1)
-                    for k, v in out.items():  # accumulate on the device: no per-step host sync
-                        self._interval[k] = self._interval.get(k, 0.0) + v
-                    self._interval_steps += 1
-                    if cfg.log_style == "seed-verbose":
-                        self._seed_verbose(out)
-                    if s.step <= cfg.log_first or s.step % cfg.log_every == 0 or s.step == self.total_steps:
-                        self._log_interval(time.perf_counter() - self._t_interval, bar)
-                        self._t_interval = time.perf_counter()
-                    if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
-                        self.evaluate("validation")
-                        self._agree_on_stop()
-                    if cfg.save_every and s.step % cfg.save_every == 0 and s.step < self.total_steps:
-                        self.save()
+                    self.step()
                 bar.close()
                 last_val = s.evals("validation")[-1]
                 if last_val["step"] != s.step:
@@ -570,6 +559,30 @@ class Trainer:
                 log.warning("interrupted at step %d; checkpoint %s; continue with --resume", s.step, path)
         self._emit("on_train_end")
         return s
+
+    def step(self) -> None:
+        """One iteration of fit()'s loop: the next batches, `train_step`, the step's bookkeeping, and
+        the log line, evaluation and checkpoint when they are due."""
+        cfg, s = self.cfg, self.state
+        batches, cursor = self._next_micro_batches()
+        out = self.train_step(batches)
+        s.step += 1
+        s.epoch, s.batch_in_epoch = cursor
+        if self._bar is not None:
+            self._bar.update(1)
+        for k, v in out.items():  # accumulate on the device: no per-step host sync
+            self._interval[k] = self._interval.get(k, 0.0) + v
+        self._interval_steps += 1
+        if cfg.log_style == "seed-verbose":
+            self._seed_verbose(out)
+        if s.step <= cfg.log_first or s.step % cfg.log_every == 0 or s.step == self.total_steps:
+            self._log_interval(time.perf_counter() - self._t_interval, self._bar)
+            self._t_interval = time.perf_counter()
+        if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
+            self.evaluate("validation")
+            self._agree_on_stop()
+        if cfg.save_every and s.step % cfg.save_every == 0 and s.step < self.total_steps:
+            self.save()
 
     # ------------------------------------------------------------------ logging
     def _log_interval(self, seconds: float, bar) -> None:
@@ -639,7 +652,8 @@ class Trainer:
                 for i, r in enumerate(record["router"])))
         if "grad_share" in record:
             log.info("  grad-norm share: %s", ", ".join(f"{k} {v:.2f}" for k, v in record["grad_share"].items()))
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
 
     def _seed_verbose(self, out: dict[str, torch.Tensor]) -> None:
         """The seed's logging, kept to measure its cost: 36 printed lines per step, each number read

@@ -1,0 +1,490 @@
+"""kdlab's performance figures, each measured side by side in one run.
+
+    python benchmarks/bench.py                  # every section that fits this machine
+    python benchmarks/bench.py loss trainer     # some sections
+    python benchmarks/bench.py loss --tokens 4096
+
+Sections (see benchmarks/RESULTS.md for recorded figures and the machines they came from):
+
+  loss     KD loss forward+backward at V = 49,152: the plain autograd version (whole [N, V] fp32
+           tensors, `kdlab.losses.kd_loss_reference`) against kdlab's chunked `kd_loss`, full and
+           top-k 256. Each variant runs in a fresh child process, so one's allocations cannot hide
+           in another's peak.
+  trainer  time per step of the kdlab Trainer against a minimal hand-written PyTorch loop doing the
+           same forward and backward (KD+LM) on the default pair, the two taking turns step by step;
+           then all six terms against KD+LM, with a profile of where a step's time goes.
+  cache    time per step with the teacher's top-k precomputed on disk (kdlab.teacher_cache) against
+           the live teacher, same run otherwise, taking turns.
+  cuda     (CUDA only) tokens/s, peak memory and MFU of the default pair, eager and torch.compile,
+           and the largest batch that fits.
+
+Peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the process's peak resident set
+(VmHWM, reset through /proc/self/clear_refs), both measured above what was allocated before the
+measured call (the inputs). Times are medians of repeated calls after a warm-up; arms that are
+compared take turns step by step, because this kind of machine drifts by 20% within minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no profiler start/stop lines in the output
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+VOCAB = 49_152  # SmolLM2's vocabulary
+GiB, MiB = 2**30, 2**20
+
+
+# ------------------------------------------------------------------------------------ measuring
+class PeakMemory:
+    """Peak memory allocated above the level at `start()`: CUDA allocator or the CPU process's RSS."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def _cpu(self, field: str) -> int:
+        return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.base = self._cpu("VmRSS")
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return self._cpu("VmHWM") - self.base
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    return f"CPU {model.group(1) if model else '?'} ({os.cpu_count()} cores)"
+
+
+# ------------------------------------------------------------------------------------ 1. KD loss
+LOSS_VARIANTS = ("naive", "chunked", "top-k 256")
+# glibc serves large blocks from its heap once a freed mmap raised its threshold, and keeps them:
+# the resident set would then count freed memory. A fixed threshold returns every large block at
+# free, so the peak RSS is the peak of live allocations (what CUDA's allocator counter reports).
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def _loss_child(variant: str, n: int, device: str, repeats: int, half: bool, mode: str) -> dict:
+    """One variant on (n, V) logits: peak memory of one forward+backward ("mem") or its median time
+    over `repeats` calls after a warm-up ("time"). `half`: bf16 student and fp16 teacher logits, as
+    the CUDA precision policy produces them; else fp32 (the CPU policy)."""
+    from kdlab.losses import kd_loss, kd_loss_reference
+
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    # logits of a plausible size (std 3): student and teacher differ, as early in training
+    s = torch.randn(n, VOCAB, device=dev, generator=g).mul_(3)
+    t = torch.randn(n, VOCAB, device=dev, generator=g).mul_(3)
+    if half:
+        s, t = s.to(torch.bfloat16), t.to(torch.float16)
+    s.requires_grad_(True)
+    mask = torch.ones(n, dtype=torch.bool, device=dev)
+    mask[255::256] = False  # the last position of each 256-token block has no target
+
+    def step():
+        if variant == "naive":
+            loss = kd_loss_reference(s, t, mask)
+        else:
+            loss = kd_loss(s, t, mask, top_k=256 if variant == "top-k 256" else 0)
+        loss.backward()
+        return loss
+
+    meter = PeakMemory(dev)
+    step()  # warm-up: allocator, kernels, thread pools
+    times, peak = [], 0
+    for _ in range(1 if mode == "mem" else repeats):
+        s.grad = None
+        sync(dev)
+        meter.start()
+        t0 = time.perf_counter()
+        loss = step()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+        peak = max(peak, meter.peak())
+    return {"peak": peak, "time": statistics.median(times), "loss": loss.item(),
+            "grad_norm": s.grad.float().norm().item()}
+
+
+def bench_loss(args) -> None:
+    dev = torch.device(args.device)
+    print(f"\n## 1. KD loss, V = {VOCAB:,}, forward + backward ({device_name(dev)})")
+    print("peak: memory allocated above the inputs (student and teacher logits), including the [N, V] gradient; "
+          f"time: median of {args.repeats} calls")
+    print(f"{'logits':<26} {'tokens':>6} {'variant':<10} {'peak MiB':>9} {'vs naive':>8} {'time s':>8} "
+          f"{'vs naive':>8} {'loss':>10} {'|grad|':>10}")
+    for half in (False, True):
+        dtypes = "bf16 student, fp16 teacher" if half else "fp32"
+        for n in args.tokens:
+            fp32_tensor = n * VOCAB * 4
+            rows = {}
+            for variant in LOSS_VARIANTS:
+                # the naive version's peak is 5 fp32 [N, V] tensors above its inputs (measured at every N
+                # that fits); skip it, with 10% to spare, where that cannot fit in this machine's memory
+                inputs = fp32_tensor if half else 2 * fp32_tensor
+                need = 1.1 * (5 * fp32_tensor + inputs)
+                if variant == "naive" and dev.type == "cpu" and need > _available_memory():
+                    print(f"{dtypes:<26} {n:>6} {variant:<10} not run: needs ~{need / GiB:.0f} GiB, "
+                          f"{_available_memory() / GiB:.0f} GiB available")
+                    continue
+                r = {}
+                for mode in ("mem", "time"):
+                    cmd = [sys.executable, __file__, "_loss_child", variant, str(n), args.device, str(args.repeats),
+                           str(int(half)), mode]
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV if mode == "mem" else None)
+                    if out.returncode:
+                        r = {"error": (out.stderr.strip().splitlines() or ["killed"])[-1]}
+                        break
+                    res = json.loads(out.stdout.strip().splitlines()[-1])
+                    r["peak" if mode == "mem" else "time"] = res[mode if mode == "time" else "peak"]
+                    r.update(loss=res["loss"], grad_norm=res["grad_norm"])
+                if "error" in r:
+                    print(f"{dtypes:<26} {n:>6} {variant:<10} failed: {r['error']}")
+                    continue
+                rows[variant] = r
+                base = rows.get("naive")
+                rel_mem = f"{r['peak'] / base['peak']:.1%}" if base else "-"
+                rel_t = f"{r['time'] / base['time']:.2f}x" if base else "-"
+                print(f"{dtypes:<26} {n:>6} {variant:<10} {r['peak'] / MiB:>9,.0f} {rel_mem:>8} {r['time']:>8.3f} "
+                      f"{rel_t:>8} {r['loss']:>10.6f} {r['grad_norm']:>10.6f}", flush=True)
+        print(f"(one [N, V] fp32 tensor: {', '.join(f'{n * VOCAB * 4 / MiB:,.0f} MiB at N={n}' for n in args.tokens)})")
+
+
+def _available_memory() -> int:
+    return int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024
+
+
+# ------------------------------------------------------------------------------------ 2. trainer
+ALL_SIX = {"w_feature": 0.5, "w_attention": 0.5, "w_layerwise": 0.5, "w_contrastive": 0.1, "curriculum": "constant"}
+
+
+class Components:
+    """The default pair and corpus, loaded once; every measured arm trains its own copy of the student."""
+
+    def __init__(self, args):
+        import kdlab
+        from kdlab.trainer import build_components, quiet_libraries
+
+        quiet_libraries()
+        self.args = args
+        self.base = {"device": args.device, "out_dir": str(ROOT / "runs" / "bench"), "checkpoints": False,
+                     "early_stopping": False, "eval_every": 0, "eval_batches": 1, "save_every": 0, "log_first": 0}
+        cfg = kdlab.load_config(overrides=self.base)
+        self.precision, self.tokenizer, self.teacher, self.data, self.student = build_components(cfg)
+        self.batch_size, self.seq_len = cfg.batch_size, cfg.seq_len
+
+    def trainer(self, data=None, teacher=None, **overrides):
+        """A Trainer on a fresh copy of the initial student, ready for `step()` (what fit() loops over)."""
+        import kdlab
+
+        cfg = kdlab.load_config(overrides={**self.base, **overrides})
+        trainer = kdlab.Trainer(cfg, copy.deepcopy(self.student), teacher or self.teacher, data or self.data,
+                                self.precision, self.tokenizer)
+        trainer.out_dir.mkdir(parents=True, exist_ok=True)
+        return trainer
+
+
+def interleaved(arms: dict, steps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each of `steps` calls per arm, the arms taking turns call by call (order reversed
+    every round), so a machine that speeds up or slows down during the run affects them alike."""
+    for _ in range(warmup):
+        for fn in arms.values():
+            fn()
+    times = {k: [] for k in arms}
+    for i in range(steps):
+        for name, fn in (list(arms.items()) if i % 2 == 0 else list(arms.items())[::-1]):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def trainer_arm(comp: Components, steps: int, **kwargs):
+    """One step of kdlab's Trainer as fit() runs it (batches, step, bookkeeping, one log line per
+    `steps` steps), as a callable."""
+    trainer = comp.trainer(max_steps=10_000, log_every=steps, **kwargs)
+    return trainer.step
+
+
+def minimal_loop_arm(comp: Components):
+    """The same KD+LM step written by hand in plain PyTorch, as a callable: the default batches in
+    the same order, student forward under the same precision, teacher forward without grad,
+    0.5 KD + 0.5 LM with kdlab's loss functions, backward, clip to 1.0, fused AdamW, cosine schedule."""
+    from transformers import get_scheduler
+
+    from kdlab.data import epoch_order
+    from kdlab.losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
+
+    student, teacher, prec, train = copy.deepcopy(comp.student), comp.teacher, comp.precision, comp.data["train"]
+    params = [p for p in student.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=4, num_training_steps=10_000)
+    order, bs, step = epoch_order(len(train), 0, 0), comp.batch_size, [0]
+
+    def one_step():
+        i = step[0]
+        step[0] += 1
+        batch = train.batch(order[i * bs : (i + 1) * bs])
+        ids = batch["input_ids"].to(prec.device)
+        tgt = next_token_labels(batch["labels"]).to(prec.device)  # (B, T)
+        mask = tgt != IGNORE_INDEX
+        n = mask.sum()
+        with prec.autocast():
+            s_logits = student(input_ids=ids).logits  # (B, T, V)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits
+        loss = 0.5 * kd_loss(s_logits, t_logits, mask, num_valid=n) + 0.5 * lm_loss(s_logits, tgt, num_valid=n)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    return one_step
+
+
+def report(times: dict[str, list[float]], base: str, tokens: int) -> dict[str, float]:
+    """Median seconds per step of each arm, its tokens/s, and its time against `base` as the median
+    of the per-round ratios (the arms ran side by side in each round), with their quartiles."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"  {'arm':<46} {'s/step':>7} {'tokens/s':>9} {'time ratio':>11} {'(quartiles)':>15}")
+    for k, v in med.items():
+        ratios = sorted(a / b for a, b in zip(times[k], times[base]))
+        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        print(f"  {k:<46} {v:>7.3f} {tokens / v:>9,.0f} {statistics.median(ratios):>10.3f}x "
+              f"{f'({q1:.3f}-{q3:.3f})':>15}")
+    print(f"  (time ratio: per round, the arm's step time over that of '{base}')")
+    return {k: statistics.median(a / b for a, b in zip(times[k], times[base])) for k in times}
+
+
+def profile_steps(comp: Components, steps: int, teacher=None, **overrides) -> list[tuple[str, float]]:
+    """Seconds per step in each of the trainer's named phases (kdlab.trainer.phase), by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = trainer_arm(comp, 10_000, teacher=teacher, **overrides)
+    step()  # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if comp.precision.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(comp.precision.device)
+        wall = time.perf_counter() - t0
+    rows = [(e.key.removeprefix("kdlab: "), e.cpu_time_total / 1e6 / steps) for e in prof.key_averages()
+            if e.key.startswith("kdlab: ")]
+    rows.sort(key=lambda r: -r[1])
+    return [*rows, ("step (wall)", wall / steps)]
+
+
+def bench_trainer(args) -> None:
+    comp = args.components()
+    dev, n = comp.precision.device, args.steps
+    tokens = comp.batch_size * (comp.seq_len - 1)
+    print(f"\n## 2. Trainer overhead, default pair (SmolLM2-135M -> small, {comp.precision.describe()}), "
+          f"B{comp.batch_size} x T{comp.seq_len}")
+    print(f"median of {n} steps per arm after {args.warmup} warm-up steps, the arms taking turns step by step")
+    times = interleaved({"minimal PyTorch loop, KD+LM": minimal_loop_arm(comp),
+                         "kdlab Trainer, KD+LM": trainer_arm(comp, n)}, n, args.warmup, dev)
+    ratio = report(times, "minimal PyTorch loop, KD+LM", tokens)
+    print(f"  -> the kdlab Trainer takes {ratio['kdlab Trainer, KD+LM'] - 1:+.1%} time per step against the minimal loop")
+
+    # attention transfer switches its models to eager attention: a teacher of its own for that arm
+    six_teacher = copy.deepcopy(comp.teacher)
+    times = interleaved({"kdlab Trainer, KD+LM": trainer_arm(comp, n),
+                         "kdlab Trainer, all six terms": trainer_arm(comp, n, teacher=six_teacher, **ALL_SIX)},
+                        n, args.warmup, dev)
+    print("\nall six terms (KD, LM, feature, attention, layerwise, contrastive; constant weights) against KD+LM:")
+    report(times, "kdlab Trainer, KD+LM", tokens)
+    for label, teacher, overrides in (("KD+LM", None, {}), ("all six terms", six_teacher, ALL_SIX)):
+        rows = profile_steps(comp, args.profile_steps, teacher=teacher, **overrides)
+        wall = rows[-1][1]
+        print(f"where a step's time goes, {label} (torch.profiler, mean of {args.profile_steps} steps; "
+              f"the phases do not overlap; the rest of the wall time is batching and bookkeeping)")
+        for name, sec in rows:
+            print(f"  {name:<26} {sec * 1e3:>9.1f} ms {sec / wall:>7.1%}")
+
+
+# ------------------------------------------------------------------------------------ 3. cache
+def bench_cache(args) -> None:
+    from kdlab.data import PackedSplit
+    from kdlab.teacher_cache import build_teacher_cache, cache_key
+
+    comp = args.components()
+    dev, n = comp.precision.device, args.steps
+    tokens = comp.batch_size * (comp.seq_len - 1)
+    blocks = comp.batch_size * (n + args.warmup)  # every step of the run reads blocks that are cached
+    full = comp.data["train"]
+    part = PackedSplit(full.input_ids[:blocks], full.attention_mask[:blocks])
+    data = {**comp.data, "train": part}
+    print(f"\n## 3. Cached teacher, default pair, B{comp.batch_size} x T{comp.seq_len} ({comp.precision.describe()})")
+    key = cache_key(part, comp.tokenizer, comp.teacher, 256, 1.0)
+    path = ROOT / "runs" / "bench" / "teacher-cache"
+    t0 = time.perf_counter()
+    cache = build_teacher_cache(path, comp.teacher, part, key, device=dev)
+    build = time.perf_counter() - t0
+    per_block = cache.nbytes / blocks
+    print(f"cache of the first {blocks} training blocks (top-256): built in {build:.1f} s, {cache.nbytes / MiB:.1f} MiB "
+          f"({per_block / 1024:.0f} KiB per block; the whole Austen train split, {len(full):,} blocks, takes "
+          f"{per_block * len(full) / GiB:.2f} GiB and ~{build / blocks * len(full) / 60:.0f} min to build here)")
+    print(f"median of {n} steps per arm after {args.warmup} warm-up steps, the arms taking turns step by step")
+    times = interleaved({
+        "live teacher, full-vocabulary KD (default)": trainer_arm(comp, n, data=data),
+        "live teacher, top-256 KD": trainer_arm(comp, n, data=data, kd_top_k=256),
+        "cached teacher, top-256 KD": trainer_arm(comp, n, data=data, kd_top_k=256, teacher_cache=str(path)),
+    }, n, args.warmup, dev)
+    ratio = report(times, "live teacher, top-256 KD", tokens)
+    cached, default = ratio["cached teacher, top-256 KD"], ratio["live teacher, full-vocabulary KD (default)"]
+    print(f"  -> cached steps are {1 / cached:.2f}x as fast as live ones with the same top-256 loss, "
+          f"{default / cached:.2f}x the default full-vocabulary run")
+    shutil.rmtree(path)
+
+
+# ------------------------------------------------------------------------------------ 4. CUDA
+# dense bf16/fp16 tensor-core peak of the SXM parts, from NVIDIA's datasheets (FLOP/s)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def matmul_params(model) -> int:
+    """Weights that enter a matmul per token: all but the input embedding lookup (the output
+    projection counts even when it is tied to the embedding)."""
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings().weight
+    n = sum(p.numel() for p in model.parameters() if p is not emb)
+    return n + (out.numel() if out is emb else 0)
+
+
+def flops_per_token(model, seq_len: int, training: bool) -> float:
+    """PaLM's model-FLOPs count (Chowdhery et al. 2022, appendix B): 6N + 12 L H Q T per trained token,
+    a third of it for a forward alone."""
+    c = model.config
+    attn = 12 * c.num_hidden_layers * c.num_attention_heads * (c.hidden_size // c.num_attention_heads) * seq_len
+    return (6 * matmul_params(model) + attn) * (1 if training else 1 / 3)
+
+
+def bench_cuda(args) -> None:
+    dev = torch.device(args.device)
+    if dev.type != "cuda" and not args.dry_run:
+        print("\n## 4. CUDA: not run (no CUDA device here; the figures in benchmarks/RESULTS.md name their GPU)")
+        return
+    comp = args.components()
+    name = device_name(dev)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    seq = comp.data["train"].input_ids.shape[1]
+    per_token = flops_per_token(comp.student, seq, True) + flops_per_token(comp.teacher, seq, False)
+    print(f"\n## 4. CUDA: the default pair on {name} ({comp.precision.describe()}), T{seq}, KD+LM")
+    print(f"model FLOPs per token: {per_token / 1e9:.2f} GFLOP (student 6N + attention, teacher forward 2N + "
+          f"attention); MFU against {f'{peak / 1e12:.0f} TFLOP/s dense bf16' if peak else 'an unknown peak'}")
+    print(f"{'setting':<16} {'batch':>5} {'tokens/s':>10} {'peak MiB':>9} {'MFU':>6}")
+    batches = (1, 2) if args.dry_run else (4, 32)
+    for label, overrides in (("eager", {}), ("torch.compile", {"compile": True})):
+        for b in batches:  # one arm at a time, so that the peak memory is this setting's own
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            arm = {label: trainer_arm(comp, args.steps, batch_size=b, **overrides)}
+            tps = b * (seq - 1) / statistics.median(interleaved(arm, args.steps, args.warmup, dev)[label])
+            mem = torch.cuda.max_memory_allocated() / MiB if dev.type == "cuda" else float("nan")
+            mfu = f"{tps * per_token / peak:.1%}" if peak else "-"
+            print(f"{label:<16} {b:>5} {tps:>10,.0f} {mem:>9,.0f} {mfu:>6}", flush=True)
+            del arm
+    if dev.type == "cuda":
+        print(f"largest batch (x T{seq}) that trains 2 steps, eager: {largest_batch(comp)}")
+
+
+def largest_batch(comp: Components) -> str:
+    """Double the batch until a step runs out of memory, then bisect between the last two sizes."""
+    def fits(b: int) -> bool:
+        torch.cuda.empty_cache()
+        trainer = None
+        try:
+            trainer = comp.trainer(batch_size=b, max_steps=2)
+            for _ in range(2):
+                trainer.train_step(trainer._next_micro_batches()[0])
+            torch.cuda.synchronize()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del trainer
+            for p in comp.student.parameters():  # a step cut short leaves gradients behind
+                p.grad = None
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 16
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > len(comp.data["train"]):
+            return f">= {lo} (the training split has {len(comp.data['train'])} blocks)"
+    while hi - lo > max(1, lo // 16):  # to within ~6%
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    seq = comp.data["train"].input_ids.shape[1]
+    return f"{lo} sequences ({lo * seq:,} tokens per step); {hi} runs out of memory"
+
+
+# ------------------------------------------------------------------------------------ main
+SECTIONS = {"loss": bench_loss, "trainer": bench_trainer, "cache": bench_cache, "cuda": bench_cuda}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_loss_child":
+        variant, n, device, repeats, half, mode = sys.argv[2:8]
+        print(json.dumps(_loss_child(variant, int(n), device, int(repeats), half == "1", mode)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sections", nargs="*", help=f"which to run (default: all): {', '.join(SECTIONS)}")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="loss: N of the [N, V] logits")
+    ap.add_argument("--repeats", type=int, default=3, help="loss: timed calls per measurement (after one warm-up)")
+    ap.add_argument("--steps", type=int, default=12, help="trainer, cache, cuda: timed steps per arm")
+    ap.add_argument("--warmup", type=int, default=2, help="trainer, cache, cuda: untimed steps per arm first")
+    ap.add_argument("--dry-run", action="store_true", help="cuda: run the section's code on any device, tiny batches")
+    ap.add_argument("--profile-steps", type=int, default=3, help="trainer: steps under torch.profiler")
+    args = ap.parse_args()
+    loaded = []
+    args.components = lambda: loaded[0] if loaded else loaded.append(Components(args)) or loaded[0]
+    for name in args.sections:
+        if name not in SECTIONS:
+            ap.error(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+    print(f"kdlab benchmark on {device_name(torch.device(args.device))}; torch {torch.__version__}; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    for name in args.sections or SECTIONS:
+        SECTIONS[name](args)
+
+
+if __name__ == "__main__":
+    main()
