@@ -15,11 +15,12 @@ from .early_stopping import EarlyStopping
 from .errors import KDLabError
 from .evaluation import evaluate, format_summary
 from .feature_losses import attention_kl, cosine_distance, info_nce, ln_mse, masked_mean_pool
-from .losses import DIVERGENCES, IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
+from .losses import DIVERGENCES, IGNORE_INDEX, kd_loss, kd_loss_topk, lm_loss, next_token_labels, teacher_top_k
 from .models import STUDENT_PRESETS, build_student, load_teacher, load_tokenizer, prepare_teacher
 from .precision import Precision, resolve_precision, student_logits, teacher_logits
 from .projection import StudentLogitProjector, align_vocab
 from .router import StudentAwareRouter
+from .teacher_cache import TeacherCache, build_teacher_cache, cache_key, open_teacher_cache
 from .terms import DistillationHeads
 from .trainer import Trainer, TrainState, train
 
@@ -28,7 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "KDConfig", "load_config", "save_config", "KDLabError",
     "CurriculumScheduler", "Ramp", "EarlyStopping",
-    "kd_loss", "lm_loss", "next_token_labels", "IGNORE_INDEX", "DIVERGENCES",
+    "kd_loss", "kd_loss_topk", "teacher_top_k", "lm_loss", "next_token_labels", "IGNORE_INDEX", "DIVERGENCES",
+    "TeacherCache", "cache_key", "build_teacher_cache", "open_teacher_cache",
     "ln_mse", "cosine_distance", "attention_kl", "info_nce", "masked_mean_pool",
     "StudentAwareRouter", "DistillationHeads", "AdaptiveBalancer", "align_vocab", "StudentLogitProjector",
     "Precision", "resolve_precision", "teacher_logits", "student_logits",
