@@ -319,7 +319,8 @@ def bench_trainer(args) -> None:
     times = interleaved({"minimal PyTorch loop, KD+LM": minimal_loop_arm(comp),
                          "kdlab Trainer, KD+LM": trainer_arm(comp, n)}, n, args.warmup, dev)
     ratio = report(times, "minimal PyTorch loop, KD+LM", tokens)
-    print(f"  -> the kdlab Trainer takes {ratio['kdlab Trainer, KD+LM'] - 1:+.1%} time per step against the minimal loop")
+    over = ratio["kdlab Trainer, KD+LM"] - 1
+    print(f"  -> the kdlab Trainer takes {over:+.1%} time per step against the minimal loop")
 
     # attention transfer switches its models to eager attention: a teacher of its own for that arm
     six_teacher = copy.deepcopy(comp.teacher)
@@ -356,7 +357,8 @@ def bench_cache(args) -> None:
     cache = build_teacher_cache(path, comp.teacher, part, key, device=dev)
     build = time.perf_counter() - t0
     per_block = cache.nbytes / blocks
-    print(f"cache of the first {blocks} training blocks (top-256): built in {build:.1f} s, {cache.nbytes / MiB:.1f} MiB "
+    print(f"cache of the first {blocks} training blocks (top-256): built in {build:.1f} s, "
+          f"{cache.nbytes / MiB:.1f} MiB "
           f"({per_block / 1024:.0f} KiB per block; the whole Austen train split, {len(full):,} blocks, takes "
           f"{per_block * len(full) / GiB:.2f} GiB and ~{build / blocks * len(full) / 60:.0f} min to build here)")
     print(f"median of {n} steps per arm after {args.warmup} warm-up steps, the arms taking turns step by step")

@@ -390,5 +390,5 @@ def lm_loss(
     return total / _valid_count(targets != IGNORE_INDEX, num_valid)
 
 
-__all__ = ["DIVERGENCES", "IGNORE_INDEX", "next_token_labels", "kd_loss", "kd_loss_topk", "teacher_top_k", "kd_loss_reference",
-           "lm_loss"]
+__all__ = ["DIVERGENCES", "IGNORE_INDEX", "next_token_labels", "kd_loss", "kd_loss_topk", "teacher_top_k",
+           "kd_loss_reference", "lm_loss"]

@@ -6,7 +6,8 @@
     print(kdlab.format_summary(state.history))
 
 Per optimizer step: `grad_accum` micro-batches; the frozen teacher's outputs (skipped when no
-term needs them), the student's under the precision policy, then
+term needs them, or read from a teacher cache: kdlab.teacher_cache), the student's under the
+precision policy, then
 
     total = sum_k w_k(step) * term_k,    w_k from the curriculum (kdlab.curriculum),
 
@@ -210,6 +211,9 @@ class Trainer:
     def _open_teacher_cache(self):
         from .teacher_cache import cache_key, open_teacher_cache
 
+        if self.tokenizer is None:
+            raise KDLabError("teacher_cache needs the tokenizer (part of the cache's key): "
+                             "pass Trainer(..., tokenizer=)")
         s_vocab = self.student.get_output_embeddings().weight.shape[0]
         t_vocab = self.teacher.get_output_embeddings().weight.shape[0]
         if s_vocab != t_vocab:
