@@ -279,15 +279,16 @@ def minimal_loop_arm(comp: Components):
 def report(times: dict[str, list[float]], base: str, tokens: int) -> dict[str, float]:
     """Median seconds per step of each arm, its tokens/s, and its time against `base` as the median
     of the per-round ratios (the arms ran side by side in each round), with their quartiles."""
-    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"  {'arm':<46} {'s/step':>7} {'tokens/s':>9} {'time ratio':>11} {'(quartiles)':>15}")
-    for k, v in med.items():
-        ratios = sorted(a / b for a, b in zip(times[k], times[base]))
-        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        print(f"  {k:<46} {v:>7.3f} {tokens / v:>9,.0f} {statistics.median(ratios):>10.3f}x "
-              f"{f'({q1:.3f}-{q3:.3f})':>15}")
+    out = {}
+    for k, v in times.items():
+        med = statistics.median(v)
+        ratios = [a / b for a, b in zip(v, times[base])]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        out[k] = statistics.median(ratios)
+        print(f"  {k:<46} {med:>7.3f} {tokens / med:>9,.0f} {out[k]:>10.3f}x {f'({q1:.3f}-{q3:.3f})':>15}")
     print(f"  (time ratio: per round, the arm's step time over that of '{base}')")
-    return {k: statistics.median(a / b for a, b in zip(times[k], times[base])) for k in times}
+    return out
 
 
 def profile_steps(comp: Components, steps: int, teacher=None, **overrides) -> list[tuple[str, float]]:

@@ -255,14 +255,20 @@ def _fingerprint(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full definition (a fast tokenizer's JSON, else its vocabulary)."""
+    text = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(
+        tokenizer.get_vocab())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def tokenize_and_pack(documents, tokenizer, seq_len: int) -> dict[str, PackedSplit]:
     """Tokenize every document, append EOS, concatenate and cut into blocks of `seq_len`."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if eos is None:
         raise KDLabError("the tokenizer has no EOS token to separate documents")
-    tok_key = _fingerprint(tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer")
-                           else repr(tokenizer.get_vocab()))
+    tok_key = tokenizer_fingerprint(tokenizer)[:32]
 
     def pack(batch):
         ids: list[int] = []

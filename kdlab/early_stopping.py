@@ -92,10 +92,15 @@ class EarlyStopping:
         verdict = self.update(record["step"], float(record[METRICS[self.monitor]]))
         if verdict == "improved":
             trainer.save_best()
-        elif verdict == "stop" and not trainer.state.should_stop:  # the first reason to stop is the one kept
+        elif verdict == "stop":
+            self.request_stop(trainer, "early stopping")
+
+    def request_stop(self, trainer, label: str) -> None:
+        """Stop the run through its one flag; the first reason to stop is the one kept."""
+        if not trainer.state.should_stop:
             trainer.state.should_stop = True
             trainer.state.failed = self.fault
-            trainer.state.stop_reason = f"early stopping: {self.reason}"
+            trainer.state.stop_reason = f"{label}: {self.reason}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"ref": self.ref, "best": self.best, "best_step": self.best_step, "wait": self.wait,

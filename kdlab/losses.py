@@ -233,9 +233,18 @@ def kd_loss(
             f"{tuple(teacher_logits.shape)} differ; the vocabularies must match"
         )
     V = student_logits.shape[-1]
+    return _chunked_kd(student_logits, (teacher_logits.detach().reshape(-1, V),), mask, num_valid, temperature,
+                       top_k, chunk_tokens, divergence, beta)
+
+
+def _chunked_kd(student_logits: torch.Tensor, teacher: tuple[torch.Tensor, ...], mask: torch.Tensor,
+                num_valid, temperature: float, top_k: int, chunk_tokens: int, divergence: str,
+                beta: float) -> torch.Tensor:
+    """The per-token mean of `_ChunkedKD` over (B, T, V) student logits and a teacher flattened to
+    (N, ...) rows: full logits (kd_loss) or top-k buckets (kd_loss_topk)."""
     total = _ChunkedKD.apply(
-        student_logits.reshape(-1, V),  # (N, V), a view for contiguous logits
-        (teacher_logits.detach().reshape(-1, V),),
+        student_logits.reshape(-1, student_logits.shape[-1]),  # (N, V), a view for contiguous logits
+        teacher,
         mask.reshape(-1),
         float(temperature),
         int(top_k),
@@ -290,24 +299,14 @@ def kd_loss_topk(
     teacher_logits, mask, top_k=k, temperature=T)`: the same code computes both.
     """
     _check_divergence(divergence, beta)
-    V, k = student_logits.shape[-1], teacher_top_logp.shape[-1]
+    k = teacher_top_logp.shape[-1]
     if teacher_top_logp.shape[:-1] != student_logits.shape[:-1] or teacher_top_ids.shape != teacher_top_logp.shape \
             or teacher_tail_logp.shape != student_logits.shape[:-1]:
         raise ValueError(f"student logits {tuple(student_logits.shape)} do not match the teacher's top-k "
                          f"{tuple(teacher_top_logp.shape)}, ids {tuple(teacher_top_ids.shape)} and tail "
                          f"{tuple(teacher_tail_logp.shape)}")
-    total = _ChunkedKD.apply(
-        student_logits.reshape(-1, V),
-        (teacher_top_logp.reshape(-1, k), teacher_top_ids.reshape(-1, k), teacher_tail_logp.reshape(-1)),
-        mask.reshape(-1),
-        float(temperature),
-        k,
-        int(chunk_tokens),
-        torch.is_grad_enabled() and student_logits.requires_grad,
-        divergence,
-        float(beta),
-    )
-    return total / _valid_count(mask, num_valid)
+    teacher = (teacher_top_logp.reshape(-1, k), teacher_top_ids.reshape(-1, k), teacher_tail_logp.reshape(-1))
+    return _chunked_kd(student_logits, teacher, mask, num_valid, temperature, k, chunk_tokens, divergence, beta)
 
 
 def kd_loss_reference(

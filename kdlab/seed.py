@@ -116,10 +116,8 @@ class SeedTotalEarlyStopping(EarlyStopping):
             return
         verdict = self.update(record["step"], float(record["loss"]))
         self.checks.append((record["step"], float(record["loss"]), verdict))
-        if verdict == "stop" and self.stop and not trainer.state.should_stop:
-            trainer.state.should_stop = True
-            trainer.state.failed = self.fault
-            trainer.state.stop_reason = f"seed early stopping: {self.reason}"
+        if verdict == "stop" and self.stop:
+            self.request_stop(trainer, "seed early stopping")
 
     def on_eval(self, trainer, record) -> None:  # evaluations are not its monitor
         return

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import PackedSplit
+from .data import PackedSplit, tokenizer_fingerprint
 from .errors import KDLabError
 from .losses import teacher_top_k
 from .manifest import sha256_file
@@ -65,12 +65,6 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(_sha256_tensors([t]).encode())
     return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    text = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(
-        sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def cache_key(split: PackedSplit, tokenizer, teacher: torch.nn.Module, top_k: int, temperature: float) -> dict:
@@ -114,10 +108,12 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
     out = []
     for k, v in wanted.items():
         old = stored.get(k)
-        if old != v:
-            show = (lambda x: f"{x[:12]}...") if k.endswith("sha256") and isinstance(v, str) else repr
-            out.append(f"{k.removesuffix('_sha256') + (' hash' if k.endswith('sha256') else '')}: "
-                       f"cache {show(old) if old is not None else 'none'}, run {show(v)}")
+        if old == v:
+            continue
+        if k.endswith("_sha256"):
+            out.append(f"{k.removesuffix('_sha256')} hash: cache {old[:12] + '...' if old else 'none'}, run {v[:12]}...")
+        else:
+            out.append(f"{k}: cache {'none' if old is None else repr(old)}, run {v!r}")
     return out
 
 

@@ -57,6 +57,36 @@ def start_lab(root_dir: Path, port: int, env: dict[str, str], log_path: Path) ->
             env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
+def open_and_run_all(playwright, chromium: str, port: int, notebook: str, width: int, dialog_timeout_ms: int = 10_000):
+    """Open `notebook` (relative to the server's root) in headless Chromium, accept the kernel dialog if
+    JupyterLab shows one, wait for an idle kernel and start *Run All Cells* without awaiting it (its
+    promise resolves only when every cell has run; callers watch the frames in between).
+    Returns (browser, page); also used by tests/test_browser.py."""
+    browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    page.goto(f"http://127.0.0.1:{port}/lab/tree/{notebook}")
+    page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook')", timeout=90_000)
+    try:  # JupyterLab may ask which kernel to start: accept its choice (the kernelspec's python3)
+        page.locator(".jp-Dialog .jp-mod-accept").click(timeout=dialog_timeout_ms)
+    except Exception:  # no dialog: the kernel started on its own
+        pass
+    try:  # JupyterLab's "receive news?" notification: answer no, so it does not cover the page
+        page.get_by_role("button", name="No").click(timeout=3_000)
+    except Exception:
+        pass
+    page.wait_for_function("() => { const k = window.jupyterapp.shell.currentWidget?.sessionContext?.session"
+                           "?.kernel; return k && k.status === 'idle'; }", timeout=90_000)
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")
+    return browser, page
+
+
+def live_plot_frame(page) -> tuple[str, str]:
+    """(src of the live plot's current image, its status line), empty strings before it exists."""
+    src = page.evaluate("() => { const i = document.querySelector('.kdlab-plot img'); return i ? i.src : ''; }")
+    status = page.evaluate("() => { const h = document.querySelector('.kdlab-status'); return h ? h.innerText : ''; }")
+    return src, status
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--notebook", default="00_quickstart.ipynb")
@@ -85,28 +115,11 @@ def main() -> None:
     try:
         wait_http(f"http://127.0.0.1:{port}/api/status", 90, server)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/lab/tree/{args.notebook}")
-            page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook')", timeout=90_000)
-            for selector in (".jp-Dialog .jp-mod-accept",):  # a kernel-choice dialog, if any
-                try:
-                    page.locator(selector).click(timeout=5_000)
-                except Exception:
-                    pass
-            try:  # JupyterLab's "receive news?" notification: answer no, so it does not cover the page
-                page.get_by_role("button", name="No").click(timeout=3_000)
-            except Exception:
-                pass
-            page.wait_for_function("() => { const k = window.jupyterapp.shell.currentWidget?.sessionContext?.session"
-                                   "?.kernel; return k && k.status === 'idle'; }", timeout=90_000)
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")
+            browser, page = open_and_run_all(p, chromium, port, args.notebook, 1500, dialog_timeout_ms=5_000)
             t_run = time.time()
             srcs, status, mid_shot = [], "", None
             while time.time() - t_run < args.timeout:
-                src = page.evaluate("() => { const i = document.querySelector('.kdlab-plot img'); return i ? i.src : ''; }")
-                status = page.evaluate("() => { const h = document.querySelector('.kdlab-status'); "
-                                       "return h ? h.innerText : ''; }")
+                src, status = live_plot_frame(page)
                 if src and (not srcs or src != srcs[-1]):
                     srcs.append(src)
                     if len(srcs) == 4 and mid_shot is None:  # a few frames in: training under way

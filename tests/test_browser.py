@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from browser_notebook import free_port, start_lab, wait_http  # noqa: E402  (one JupyterLab launcher)
+from browser_notebook import free_port, live_plot_frame, open_and_run_all, start_lab, wait_http  # noqa: E402
 
 ARTIFACTS = ROOT / "runs" / "browser"
 
@@ -62,28 +62,12 @@ def test_live_plot_updates_in_jupyterlab(tmp_path, tiny_teacher, austen_ready):
     try:
         wait_http(f"http://127.0.0.1:{port}/api/status", 90, server)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/lab/tree/live.ipynb")
-            page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook')", timeout=90_000)
-            # JupyterLab may ask which kernel to start: accept its choice (the kernelspec's python3)
-            try:
-                page.locator(".jp-Dialog .jp-mod-accept").click(timeout=10_000)
-            except Exception:  # no dialog: the kernel started on its own
-                pass
-            # wait for an idle kernel, then start the run without awaiting it (the promise resolves
-            # only when every cell has run, and the point is to watch the frames in between)
-            page.wait_for_function("() => { const k = window.jupyterapp.shell.currentWidget?.sessionContext?.session"
-                                   "?.kernel; return k && k.status === 'idle'; }", timeout=90_000)
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")
+            browser, page = open_and_run_all(p, chromium, port, "live.ipynb", 1400)
             seen: list[tuple[float, str, str]] = []  # (time, image src, status text)
             shots = []
             deadline = time.time() + 180
             while time.time() < deadline:
-                src = page.evaluate("() => { const i = document.querySelector('.kdlab-plot img'); "
-                                    "return i ? i.src : ''; }")
-                status = page.evaluate("() => { const h = document.querySelector('.kdlab-status'); "
-                                       "return h ? h.innerText : ''; }")
+                src, status = live_plot_frame(page)
                 if src and (not seen or src != seen[-1][1]):
                     seen.append((time.time(), src, status))
                     if len(shots) < 2:
