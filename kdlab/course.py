@@ -1,7 +1,7 @@
 """The course's one knob: a profile that scales every notebook's runs, same code path at every size.
 
     P = kdlab.course.profile()                 # KDLAB_PROFILE=ci|cpu|gpu, else gpu if CUDA, else cpu
-    cfg = P.config("03-curriculum/linear", w_feature=0.5, max_steps=P.steps)
+    cfg = P.config("04-curriculum/linear", w_feature=0.5, max_steps=P.steps)
     print(P)                                   # what was chosen, and why
 
 `make test` sets KDLAB_PROFILE=ci, so each notebook runs in about two minutes on a 2-core CPU;
@@ -38,7 +38,7 @@ class Profile:
     seq_len: int
     eval_every: int  # evaluations (and early-stopping checks) every this many steps
     eval_batches: int  # validation batches per evaluation (the same ones every time)
-    measure_batches: int  # batches for the loss-magnitude measurements of notebooks 01 and 02
+    measure_batches: int  # batches for the loss-magnitude measurements of notebooks 02 and 03
     reason: str = ""  # how the profile was chosen
 
     def __str__(self) -> str:

@@ -85,7 +85,7 @@ __all__ = ["seed_kd_batchmean", "seed_feature_mse", "seed_feature_mse_per_dim", 
            "SeedTeacherProjector", "seed_projected_kd"]
 
 
-# ---------------------------------------------------------------------------- early stopping (notebook 05)
+# ---------------------------------------------------------------------------- early stopping (notebook 06)
 
 class SeedTotalEarlyStopping(EarlyStopping):
     """The seed's early stopping: patience on the *curriculum-weighted total loss* (fix 7: patience

@@ -21,8 +21,8 @@ from kdlab.course import PROFILES, profile
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-LESSONS = ["00_quickstart", "01_dtype_mismatch", "02_loss_normalization", "03_curriculum", "04_logging",
-           "05_early_stopping", "06_capstone"]
+LESSONS = ["00_quickstart", "02_dtype_mismatch", "03_loss_normalization", "04_curriculum", "05_logging",
+           "06_early_stopping", "07_capstone"]
 MACHINE_PATHS = re.compile(r"(/work/|/tmp/|/home/|/root/|/Users/|\.venv/|site-packages)")
 
 

@@ -18,7 +18,7 @@ def test_seed_batchmean_kd_grows_with_sequence_length_while_kdlab_does_not():
         torch.testing.assert_close(seed_kd_batchmean(s_r, t_r), per_token * 64 * repeat, rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------- early stopping (notebook 05)
+# ---------------------------------------------------------------------------- early stopping (notebook 06)
 class _FakeTrainer:
     def __init__(self):
         from kdlab.trainer import TrainState
