@@ -5,7 +5,7 @@ token is real), fp32 math whatever the input dtype, values returned unweighted. 
 come from a no-grad forward; a feature target may still carry gradient into the student-side
 router's mixing weights (kdlab.router), so `ln_mse` and `cosine_distance` do not detach it.
 Each is scale-free, so its weight is an importance ratio rather than a unit
-conversion (../shared/research/loss-review.md, fixes 2 and 3).
+conversion (docs/original-framework.md, fixes 2 and 3; notebooks/03_loss_normalization.ipynb).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The seed framework's formulas, kept as named variants so the course can show before and after
 on the same data. They are *not* used by kdlab's trainer; each docstring says what goes wrong.
-See ../shared/research/loss-review.md for the measurements behind each verdict.
+docs/original-framework.md describes that framework; tests/test_seed.py and notebooks 02-06 measure each verdict.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Environment variables set here reach every notebook's kernel. KDLAB_PROFILE=ci scales each
 notebook to about two minutes on a 2-core CPU (see kdlab/course.py); set it yourself to run the
 notebooks at another size under pytest. MPLBACKEND is deliberately not set: Agg would also reach
-the kernels and turn off inline figures (../shared/research/course-anchors.md).
+the kernels and turn off inline figures, which would change the notebooks' stored outputs.
 """
 
 import os
