@@ -104,7 +104,7 @@ class KDConfig:
     es_patience: int = 20
     es_min_delta: float = 0.001
     es_mode: str = "min"
-    es_warmup_steps: int = -1  # no stopping before this step; -1 = when the curriculum's last ramp ends
+    es_warmup_steps: int = -1  # checks before this step never count against patience; -1 = the LR warmup (warmup_steps)
     es_divergence: float = 0.0  # stop at once when the metric passes this value (0 = off)
     restore_best: bool = True  # end with the weights of the best evaluation
 

@@ -1,8 +1,16 @@
 """The course's one knob: a profile that scales every notebook's runs, same code path at every size.
 
-    P = kdlab.course.profile()                 # KDLAB_PROFILE=ci|cpu|gpu, else gpu if CUDA, else cpu
+    P = kdlab.course.profile()                 # KDLAB_PROFILE=ci|cpu|gpu|reference, else gpu if CUDA, else cpu
     cfg = P.config("04-curriculum/linear", w_feature=0.5, max_steps=P.steps)
     print(P)                                   # what was chosen, and why
+    state = P.fit(kdlab.Trainer.from_config(cfg, callbacks=[lp]), arm="all-terms")
+    ref = kdlab.course.reference("all-terms")  # the committed long run of that arm: records, samples
+
+`P.fit` trains, except under the `reference` profile, which trains nothing: it replays the committed
+reference run of `arm` (notebooks/reference/<arm>/, written by scripts/reference_runs.py) through the
+trainer's callbacks, so a participant whose machine is slow or broken follows every notebook with
+the long run's curves. `KDLAB_CORPUS=<a text file or folder>` runs the course on your own corpus
+instead of Austen (split 18/1/1 by documents, as `kdlab train --data` does).
 
 `make test` sets KDLAB_PROFILE=ci, so each notebook runs in about two minutes on a 2-core CPU;
 `make lab` leaves it unset, so a laptop gets "cpu" (a few minutes per notebook, clearer curves) and
@@ -23,11 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import json
+
 from .config import KDConfig, load_config
+from .early_stopping import METRICS
 from .errors import KDLabError
-from .trainer import quiet_libraries
+from .trainer import TrainState, quiet_libraries
 
 ENV_VAR = "KDLAB_PROFILE"
+CORPUS_VAR = "KDLAB_CORPUS"
+REFERENCE_DIR = Path("notebooks") / "reference"  # under the repository root
 
 
 @dataclass(frozen=True)
@@ -65,8 +78,56 @@ class Profile:
             "log_every": max(1, steps // 20), "log_first": 3,  # ~20 points per curve
             "warmup_steps": max(1, steps // 10), "checkpoints": False,
         }
+        corpus = os.environ.get(CORPUS_VAR, "").strip()
+        if corpus:
+            values["data"] = corpus
         values.update(overrides)
         return load_config(overrides=values)
+
+    @property
+    def replays(self) -> bool:
+        """True for the `reference` profile: `fit` replays committed runs instead of training."""
+        return self.name == "reference"
+
+    def fit(self, trainer, arm: str) -> TrainState:
+        """`trainer.fit()`; under the reference profile, the reference run `arm` replayed instead.
+
+        The replay feeds the committed records, in order, to the trainer's callbacks (on_train_begin,
+        on_log for train records, on_eval for evaluations, on_train_end) and stops where a callback
+        asks to stop, as a run would. Early stoppers see each evaluation through their rule
+        (`update`) but save no weights: nothing was trained. The state returned holds the replayed
+        history; `trainer.student` is still the untrained student."""
+        if not self.replays:
+            return trainer.fit()
+        from .early_stopping import EarlyStopping
+
+        ref, s = reference(arm), trainer.state
+        trainer._emit("on_train_begin")
+        for record in ref.history:
+            if s.should_stop:
+                break
+            s.history.append(record)
+            if record["kind"] == "train":
+                s.step, s.tokens = record["step"], record.get("tokens", s.tokens)
+            for cb in trainer.callbacks:
+                if record["kind"] == "train" and hasattr(cb, "on_log"):
+                    cb.on_log(trainer, record)
+                elif record["kind"] == "eval" and isinstance(cb, EarlyStopping):
+                    if record["split"] == "validation" and not record.get("final") and "restored_from" not in record:
+                        if cb.update(record["step"], float(record[METRICS[cb.monitor]])) == "stop":
+                            cb.request_stop(trainer, "early stopping")
+                elif record["kind"] == "eval" and hasattr(cb, "on_eval"):
+                    cb.on_eval(trainer, record)
+        s.stop_reason = s.stop_reason or ref.meta.get("stop_reason", "")
+        s.skipped_steps = ref.meta.get("skipped_steps", 0)
+        trainer._emit("on_train_end")
+        return s
+
+    def train(self, cfg: KDConfig, arm: str, callbacks=()) -> TrainState:
+        """`kdlab.train(cfg, callbacks)`, or the reference run `arm` replayed (see `fit`)."""
+        from .trainer import Trainer
+
+        return self.fit(Trainer.from_config(cfg, callbacks), arm)
 
 
 PROFILES: dict[str, Profile] = {
@@ -76,7 +137,41 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile("cpu", steps=120, batch_size=4, seq_len=128, eval_every=10, eval_batches=8, measure_batches=4),
     # one GPU: the default run's sequence length, long enough for the curriculum's phases to matter
     "gpu": Profile("gpu", steps=1500, batch_size=16, seq_len=256, eval_every=50, eval_batches=16, measure_batches=8),
+    # no training: every run is the committed reference run replayed; other cells at `ci` sizes
+    "reference": Profile("reference", steps=30, batch_size=4, seq_len=64, eval_every=10, eval_batches=4,
+                         measure_batches=2),
 }
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One committed reference run: its records, the samples of its final student, and how it was made."""
+
+    arm: str
+    history: list[dict[str, Any]]
+    samples: dict[str, Any]  # {"greedy": [...], "sampled": [...], "distinct_2": ..., "teacher_nll": ...}
+    meta: dict[str, Any]  # device, sizes, commit, seconds, settings
+
+    def evals(self, split: str = "validation") -> list[dict[str, Any]]:
+        return [r for r in self.history if r["kind"] == "eval" and r["split"] == split]
+
+    @property
+    def label(self) -> str:
+        m = self.meta
+        return f"reference: {m['steps']} steps of {m['batch_size']} x {m['seq_len']}"
+
+
+def reference(arm: str) -> Reference:
+    """The committed reference run `arm` (notebooks/reference/<arm>/; scripts/reference_runs.py)."""
+    folder = repo_root() / REFERENCE_DIR / arm
+    if not (folder / "meta.json").is_file():
+        have = sorted(p.name for p in (repo_root() / REFERENCE_DIR).glob("*/meta.json"))
+        raise KDLabError(f"no reference run {arm!r} in {REFERENCE_DIR}; there are: {', '.join(have) or 'none'}")
+    from .plots import load_metrics
+
+    samples = folder / "samples.json"
+    return Reference(arm, load_metrics(folder), json.loads(samples.read_text()) if samples.is_file() else {},
+                     json.loads((folder / "meta.json").read_text()))
 
 
 def profile(name: str | None = None) -> Profile:
@@ -115,4 +210,4 @@ def quiet() -> None:
     quiet_libraries()
 
 
-__all__ = ["ENV_VAR", "PROFILES", "Profile", "profile", "quiet", "repo_root"]
+__all__ = ["ENV_VAR", "CORPUS_VAR", "PROFILES", "Profile", "Reference", "profile", "quiet", "reference", "repo_root"]

@@ -13,7 +13,10 @@ Semantics (as Lightning's EarlyStopping; patience counts *evaluations*, not step
                   weights; restoring those would throw away training)
     patience      stop when `patience` evaluations in a row brought no improvement
     warmup        evaluations before `warmup_steps` update the best value but never count against
-                  patience (by default: until the curriculum's last ramp ends, so every term runs)
+                  patience (by default: the LR warmup. Not the curriculum's ramps: validation KL keeps
+                  one definition while the weights ramp, and waiting for the last ramp to end, the
+                  earlier default, meant never stopping under the write-up's curriculum, whose last
+                  ramp ends with the run; measured in notebooks/06_early_stopping.ipynb)
     non-finite    a nan/inf metric stops the run at once
     divergence    a metric worse than `divergence_threshold` stops the run at once
     restore       the trainer reloads the best weights at the end (see Trainer)

@@ -85,6 +85,12 @@ class TrainState:
         return [r for r in self.history if r["kind"] == "eval" and r["split"] == split]
 
 
+def _tqdm_off() -> bool | None:
+    """True when $TQDM_DISABLE asks for no bars (an explicit `disable=` argument would otherwise
+    override tqdm's own reading of it), else None: tqdm's "off when not a terminal"."""
+    return True if os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes") else None
+
+
 @contextlib.contextmanager
 def quiet_hf_progress():
     """transformers' own progress bars (weight loading, every checkpoint's save) off for a while:
@@ -162,7 +168,7 @@ class Trainer:
             parse_ramps(cfg.ramps))
         self.early_stopping: EarlyStopping | None = None
         if cfg.early_stopping:
-            warmup = cfg.es_warmup_steps if cfg.es_warmup_steps >= 0 else self.curriculum.last_ramp_end()
+            warmup = cfg.es_warmup_steps if cfg.es_warmup_steps >= 0 else cfg.warmup_steps  # -1: the LR warmup
             self.early_stopping = EarlyStopping(cfg.es_monitor, cfg.es_patience, cfg.es_min_delta, cfg.es_mode,
                                                 warmup, cfg.es_divergence or None)
             self.callbacks.append(self.early_stopping)
@@ -531,7 +537,7 @@ class Trainer:
         widget_bar = any(getattr(cb, "shows_progress", False) and getattr(cb, "use_widgets", False)
                          for cb in self.callbacks)  # a live plot shows the progress already
         self._bar = bar = tqdm(total=self.total_steps, initial=s.step, desc="distilling", unit="step",
-                               dynamic_ncols=True, disable=not self.dist.is_main or widget_bar or None)
+                               dynamic_ncols=True, disable=not self.dist.is_main or widget_bar or _tqdm_off())
         try:
             with logging_redirect_tqdm():
                 while s.step < self.total_steps and not s.should_stop:

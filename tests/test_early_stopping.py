@@ -87,12 +87,13 @@ def test_bad_settings(kwargs, message):
         EarlyStopping(**kwargs)
 
 
-def test_default_warmup_is_the_end_of_the_last_ramp(tiny_overrides):
-    over = {**tiny_overrides, "max_steps": 50, "w_layerwise": 1.0}
+def test_default_warmup_is_the_lr_warmup_not_the_last_ramp(tiny_overrides):
+    # the earlier default (until the last ramp ends) was step 50 of 50 with contrastive on: a stopper
+    # that could never fire under the write-up's curriculum
+    over = {**tiny_overrides, "max_steps": 50, "w_layerwise": 1.0, "w_contrastive": 0.1, "warmup_steps": 5}
     trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
-    assert trainer.early_stopping.warmup_steps == 35  # layerwise ramps over 40-70% of 50 steps
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides={**over, "w_contrastive": 0.1}))
-    assert trainer.early_stopping.warmup_steps == 50  # contrastive ramps until the very end
+    assert trainer.curriculum.last_ramp_end() == 50
+    assert trainer.early_stopping.warmup_steps == 5
     trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides={**over, "es_warmup_steps": 7}))
     assert trainer.early_stopping.warmup_steps == 7
 

@@ -1,0 +1,159 @@
+"""The course's reference runs: each notebook's arms trained much longer than the `ci` profile does,
+their records and text samples written to notebooks/reference/<arm>/ (committed; small files).
+
+    python scripts/reference_runs.py                 # every arm not yet written (about 70 min, 2-core CPU)
+    python scripts/reference_runs.py --arms default lm-only --force
+    python scripts/reference_runs.py --steps 1500 --batch-size 16 --seq-len 256   # the gpu profile's sizes
+
+Each arm folder holds `metrics.jsonl` (the run's records), `samples.json` (greedy and sampled
+continuations of held-out prompts by the final student, with distinct-2 and the teacher's per-token
+NLL of them) and `meta.json` (device, sizes, commit, seconds, settings). `_before/samples.json` holds
+the teacher's and the untrained student's continuations of the same prompts. The notebooks overlay
+these runs on the learner's short ones and `KDLAB_PROFILE=reference` replays them without training.
+An arm whose meta.json already records the same settings and sizes is skipped, so an interrupted
+session continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import kdlab  # noqa: E402
+import kdlab.course  # noqa: E402
+from kdlab.generation import distinct_n, generate, held_out_prompts, teacher_nll  # noqa: E402
+
+ALL_TERMS = dict(w_feature=0.5, w_attention=0.5, w_layerwise=0.5, w_contrastive=0.1)
+# arm -> (settings beyond the default run, the notebooks that use it)
+ARMS: dict[str, tuple[dict, str]] = {
+    "default": (dict(early_stopping=False), "00 quickstart, 02 dtype (policy run), 07 capstone (T=1 baseline)"),
+    "default-seed1": (dict(early_stopping=False, seed=1), "07 capstone (the seed-to-seed noise)"),
+    "lm-only": (dict(early_stopping=False, alpha_kd=0.0), "00 quickstart (LM-only text), 07 capstone"),
+    "temperature-2": (dict(early_stopping=False, temperature=2.0), "07 capstone"),
+    "temperature-3": (dict(early_stopping=False, temperature=3.0), "07 capstone"),
+    "adaptive-balance": (dict(early_stopping=False, adaptive_balance=True), "07 capstone"),
+    "all-terms": (dict(early_stopping=False, log_every=1, **ALL_TERMS),
+                  "04 curriculum (seed), 06 early stopping (the seed's monitor), 07 capstone (all fixes)"),
+    "all-terms-phases": (dict(early_stopping=False, curriculum="seed-phases", **ALL_TERMS), "04 curriculum"),
+    # kdlab's stopper on the all-terms run: validation KL every 5 steps, patience 5 checks, the
+    # default warmup; it stops where the rule says and restores the best weights
+    "early-stopping": (dict(early_stopping=True, es_patience=5, eval_every=5, log_every=1, **ALL_TERMS),
+                       "06 early stopping (kdlab's rule)"),
+}
+OUT = ROOT / kdlab.course.REFERENCE_DIR
+N_PROMPTS, NEW_TOKENS = 4, 32
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = f"{names[0]}, {len(names)} cores" if names else cpu
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)} ({cpu})"
+    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
+
+
+def commit() -> str:
+    try:
+        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.check_output(["git", "diff", "--name-only", "HEAD", "--", "kdlab"], cwd=ROOT,
+                                        text=True).split()
+        return head + (f" (+ uncommitted: {', '.join(dirty)})" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def samples_of(model, trainer, prompts) -> dict:
+    greedy = generate(model, trainer.tokenizer, prompts, NEW_TOKENS, precision=trainer.precision)
+    sampled = generate(model, trainer.tokenizer, prompts, NEW_TOKENS, sample=True, seed=0, precision=trainer.precision)
+    return {"greedy": [c.text for c in greedy], "sampled": [c.text for c in sampled],
+            "distinct_2": distinct_n(greedy, 2), "distinct_2_sampled": distinct_n(sampled, 2),
+            "teacher_nll": teacher_nll(trainer.teacher, trainer.tokenizer, greedy, trainer.precision),
+            "teacher_nll_sampled": teacher_nll(trainer.teacher, trainer.tokenizer, sampled, trainer.precision)}
+
+
+def write(folder: Path, files: dict[str, str]) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), help=f"arms to run (default all: {', '.join(ARMS)})")
+    ap.add_argument("--steps", type=int, default=150, help="optimizer steps per arm")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--force", action="store_true", help="rerun arms already written")
+    args = ap.parse_args()
+    bad = [a for a in args.arms if a not in ARMS]
+    if bad:
+        sys.exit(f"unknown arm {bad[0]!r}; choose from {', '.join(ARMS)}")
+    kdlab.course.quiet()
+    P = kdlab.course.profile("ci")  # paths only: every size comes from the flags
+    sizes = dict(max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                 eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=5,
+                 warmup_steps=max(1, args.steps // 10))
+    prompts = None
+    for arm in args.arms:
+        settings, used_by = ARMS[arm]
+        overrides = {**sizes, **settings}
+        folder = OUT / arm
+        meta_file = folder / "meta.json"
+        if meta_file.is_file() and not args.force:
+            old = json.loads(meta_file.read_text())
+            if old.get("overrides") == overrides:
+                print(f"{arm}: already written ({old['commit']}); --force to rerun", flush=True)
+                continue
+        cfg = P.config(f"reference/{arm}", **overrides)
+        trainer = kdlab.Trainer.from_config(cfg)
+        if prompts is None:
+            prompts = held_out_prompts(cfg.data, cfg.data_dir, N_PROMPTS)
+        if not (OUT / "_before" / "samples.json").is_file():
+            before = {"prompts": prompts, "teacher": samples_of(trainer.teacher, trainer, prompts),
+                      "student": samples_of(trainer.student, trainer, prompts)}
+            write(OUT / "_before", {"samples.json": json.dumps(before, indent=1) + "\n"})
+        t0 = time.perf_counter()
+        state = trainer.fit()
+        seconds = time.perf_counter() - t0
+        samples = {"prompts": prompts, **samples_of(trainer.student, trainer, prompts)}
+        meta = {"arm": arm, "used_by": used_by, "device": machine(), "commit": commit(),
+                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "seconds": round(seconds, 1), "steps": state.step, "batch_size": cfg.batch_size,
+                "seq_len": cfg.seq_len, "tokens": state.tokens, "stop_reason": state.stop_reason,
+                "skipped_steps": state.skipped_steps, "overrides": overrides,
+                "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "data_dir")}}
+        records = (Path(cfg.out_dir) / "metrics.jsonl").read_text()
+        write(folder, {"metrics.jsonl": records, "samples.json": json.dumps(samples, indent=1) + "\n",
+                       "meta.json": json.dumps(meta, indent=1) + "\n"})
+        val = state.evals("validation")[-1]
+        print(f"{arm}: {state.step} steps in {seconds:.0f} s; val KL {val['kl']:.4f}, ppl {val['student_ppl']:.1f}; "
+              f"distinct-2 {samples['distinct_2']:.3f}, teacher NLL {samples['teacher_nll']:.3f}"
+              + (f"; {state.stop_reason}" if state.stop_reason else ""), flush=True)
+        shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the weights stay out of the repository
+
+
+if __name__ == "__main__":
+    main()
