@@ -1,4 +1,5 @@
-"""Command line: `kdlab prepare`, `kdlab train`, `kdlab eval`, `kdlab cache-teacher` (also `python -m kdlab ...`).
+"""Command line: `kdlab prepare`, `kdlab train`, `kdlab eval`, `kdlab cache-teacher`, `kdlab preflight`
+(also `python -m kdlab ...`).
 
 Every config field has a flag (`alpha_kd` -> `--alpha-kd`); precedence is defaults < --config
 YAML < flags. User mistakes print one `kdlab: error: ...` line and exit with code 2.
@@ -134,6 +135,15 @@ def cmd_cache_teacher(args) -> int:
     return 0
 
 
+def cmd_preflight(args) -> int:
+    from .preflight import run
+
+    profiles = None
+    if args.profiles is not None:
+        profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    return run(profiles=profiles, timings=args.timings, data_dir=args.data_dir, timing=not args.no_timing)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdlab", description="Knowledge distillation for causal language models.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -152,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache-teacher", help="precompute the teacher's top-k for the training set (--teacher-cache)")
     _add_config_flags(p)
     p.set_defaults(func=cmd_cache_teacher)
+    p = sub.add_parser("preflight", help="a participant's check before the course: set-up, step time, notebook times",
+                       description="Checks the set-up (Python, torch, the course's packages, the corpus and teacher "
+                                   "against data/MANIFEST.json, CUDA), times one training step of the course's "
+                                   "default run at each profile's sizes, and prints each notebook's expected time "
+                                   "here from notebooks/timings.json. Exit code 0 when every check passes, 1 when "
+                                   "one fails.")
+    p.add_argument("--profiles", metavar="LIST",
+                   help="comma-separated profiles to time (default: ci,cpu, and gpu with CUDA)")
+    p.add_argument("--no-timing", action="store_true", help="set-up checks only (seconds instead of about a minute)")
+    p.add_argument("--timings", metavar="FILE", help="the timing table (default: notebooks/timings.json)")
+    p.add_argument("--data-dir", metavar="DIR", help="where `kdlab prepare` put the data (default: data/)")
+    p.set_defaults(func=cmd_preflight)
     return parser
 
 

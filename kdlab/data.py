@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import subprocess
 import tarfile
 import warnings
@@ -64,10 +65,25 @@ def _deb_member(deb: Path, prefix: str) -> bytes:
     raise KDLabError(f"{deb} has no member {prefix}*")
 
 
+def austen_deb_url(name: str) -> str:
+    """Where Debian's archive keeps the package file data/MANIFEST.json names (its pool layout)."""
+    return f"https://deb.debian.org/debian/pool/main/{AUSTEN_DEB_PACKAGE[0]}/{AUSTEN_DEB_PACKAGE}/{name}"
+
+
+def no_apt_get_message(downloads: Path, expected_name: str) -> str:
+    """The one line for a machine without apt-get (macOS, Windows, non-Debian Linux): how to go on."""
+    return (f"the Austen corpus comes from Debian's {AUSTEN_DEB_PACKAGE} package and apt-get is not available here: "
+            f"download {austen_deb_url(expected_name)} into {downloads}/ (its sha256 is in data/MANIFEST.json) "
+            f"and run `kdlab prepare` again, or set KDLAB_CORPUS=<a text file or folder> to run "
+            f"the course on your own text (`kdlab train --data PATH`)")
+
+
 def _download_austen_deb(downloads: Path, expected_name: str) -> Path:
     deb = downloads / expected_name
     if deb.is_file():
         return deb
+    if shutil.which("apt-get") is None:
+        raise KDLabError(no_apt_get_message(downloads, expected_name))
     downloads.mkdir(parents=True, exist_ok=True)
     cmd = ["apt-get", "download", AUSTEN_DEB_PACKAGE]
     try:
@@ -75,11 +91,8 @@ def _download_austen_deb(downloads: Path, expected_name: str) -> Path:
         if result.returncode != 0:  # package lists may be missing on a fresh machine
             subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
             result = subprocess.run(cmd, cwd=downloads, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise KDLabError(
-            "the Austen corpus comes from Debian's r-cran-janeaustenr package and `apt-get` is not available "
-            f"here; put {expected_name} into {downloads} yourself or train on your own text with --data PATH"
-        ) from None
+    except FileNotFoundError:  # found by `which` but not runnable
+        raise KDLabError(no_apt_get_message(downloads, expected_name)) from None
     if result.returncode != 0 or not deb.is_file():
         msg = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise KDLabError(f"`apt-get download {AUSTEN_DEB_PACKAGE}` failed: {msg[0]}")

@@ -60,14 +60,18 @@ def term_series(records, term: str, show: str = "raw") -> tuple[list[int], list[
     return steps, values
 
 
-def draw_terms(ax, records, show: str = "raw", terms=None, label_prefix: str = "", style: str = "-") -> dict:
-    """Each visible term (and the total) against the step on `ax`; returns {name: Line2D}."""
+def draw_terms(ax, records, show: str = "raw", terms=None, label_prefix: str = "", style: str = "-",
+               alpha: float = 1.0, lw: float | None = None, label: bool = True) -> dict:
+    """Each visible term (and the total) against the step on `ax`; returns {name: Line2D}.
+    `label=False`: no legend entries (the caller builds a compact legend)."""
     lines = {}
     for term in [*(terms if terms is not None else terms_of(records)), "total"]:
         steps, values = term_series(records, term, show)
         if steps:
-            (lines[term],) = ax.plot(steps, values, style, color=COLORS.get(term), label=label_prefix + term,
-                                     lw=1.8 if term == "total" else 1.2, marker="." if len(steps) < 30 else None)
+            width = lw if lw is not None else (1.8 if term == "total" else 1.2)
+            (lines[term],) = ax.plot(steps, values, style, color=COLORS.get(term), alpha=alpha, lw=width,
+                                     label=label_prefix + term if label else "_nolegend_",
+                                     marker="." if len(steps) < 30 and alpha == 1.0 else None)
     ax.set_title(f"loss terms ({show})" + ("" if show == "raw" else ", summing to the total"))
     ax.set_xlabel("optimizer step")
     if any(v > 0 for line in lines.values() for v in line.get_ydata()):
@@ -107,9 +111,11 @@ def draw_validation(ax, records, early_stopping: dict | None = None) -> dict:
     return lines
 
 
-def new_figure(panels: int, width: float = 4.2, height: float = 3.2, fast: bool = False) -> tuple[Figure, list]:
-    """`fast`: fixed margins instead of constrained layout, which costs half of a redraw (live plots)."""
-    fig = Figure(figsize=(width * panels, height), layout=None if fast else "constrained")
+def new_figure(panels: int, width: float = 4.2, height: float = 3.2, fast: bool = False,
+               dpi: int = 100) -> tuple[Figure, list]:
+    """`fast`: fixed margins instead of constrained layout, which costs half of a redraw (live plots).
+    `dpi`: what a notebook renders the figure at (the PNG stored in its output)."""
+    fig = Figure(figsize=(width * panels, height), layout=None if fast else "constrained", dpi=dpi)
     axes = fig.subplots(1, panels, squeeze=False)[0]
     if fast:
         fig.subplots_adjust(left=0.6 / (width * panels), right=1 - 0.5 / (width * panels), bottom=0.16, top=0.88,
@@ -117,32 +123,81 @@ def new_figure(panels: int, width: float = 4.2, height: float = 3.2, fast: bool 
     return fig, list(axes)
 
 
-def plot_run(records, show: str = "raw", terms=None, early_stopping: dict | None = None) -> Figure:
-    """Three panels: the loss terms and total, the curriculum weights, validation KL and CE."""
-    records = load_metrics(records) if isinstance(records, (str, Path)) else records
-    fig, (a, b, c) = new_figure(3)
+def _records(run) -> list[dict[str, Any]]:
+    """A run as its records: a list of records, a run folder / metrics.jsonl, or anything with `.history`
+    (a TrainState, a kdlab.course.Reference)."""
+    if isinstance(run, (str, Path)):
+        return load_metrics(run)
+    return getattr(run, "history", run)
+
+
+def _weights_vary(records) -> bool:
+    seen = {tuple(sorted(r["weights"].items())) for r in records if r.get("kind") == "train" and "weights" in r}
+    return len(seen) > 1
+
+
+def _val_kl(records) -> list[tuple[int, float]]:
+    return [(r["step"], r["kl"]) for r in records
+            if r.get("kind") == "eval" and r.get("split") == "validation" and "restored_from" not in r]
+
+
+def plot_run(records, show: str = "raw", terms=None, early_stopping: dict | None = None,
+             reference=None, reference_label: str = "reference") -> Figure:
+    """The loss terms and total, the curriculum weights (a panel only when they change), validation KL
+    and CE. `reference` (records, a run folder or a kdlab.course.Reference): a longer run of the same
+    arm, drawn thin and grey under this one (terms and validation KL)."""
+    records = _records(records)
+    ref = _records(reference) if reference is not None else None
+    label = getattr(reference, "label", reference_label)
+    vary = _weights_vary(records) or (ref is not None and _weights_vary(ref))
+    fig, axes = new_figure(3 if vary else 2)
+    a, c = axes[0], axes[-1]
+    if ref is not None:
+        draw_terms(a, ref, show, terms, style="-", alpha=0.35, lw=0.8, label=False)
     if draw_terms(a, records, show, terms):
         a.legend(fontsize=7, ncol=2)
-    if draw_weights(b, records, terms):
-        b.legend(fontsize=7)
+    if vary and draw_weights(axes[1], records, terms):
+        axes[1].legend(fontsize=7)
     draw_validation(c, records, early_stopping)
+    if ref is not None and _val_kl(ref):
+        c.plot(*zip(*_val_kl(ref), strict=True), "-", color="0.55", lw=1.0, label=f"{label}: val KL")
+        c.legend(fontsize=7)
+        a.plot([], [], "-", color="0.55", lw=0.8, label=label)  # one legend entry for all reference terms
+        a.legend(fontsize=7, ncol=2)
     return fig
 
 
-def plot_runs(runs: dict[str, Any], show: str = "raw", terms=None) -> Figure:
-    """Several runs on shared axes (solid, dashed, dotted...): the loss terms and validation KL."""
+def plot_runs(runs: dict[str, Any], show: str = "raw", terms=None, reference: dict[str, Any] | None = None) -> Figure:
+    """Several runs on shared axes, one line style per run and one colour per term (a legend entry
+    for each, not for each pair): the loss terms and validation KL. `reference`: {name: the longer
+    run of that arm}, drawn on a third panel with the same styles."""
+    from matplotlib.lines import Line2D
+
     styles = ["-", "--", ":", "-."]
-    fig, (a, b) = new_figure(2, width=5.0)
+    fig, axes = new_figure(3 if reference else 2, width=4.6)
+    a, b = axes[0], axes[1]
+    shown: set[str] = set()
     for i, (name, rec) in enumerate(runs.items()):
-        rec = load_metrics(rec) if isinstance(rec, (str, Path)) else rec
-        draw_terms(a, rec, show, terms, label_prefix=f"{name}: ", style=styles[i % len(styles)])
-        val = [(r["step"], r["kl"]) for r in rec if r.get("kind") == "eval" and r.get("split") == "validation"]
-        if val:
-            b.plot(*zip(*val, strict=True), styles[i % len(styles)], marker="o", ms=3, label=name)
-    a.legend(fontsize=6, ncol=2)
+        rec = _records(rec)
+        shown |= set(draw_terms(a, rec, show, terms, label_prefix=f"{name}: ", style=styles[i % len(styles)]))
+        if _val_kl(rec):
+            b.plot(*zip(*_val_kl(rec), strict=True), styles[i % len(styles)], marker="o", ms=3, label=name)
+    handles = [Line2D([], [], color=COLORS.get(t), label=t) for t in [*TERM_ORDER, "total"] if t in shown]
+    handles += [Line2D([], [], color="0.3", ls=styles[i % len(styles)], label=n) for i, n in enumerate(runs)]
+    a.legend(handles=handles, fontsize=6, ncol=2)
     b.set_title("validation KL(teacher‖student)")
     b.set_xlabel("optimizer step")
     b.legend(fontsize=7)
+    if reference:
+        r_ax = axes[2]
+        for i, (name, rec) in enumerate(reference.items()):
+            rec_ = _records(rec)
+            if _val_kl(rec_):
+                r_ax.plot(*zip(*_val_kl(rec_), strict=True), styles[i % len(styles)], ms=2, marker="o", label=name)
+        first = next(iter(reference.values()))
+        r_ax.set_title(f"validation KL, {getattr(first, 'label', 'reference runs')}", fontsize=9)
+        r_ax.set_xlabel("optimizer step")
+        r_ax.legend(fontsize=7)
     return fig
 
 

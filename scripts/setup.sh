@@ -40,8 +40,10 @@ fi
 
 # the browser test (tests/test_browser.py) drives Debian's chromium: Playwright cannot download its
 # own browser here. Needs root or sudo; without either, say so (the test then fails, or set
-# KDLAB_SKIP_BROWSER=1).
-if ! command -v chromium >/dev/null 2>&1; then
+# KDLAB_SKIP_BROWSER=1). Without apt-get (macOS, Windows, other Linux): one line, and set-up goes on.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v apt-get >/dev/null 2>&1; then
+  echo "setup: no apt-get here, so chromium is not installed; it only matters for the browser test: install chromium yourself or set KDLAB_SKIP_BROWSER=1" >&2
+elif ! command -v chromium >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
   echo "setup: installing chromium (apt-get)"
   if ! { $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
@@ -50,4 +52,6 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
-"$VPY" -m kdlab prepare
+# the corpus: the Austen .deb via apt-get (without apt-get, `kdlab prepare` says in one line how to go on
+# and exits with code 2), or the participant's own text file/folder when KDLAB_CORPUS is set
+"$VPY" -m kdlab prepare ${KDLAB_CORPUS:+--data "$KDLAB_CORPUS"}
