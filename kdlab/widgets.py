@@ -5,12 +5,18 @@
     lp.figure                                    # afterwards: a static figure (shows on GitHub too)
 
     kdlab.widgets.CurriculumExplorer().widget    # sliders over the curriculum (default: the seed's)
+    kdlab.widgets.TemperatureExplorer(logits, tokenizer)   # a temperature slider over one soft target
 
-How it stays correct in JupyterLab *and* under headless nbval (../shared/research/course-anchors.md):
+How it stays correct in JupyterLab *and* under headless nbval (tests/test_widgets.py, tests/test_browser.py):
 one `VBox(progress, status, Output)` is displayed once with deterministic initial values; every
 frame then replaces the Output's content with a single assignment to `out.outputs` (no
 `clear_output`, so no flicker and no extra cell outputs); redraws are throttled; training stays in
 the cell's own thread (Ctrl-C, the kernel's interrupt, still stops it cleanly).
+
+What a saved notebook keeps: when training ends the live plot's display is replaced (a display_id
+update) by the final figure as a plain PNG output, so a reopened notebook, GitHub or nbviewer shows
+the figure, never the widget's text fallback. Widgets that stay interactive (the explorers) have a
+one-line text fallback (`__repr__` of their box) instead of ipywidgets' `VBox(children=(...`.
 
 Outside a notebook front end (scripts, CI) the live plot prints nothing and, if given
 `png_path`, writes the final figure there. `import kdlab` imports neither this module nor
@@ -22,8 +28,11 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import time
 from typing import Any
+
+import torch
 
 from .curriculum import PRESETS, SHAPES, CurriculumScheduler, Ramp
 from .plots import (
@@ -46,12 +55,38 @@ def in_notebook() -> bool:
     return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
 
 
-def png_bundle(fig) -> dict[str, Any]:
-    """A display_data output holding the figure as PNG (rendered here: no inline backend needed)."""
+PNG_DPI = 100  # readable figures: every PNG this module renders
+
+
+def png_bundle(fig, text: str = "<kdlab live plot>", dpi: int = PNG_DPI) -> dict[str, Any]:
+    """A display_data output holding the figure as PNG (rendered here: no inline backend needed);
+    `text` is its text/plain fallback."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
+    fig.savefig(buf, format="png", dpi=dpi)
     return {"output_type": "display_data", "metadata": {},
-            "data": {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": "<kdlab live plot>"}}
+            "data": {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": text}}
+
+
+_BOX_CLASS = None
+
+
+def _box(children, text: str):
+    """An ipywidgets VBox whose text/plain fallback (what a notebook shows where the widget cannot be
+    drawn: a saved file without widget state, GitHub, nbviewer, a terminal) is the one line `text`."""
+    global _BOX_CLASS
+    if _BOX_CLASS is None:
+        import ipywidgets as W
+
+        class KDLabBox(W.VBox):
+            kdlab_text = "<kdlab widget>"
+
+            def __repr__(self) -> str:
+                return self.kdlab_text
+
+        _BOX_CLASS = KDLabBox
+    box = _BOX_CLASS(children)
+    box.kdlab_text = text
+    return box
 
 
 class LivePlot:
@@ -83,6 +118,12 @@ class LivePlot:
         self.total_steps = 0
         self.figure = None
         self.widget = None
+        self._handle = None  # the display of the widget, replaced by the final figure at the end
+        self.replaced = False  # True once the displayed widget has been swapped for the final PNG
+
+    def __repr__(self) -> str:
+        return (f"<kdlab LivePlot: {sum(r.get('kind') == 'train' for r in self.records)} train records, "
+                f"{self.renders} redraws>")
 
     # ------------------------------------------------------------------ selection
     def terms(self) -> list[str]:
@@ -110,13 +151,14 @@ class LivePlot:
             self.bar = W.IntProgress(value=0, min=0, max=self.total_steps, description="distilling")
             self.status = W.HTML(value="")
             self.out = W.Output()
-            self.widget = W.VBox([self.bar, self.status, self.out])
+            self.widget = _box([self.bar, self.status, self.out], "<kdlab live plot: training>")
+            self._handle, self.replaced = None, False
             for w, name in ((self.widget, "kdlab-liveplot"), (self.status, "kdlab-status"), (self.out, "kdlab-plot")):
                 w.add_class(name)  # stable hooks for the browser test and for styling
             if in_notebook():
                 from IPython.display import display
 
-                display(self.widget)
+                self._handle = display(self.widget, display_id=True)
 
     def on_log(self, trainer, record: dict[str, Any]) -> None:
         self._update(trainer, record)
@@ -129,8 +171,19 @@ class LivePlot:
         self._sync_state(trainer)
         self.render()
         if self.png_path:
-            self.figure.savefig(self.png_path, dpi=100)
+            self.figure.savefig(self.png_path, dpi=PNG_DPI)
+        self._replace_with_final_figure()
         self.busy_s += time.perf_counter() - t0
+
+    def _replace_with_final_figure(self) -> None:
+        """Swap the displayed widget for the final figure as a plain PNG output (same display_id), so
+        the saved notebook holds an image instead of a widget that only a live kernel can draw."""
+        if self._handle is None or self.figure is None:
+            return
+        frame = self.out.outputs[0]["data"] if self.out.outputs else png_bundle(self.figure)["data"]
+        self._handle.update({"image/png": frame["image/png"], "text/plain": "<kdlab live plot: final figure>"},
+                            raw=True)
+        self.replaced = True
 
     def _sync_state(self, trainer) -> None:
         es = getattr(trainer, "early_stopping", None)
@@ -190,6 +243,8 @@ class LivePlot:
         self.figure = self.draw()
         if self.use_widgets and self.widget is not None:
             self.out.outputs = (png_bundle(self.figure),)  # one trait update: the frame swaps whole
+            if self.replaced:  # after training (lp.select / lp.hide): redraw the static figure in place
+                self._replace_with_final_figure()
         self.renders += 1
         self._last_t = time.perf_counter()
         self._render_s = self._last_t - t0
@@ -223,8 +278,16 @@ class CurriculumExplorer:
         for w in (self.progress, self.shape, *self.ranges.values()):
             w.observe(lambda _: self.update(), names="value")
         self.preset.observe(lambda change: self.load_preset(change["new"]), names="value")
-        self.widget = W.VBox([self.preset, self.progress, *self.ranges.values(), self.shape, self.table, self.out])
+        self.widget = _box([self.preset, self.progress, *self.ranges.values(), self.shape, self.table, self.out],
+                           "<kdlab curriculum explorer: sliders over the schedule (run the cell to use them)>")
+        self.widget.add_class("kdlab-curriculum")
         self.update()
+
+    def __repr__(self) -> str:
+        return f"<kdlab CurriculumExplorer: preset {self.preset.value!r}, progress {self.progress.value:.0%}>"
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
 
     def load_preset(self, name: str) -> None:
         sched = CurriculumScheduler.from_preset(name, self.total_steps)
@@ -258,7 +321,117 @@ class CurriculumExplorer:
         ax.set_ylabel("fraction of max weight")
         ax.legend(fontsize=7)
         self.figure = fig
-        self.out.outputs = (png_bundle(fig),)
+        self.out.outputs = (png_bundle(fig, text="<kdlab curriculum weights>"),)
 
 
-__all__ = ["LivePlot", "CurriculumExplorer", "in_notebook", "png_bundle"]
+def temperature_stats(logits: torch.Tensor, temperature: float, k: int = 10) -> dict[str, float]:
+    """The numbers of one soft target p_T = softmax(logits / T) over a (V,) logit vector:
+
+        entropy           H = -sum p_T log p_T, in nats (log V for a uniform distribution)
+        top_mass          the probability of the k most likely tokens
+        effective_tokens  exp(H): the number of equally likely tokens with the same entropy
+        top1              the largest probability
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    logp = torch.log_softmax(logits.detach().double().reshape(-1) / temperature, dim=-1)
+    p = logp.exp()
+    entropy = float(-torch.where(p > 0, p * logp, 0.0).sum())
+    top = p.topk(min(k, p.numel())).values
+    return {"temperature": float(temperature), "entropy": entropy, "top_mass": float(top.sum()),
+            "effective_tokens": math.exp(entropy), "top1": float(top[0]), "k": int(min(k, p.numel()))}
+
+
+class TemperatureExplorer:
+    """A temperature slider over one next-token distribution: a bar chart (log scale) of its most
+    likely tokens (decoded), the rest of the vocabulary as one grey bar, the uniform level 1/V, and
+    the entropy, top-k mass and effective number of tokens at the slider's T. The T = 1 distribution
+    stays drawn as outlines for comparison.
+
+        ex = TemperatureExplorer(teacher_logits[0, pos], tokenizer)
+        ex                              # the widget (or ex.widget)
+        ex.numbers()                    # temperature_stats at the slider's T
+        ex.figure_at((1, 2, 4))         # the static view: one panel per temperature
+    """
+
+    def __init__(self, logits: torch.Tensor, tokenizer, temperature: float = 1.0, n_tokens: int = 12,
+                 k: int = 10, t_min: float = 0.5, t_max: float = 8.0):
+        import ipywidgets as W
+
+        self.logits = logits.detach().float().reshape(-1).cpu()
+        self.k, self.n_tokens = k, n_tokens
+        # temperature never reorders tokens, so the same top tokens are the top at every T
+        self.ids = self.logits.topk(n_tokens).indices.tolist()
+        self.labels = [repr(tokenizer.decode([i])) for i in self.ids]
+        self.slider = W.FloatSlider(value=temperature, min=t_min, max=t_max, step=0.1, description="T",
+                                    readout_format=".1f")
+        self.stats = W.HTML()
+        self.out = W.Output()
+        self.widget = _box([self.slider, self.stats, self.out],
+                           "<kdlab temperature explorer: a T slider over one soft target (run the cell to use it)>")
+        for w, name in ((self.widget, "kdlab-temperature"), (self.slider, "kdlab-temperature-slider"),
+                        (self.stats, "kdlab-temperature-stats"), (self.out, "kdlab-temperature-plot")):
+            w.add_class(name)
+        self.renders = 0
+        self.slider.observe(lambda _: self.update(), names="value")
+        self.update()
+
+    def __repr__(self) -> str:
+        return f"<kdlab TemperatureExplorer: T = {self.slider.value:.1f} over {self.logits.numel():,} tokens>"
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.slider.value)
+
+    def numbers(self, temperature: float | None = None) -> dict[str, float]:
+        return temperature_stats(self.logits, self.temperature if temperature is None else temperature, self.k)
+
+    def stats_text(self, temperature: float | None = None) -> str:
+        s = self.numbers(temperature)
+        return (f"T = {s['temperature']:.1f}: entropy {s['entropy']:.2f} nats · top-{s['k']} mass "
+                f"{s['top_mass']:.3f} · effective number of tokens {s['effective_tokens']:,.1f}")
+
+    def draw(self, ax, temperature: float, reference: bool = True, labels: bool = True) -> None:
+        """The bar chart at `temperature` on `ax` (the T = 1 bars as outlines when `reference`)."""
+        p = torch.softmax(self.logits.double() / temperature, -1)
+        top = p[self.ids].tolist()
+        xs = list(range(len(top) + 1))
+        ax.bar(xs[:-1], top, color="C0", label=f"T = {temperature:g}")
+        ax.bar(xs[-1], 1 - sum(top), color="0.6", label="rest of the vocabulary")
+        if reference and abs(temperature - 1.0) > 1e-9:
+            p1 = torch.softmax(self.logits.double(), -1)
+            top1 = p1[self.ids].tolist()
+            ax.bar(xs, [*top1, 1 - sum(top1)], fill=False, edgecolor="k", lw=0.8, label="T = 1")
+        ax.axhline(1 / self.logits.numel(), color="k", ls=":", lw=0.8, label="uniform (1/V)")
+        ax.set_yscale("log")  # the flattening shows as bars levelling off towards 1/V
+        ax.set_ylim(0.3 / self.logits.numel(), 8.0)  # headroom above 1 for the legend
+        ax.set_xticks(xs)
+        ax.set_xticklabels([*self.labels, f"other {self.logits.numel() - len(top):,}"] if labels else [],
+                           rotation=60, ha="right", fontsize=7)
+        s = self.numbers(temperature)
+        ax.set_title(f"T = {temperature:g}: H = {s['entropy']:.2f} nats, exp(H) = {s['effective_tokens']:,.0f}",
+                     fontsize=9)
+        ax.set_ylabel("probability (log scale)")
+        ax.legend(fontsize=6, loc="upper center", ncol=2)
+
+    def figure_at(self, temperatures=(1.0, 2.0, 4.0)):
+        """The static view: one panel per temperature, side by side."""
+        fig, axes = new_figure(len(temperatures), width=3.6, height=3.2)
+        for ax, t in zip(axes, temperatures, strict=True):
+            self.draw(ax, t)
+        return fig
+
+    def update(self) -> None:
+        fig, (ax,) = new_figure(1, width=5.2, height=3.4)
+        self.draw(ax, self.temperature)
+        self.figure = fig
+        self.stats.value = html.escape(self.stats_text())
+        self.out.outputs = (png_bundle(fig, text=f"<kdlab soft target at T = {self.temperature:.1f}>"),)
+        self.renders += 1
+
+
+__all__ = ["LivePlot", "CurriculumExplorer", "TemperatureExplorer", "temperature_stats", "in_notebook",
+           "png_bundle"]

@@ -2,13 +2,18 @@
 
     python scripts/browser_notebook.py                          # notebook 00, KDLAB_PROFILE as set (else auto)
     python scripts/browser_notebook.py --profile ci --out docs/images
+    python scripts/browser_notebook.py --notebook 01_concepts.ipynb --profile ci   # and move its T slider
 
 Starts `jupyter lab` the way `make lab` does (the server's root is a copy of notebooks/ under
 runs/browser-course/, so JupyterLab's autosave cannot overwrite the committed notebook), opens the
 notebook in headless Chromium (Debian's `chromium`, driven by Playwright), runs *Run All Cells*, and
 watches the live plot while the training cell runs. Screenshots: the live plot mid-run and at the
-end, and the whole page at the end. Exits non-zero if the plot never appeared or never changed, or
-if a cell raised. Needs `make setup` (it installs chromium and playwright).
+end (by then the widget has been replaced by its final figure, a plain image), and the whole page at
+the end. A notebook with a temperature explorer (01_concepts) then gets its slider moved with the
+arrow keys: screenshots before and after (`<stem>-slider-T1.png`, `<stem>-slider-moved.png`).
+Exits non-zero if a notebook that trains shows no live plot or one that never changed, if the
+slider's figure did not change, or if a cell raised. Needs `make setup` (it installs chromium and
+playwright).
 """
 
 from __future__ import annotations
@@ -74,17 +79,101 @@ def open_and_run_all(playwright, chromium: str, port: int, notebook: str, width:
         page.get_by_role("button", name="No").click(timeout=3_000)
     except Exception:
         pass
+    # ... and if it (or any other toast) shows up later, keep it out of the screenshots
+    page.add_style_tag(content=".Toastify { display: none !important; }")
     page.wait_for_function("() => { const k = window.jupyterapp.shell.currentWidget?.sessionContext?.session"
                            "?.kernel; return k && k.status === 'idle'; }", timeout=90_000)
+    page.evaluate(_TRACK_LIVE_PLOT)
     page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")
     return browser, page
 
 
+# Every status line the live plot shows, recorded as it changes (window.kdlabStatuses), and its cell
+# marked: when training ends the widget is replaced by its final figure, so polling alone could miss
+# the last status, and the figure is then found through the cell.
+_TRACK_LIVE_PLOT = """() => {
+  if (window.kdlabStatuses) return true;
+  window.kdlabStatuses = [];
+  const seen = () => {
+    const w = document.querySelector('.kdlab-liveplot');
+    if (!w) return;
+    w.closest('.jp-Cell')?.classList.add('kdlab-liveplot-cell');
+    const h = w.querySelector('.kdlab-status'), s = window.kdlabStatuses, t = h ? h.textContent : '';
+    if (t && t !== s[s.length - 1]) s.push(t);
+  };
+  new MutationObserver(seen).observe(document.body, {childList: true, subtree: true, characterData: true});
+  return true;
+}"""
+
+# the final figure that replaced the live plot: a plain image output in the live plot's cell
+FINAL_FIGURE = ".kdlab-liveplot-cell .jp-OutputArea-output[data-mime-type='image/png'] img"
+
+
 def live_plot_frame(page) -> tuple[str, str]:
-    """(src of the live plot's current image, its status line), empty strings before it exists."""
-    src = page.evaluate("() => { const i = document.querySelector('.kdlab-plot img'); return i ? i.src : ''; }")
+    """(src of the live plot's current image, its status line), empty strings before it exists; after
+    training, (src of the final figure that replaced it, "")."""
+    src = page.evaluate("(final) => { const i = document.querySelector('.kdlab-plot img') || "
+                        "[...document.querySelectorAll(final)].pop(); return i ? i.src : ''; }", FINAL_FIGURE)
     status = page.evaluate("() => { const h = document.querySelector('.kdlab-status'); return h ? h.innerText : ''; }")
     return src, status
+
+
+def live_plot_statuses(page) -> list[str]:
+    """Every status line the live plot showed, in order (recorded in the page as they changed)."""
+    return page.evaluate("() => window.kdlabStatuses || []")
+
+
+def run_state(page) -> dict:
+    """{idle, done, errors}: kernel idle, every code cell executed, cells showing an error."""
+    return page.evaluate(
+        "() => { const nb = window.jupyterapp.shell.currentWidget; const k = nb?.sessionContext?.session?.kernel;"
+        " const cells = nb.content.widgets.filter(c => c.model.type === 'code');"
+        " return {idle: k && k.status === 'idle', done: cells.every(c => c.model.executionCount !== null),"
+        " errors: cells.filter(c => c.model.outputs.toJSON().some(o => o.output_type === 'error')).length}; }")
+
+
+def wait_run_done(page, timeout: float, settle_s: float = 5.0) -> dict:
+    """Poll `run_state` until the kernel is idle and every cell has run (or `timeout` seconds pass)."""
+    t0 = time.time()
+    while True:
+        state = run_state(page)
+        if (state["idle"] and state["done"] and time.time() - t0 > settle_s) or time.time() - t0 > timeout:
+            return state
+        time.sleep(0.5)
+
+
+_SLIDER_IMG = "() => { const i = document.querySelector('.kdlab-temperature-plot img'); return i ? i.src : ''; }"
+# textContent, not innerText: JupyterLab does not render cells off screen, and their innerText is ''
+_SLIDER_STATS = "() => document.querySelector('.kdlab-temperature-stats')?.textContent || ''"
+
+
+def move_temperature_slider(page, out: Path, stem: str, presses: int = 10, timeout_ms: int = 60_000) -> dict:
+    """In a notebook that has run, the temperature explorer (kdlab.widgets.TemperatureExplorer):
+    screenshot it at its start (T = 1), focus the slider's handle, press the right arrow `presses`
+    times (0.1 each), wait until the figure shows the new T, screenshot again.
+
+    Returns {before, after}: each {src, stats} (the widget image's data URI, its statistics line),
+    and the two screenshot paths. Also used by tests/test_browser.py."""
+    explorer = page.locator(".kdlab-temperature").first
+    explorer.scroll_into_view_if_needed()
+    page.wait_for_function(_SLIDER_IMG, timeout=timeout_ms)
+    before = {"src": page.evaluate(_SLIDER_IMG), "stats": page.evaluate(_SLIDER_STATS)}
+    shots = (out / f"{stem}-slider-T1.png", out / f"{stem}-slider-moved.png")
+    explorer.screenshot(path=str(shots[0]))
+    handle = page.locator(".kdlab-temperature-slider .noUi-handle").first
+    handle.focus()
+    start = float(before["stats"].split(":")[0].removeprefix("T = "))
+    target = f"T = {start + 0.1 * presses:.1f}:"
+    for _ in range(presses):
+        page.keyboard.press("ArrowRight")
+        time.sleep(0.05)
+    page.wait_for_function(f"() => ({_SLIDER_STATS})().startsWith({target!r})", timeout=timeout_ms)
+    page.wait_for_function(f"(src) => {{ const s = ({_SLIDER_IMG})(); return s && s !== src; }}", arg=before["src"],
+                           timeout=timeout_ms)
+    time.sleep(1.0)  # the last redraw (the stats line and the image are set together, by one update)
+    after = {"src": page.evaluate(_SLIDER_IMG), "stats": page.evaluate(_SLIDER_STATS)}
+    explorer.screenshot(path=str(shots[1]))
+    return {"before": before, "after": after, "shots": shots, "target": target}
 
 
 def main() -> None:
@@ -103,6 +192,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     (work / "notebooks").mkdir(parents=True)
     shutil.copy(ROOT / "notebooks" / args.notebook, work / "notebooks" / args.notebook)
+    trains = "LivePlot" in (ROOT / "notebooks" / args.notebook).read_text()  # else no live plot to watch
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.notebook).stem
@@ -127,18 +217,20 @@ def main() -> None:
                         live.scroll_into_view_if_needed()
                         mid_shot = out / f"{stem}-live-plot-during.png"
                         live.screenshot(path=str(mid_shot))
-                state = page.evaluate(
-                    "() => { const nb = window.jupyterapp.shell.currentWidget; const k = nb?.sessionContext?.session?.kernel;"
-                    " const cells = nb.content.widgets.filter(c => c.model.type === 'code');"
-                    " return {idle: k && k.status === 'idle', done: cells.every(c => c.model.executionCount !== null),"
-                    " errors: cells.filter(c => c.model.outputs.toJSON().some(o => o.output_type === 'error')).length}; }")
+                state = run_state(page)
                 if state["idle"] and state["done"] and time.time() - t_run > 5:
                     break
                 time.sleep(0.2)
             wall = time.time() - t_run
-            live = page.locator(".kdlab-liveplot")
-            live.scroll_into_view_if_needed()
-            live.screenshot(path=str(out / f"{stem}-live-plot-final.png"))
+            statuses = live_plot_statuses(page)
+            status = statuses[-1] if statuses else status
+            if trains and srcs:  # the final figure that replaced the widget (the first one, if several)
+                final = page.locator(FINAL_FIGURE).first
+                final.scroll_into_view_if_needed()
+                final.screenshot(path=str(out / f"{stem}-live-plot-final.png"))
+            slider = None
+            if page.locator(".kdlab-temperature").count():
+                slider = move_temperature_slider(page, out, stem)
             page.screenshot(path=str(out / f"{stem}-page.png"))
             browser.close()
     finally:
@@ -146,11 +238,17 @@ def main() -> None:
         server.wait(timeout=30)
     print(f"{args.notebook}: run all cells in {wall:.0f} s (server start included: {time.time() - t_start:.0f} s); "
           f"{len(srcs)} distinct live-plot frames; errors shown: {state['errors']}; last status: {status!r}")
+    if slider:
+        print(f"temperature slider: {slider['before']['stats']!r} -> {slider['after']['stats']!r}; figure changed: "
+              f"{slider['before']['src'] != slider['after']['src']}")
     print("screenshots:", ", ".join(str(p.relative_to(ROOT)) for p in sorted(out.glob(f"{stem}-*.png"))))
     if not state["done"]:
         sys.exit("browser_notebook: not every cell ran (timeout?)")
-    if len(srcs) < 2:
+    if trains and len(srcs) < 2:
         sys.exit("browser_notebook: the live plot never appeared or never changed")
+    if slider and (slider["before"]["src"] == slider["after"]["src"]
+                   or not slider["after"]["stats"].startswith(slider["target"])):
+        sys.exit("browser_notebook: moving the temperature slider did not redraw its figure")
     if state["errors"]:
         sys.exit("browser_notebook: a cell raised an error (see the page screenshot)")
 

@@ -1,10 +1,14 @@
-"""The live plot in a real browser: JupyterLab on localhost, a small notebook that trains with
-kdlab.widgets.LivePlot, run in headless Chromium (Debian's `chromium`, driven by Playwright).
+"""The course's widgets in a real browser: JupyterLab on localhost, run in headless Chromium
+(Debian's `chromium`, driven by Playwright).
 
-Asserts on the page that the plot image appears and changes while the cell runs, and that the
-status line reaches the last step. Screenshots of two moments are kept in runs/browser/ (the
-test's artifacts). `make setup` installs chromium and playwright; set KDLAB_SKIP_BROWSER=1 to
-skip this test on a machine that cannot have them.
+* A small notebook that trains with kdlab.widgets.LivePlot: the plot image appears and changes while
+  the cell runs, the status line reaches the last step, and at the end the widget is replaced by its
+  final figure (a plain image: what the saved notebook keeps).
+* notebooks/01_concepts.ipynb, run top to bottom on the real teacher: moving its temperature slider
+  with the arrow keys redraws the distribution figure.
+
+Screenshots are kept in runs/browser/ (the tests' artifacts). `make setup` installs chromium and
+playwright; set KDLAB_SKIP_BROWSER=1 to skip these tests on a machine that cannot have them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from browser_notebook import free_port, live_plot_frame, open_and_run_all, start_lab, wait_http  # noqa: E402
+from browser_notebook import (  # noqa: E402
+    FINAL_FIGURE,
+    free_port,
+    live_plot_frame,
+    live_plot_statuses,
+    move_temperature_slider,
+    open_and_run_all,
+    start_lab,
+    wait_http,
+    wait_run_done,
+)
 
 ARTIFACTS = ROOT / "runs" / "browser"
 
@@ -79,6 +93,10 @@ def test_live_plot_updates_in_jupyterlab(tmp_path, tiny_teacher, austen_ready):
                 if done:  # the cell printed its last line: the final frame is in
                     break
                 time.sleep(0.1)
+            # when training ends, the widget gives way to its final figure, a plain image output
+            page.wait_for_selector(FINAL_FIGURE, timeout=30_000)
+            replaced = page.locator(".kdlab-liveplot").count() == 0
+            statuses = live_plot_statuses(page)  # every status line shown, recorded in the page
             page.screenshot(path=str(ARTIFACTS / "live-plot-final.png"))
             browser.close()
     finally:
@@ -86,7 +104,44 @@ def test_live_plot_updates_in_jupyterlab(tmp_path, tiny_teacher, austen_ready):
         server.wait(timeout=30)
     assert seen, "the live plot's image never appeared (see runs/browser/live-plot-final.png)"
     assert len({src for _, src, _ in seen}) >= 2, "the image did not change while the cell ran"
-    first_status, last_status = seen[0][2], seen[-1][2]
+    assert replaced, "the live widget was not replaced by its final figure"
+    first_status, last_status = seen[0][2], statuses[-1]
     assert first_status.startswith("val KL")  # the first frame: the evaluation before training
     assert f"step {STEPS}/{STEPS}" in last_status and "early stopping: best" in last_status, last_status
     assert len(shots) == 2 and all(s.stat().st_size > 10_000 for s in shots)
+
+
+def test_concepts_temperature_slider_in_jupyterlab(tmp_path, tokenizer_dir, austen_ready):
+    """01_concepts on the real teacher: run all, then the slider's arrow keys redraw the figure."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is missing: run `make setup` (or set KDLAB_SKIP_BROWSER=1)"
+    if not (tokenizer_dir / "model.safetensors").is_file():
+        pytest.skip("the real teacher's weights are missing: run `make setup` first")
+    root = tmp_path / "notebooks"  # a copy: JupyterLab's autosave must not touch the committed notebook
+    root.mkdir()
+    shutil.copy(ROOT / "notebooks" / "01_concepts.ipynb", root)
+    port = free_port()
+    env = {**os.environ, "KDLAB_PROFILE": "ci", "TQDM_DISABLE": "1", "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt")}
+    server = start_lab(root, port, env, tmp_path / "jupyter.log")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    moved = None
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/status", 90, server)
+        with sync_playwright() as p:
+            browser, page = open_and_run_all(p, chromium, port, "01_concepts.ipynb", 1400)
+            state = wait_run_done(page, 300)
+            if state["done"] and not state["errors"]:
+                moved = move_temperature_slider(page, ARTIFACTS, "01_concepts", presses=10)
+            page.screenshot(path=str(ARTIFACTS / "01_concepts-page.png"))
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert state["done"] and not state["errors"], f"the notebook did not run cleanly: {state}"
+    before, after = moved["before"], moved["after"]
+    assert before["stats"].startswith("T = 1.0:") and after["stats"].startswith("T = 2.0:"), (before, after)
+    assert before["src"].startswith("data:image/png") and after["src"] != before["src"], "the figure did not change"
+    assert all(shot.stat().st_size > 5_000 for shot in moved["shots"])

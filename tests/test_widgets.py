@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import kdlab
 from kdlab.curriculum import CurriculumScheduler
@@ -17,7 +19,7 @@ pytest.importorskip("ipywidgets")
 pytest.importorskip("matplotlib")
 
 from kdlab import plots  # noqa: E402
-from kdlab.widgets import CurriculumExplorer, LivePlot  # noqa: E402
+from kdlab.widgets import CurriculumExplorer, LivePlot, TemperatureExplorer, temperature_stats  # noqa: E402
 
 TERMS = ("kd", "lm", "feature", "attention")
 
@@ -137,6 +139,94 @@ def test_explorer_sliders_change_the_schedule():
     assert ex.weights()["feature"] == pytest.approx(0.5)
     ex.preset.value = "seed-phases"
     assert ex.weights()["feature"] == pytest.approx(0.067, abs=5e-4)
+
+
+class FakeHandle:
+    """What IPython's display(..., display_id=True) returns: records the display updates."""
+
+    def __init__(self, obj):
+        self.obj, self.updates = obj, []
+
+    def update(self, obj, **kwargs):
+        self.updates.append((obj, kwargs))
+
+
+def png_width(b64: str) -> int:
+    data = base64.b64decode(b64)
+    assert data.startswith(b"\x89PNG")
+    return int.from_bytes(data[16:20], "big")  # the IHDR chunk's width
+
+
+def test_live_plot_leaves_the_final_figure_as_a_png_not_a_widget(monkeypatch):
+    import IPython.display
+
+    import kdlab.widgets
+
+    handles = []
+    monkeypatch.setattr(kdlab.widgets, "in_notebook", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", lambda obj, **kw: handles.append(FakeHandle(obj)) or handles[-1])
+    lp = LivePlot(min_interval_s=0.0, max_overhead=1.0)
+    trainer = FakeTrainer()
+    feed(lp, trainer, 3)
+    (handle,) = handles
+    assert handle.obj is lp.widget and not handle.updates  # the live widget, while training runs
+    text = lp.widget._repr_mimebundle_()["text/plain"]  # what a saved notebook would show for it
+    assert text == "<kdlab live plot: training>" and "VBox(children" not in repr(lp)
+    lp.on_train_end(trainer)
+    ((data, kwargs),) = handle.updates
+    assert kwargs == {"raw": True} and lp.replaced
+    last_frame = lp.out.outputs[0]["data"]["image/png"]
+    assert data == {"image/png": last_frame, "text/plain": "<kdlab live plot: final figure>"}
+    assert png_width(data["image/png"]) >= 100 * lp.figure.get_figwidth() - 1  # rendered at >= 100 dpi
+    lp.select(["kd"])  # after training: the static figure is redrawn in place
+    assert len(handle.updates) == 2 and handle.updates[1][0]["image/png"] != data["image/png"]
+
+
+def test_temperature_stats_are_the_soft_targets_numbers():
+    V = 1000
+    uniform = temperature_stats(torch.zeros(V), 1.0, k=10)
+    assert uniform["entropy"] == pytest.approx(math.log(V)) and uniform["effective_tokens"] == pytest.approx(V)
+    assert uniform["top_mass"] == pytest.approx(10 / V) and uniform["top1"] == pytest.approx(1 / V)
+    two = temperature_stats(torch.tensor([0.0, math.log(3.0)]), 1.0, k=1)  # p = (1/4, 3/4)
+    assert two["entropy"] == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    assert two["top_mass"] == pytest.approx(0.75)
+    torch.manual_seed(0)
+    z = torch.randn(V) * 4
+    assert temperature_stats(z, 2.0) == pytest.approx({**temperature_stats(z / 2, 1.0), "temperature": 2.0})
+    entropies = [temperature_stats(z, t)["entropy"] for t in (0.5, 1, 2, 4, 8)]
+    assert entropies == sorted(entropies) and entropies[-1] < math.log(V)  # flatter with T, towards log V
+    with pytest.raises(ValueError, match="must be > 0"):
+        temperature_stats(z, 0.0)
+
+
+class FakeTokenizer:
+    def decode(self, ids):
+        return f" tok{ids[0]}"
+
+
+def test_temperature_explorer_redraws_on_the_slider():
+    torch.manual_seed(0)
+    z = torch.randn(500) * 3
+    ex = TemperatureExplorer(z, FakeTokenizer(), n_tokens=8)
+    assert ex.ids == z.topk(8).indices.tolist() and ex.labels[0] == repr(f" tok{ex.ids[0]}")
+    s1 = temperature_stats(z, 1.0)
+    assert ex.numbers() == s1
+    assert f"entropy {s1['entropy']:.2f} nats" in ex.stats.value and ex.stats.value.startswith("T = 1.0")
+    (frame1,) = ex.out.outputs
+    ex.slider.value = 4.0
+    (frame4,) = ex.out.outputs  # one frame, replaced
+    assert ex.renders == 2 and frame4["data"]["image/png"] != frame1["data"]["image/png"]
+    assert ex.stats.value.startswith("T = 4.0") and ex.numbers() == temperature_stats(z, 4.0)
+    assert png_width(frame4["data"]["image/png"]) >= 100 * ex.figure.get_figwidth() - 1
+    fig = ex.figure_at((1, 2, 4))
+    assert [a.get_title().split(":")[0] for a in fig.axes] == ["T = 1", "T = 2", "T = 4"]
+    # the text fallbacks a saved notebook shows: one short line each, never "VBox(children=..."
+    assert ex._repr_mimebundle_()["text/plain"].startswith("<kdlab temperature explorer")
+    assert repr(ex) == "<kdlab TemperatureExplorer: T = 4.0 over 500 tokens>"
+    json.dumps(ex.widget.get_state())
+    cur = CurriculumExplorer()
+    assert cur._repr_mimebundle_()["text/plain"].startswith("<kdlab curriculum explorer")
+    assert "VBox(children" not in repr(cur.widget)
 
 
 def test_plots_from_files_compare_runs(tiny_overrides, tmp_path):
