@@ -118,6 +118,8 @@ class Profile:
                             cb.request_stop(trainer, "early stopping")
                 elif record["kind"] == "eval" and hasattr(cb, "on_eval"):
                     cb.on_eval(trainer, record)
+        if not s.should_stop:  # replayed to the end: the run's own totals
+            s.tokens = ref.meta.get("tokens", s.tokens)
         s.stop_reason = s.stop_reason or ref.meta.get("stop_reason", "")
         s.skipped_steps = ref.meta.get("skipped_steps", 0)
         trainer._emit("on_train_end")
@@ -165,7 +167,7 @@ def reference(arm: str) -> Reference:
     """The committed reference run `arm` (notebooks/reference/<arm>/; scripts/reference_runs.py)."""
     folder = repo_root() / REFERENCE_DIR / arm
     if not (folder / "meta.json").is_file():
-        have = sorted(p.name for p in (repo_root() / REFERENCE_DIR).glob("*/meta.json"))
+        have = sorted(p.parent.name for p in (repo_root() / REFERENCE_DIR).glob("*/meta.json"))
         raise KDLabError(f"no reference run {arm!r} in {REFERENCE_DIR}; there are: {', '.join(have) or 'none'}")
     from .plots import load_metrics
 

@@ -38,7 +38,7 @@ COURSE_PACKAGES = [("ipywidgets", "ipywidgets"), ("matplotlib", "matplotlib"), (
                    ("nbval", "nbval")]
 TRAINING_PROFILES = ("ci", "cpu", "gpu")  # the profiles that train (not `reference`, which replays)
 REPLAY_PROFILES = ("reference",)  # timed as measured: their time does not depend on the step time
-CORPUS_ENV = "KDLAB_CORPUS"
+CORPUS_ENV = "KDLAB_CORPUS"  # = kdlab.course.CORPUS_VAR; not imported from there: kdlab.course imports torch
 SETUP_HINT = "run `make setup`"
 
 Check = tuple[bool, str]  # (passed, the line's text after "ok"/"missing")
@@ -311,6 +311,14 @@ def run(profiles: list[str] | None = None, timings: str | Path | None = None, da
     from .course import PROFILES, repo_root
 
     data_dir = Path(data_dir) if data_dir is not None else repo_root() / "data"
+    if timing:  # a bad --profiles is refused before any check runs
+        if profiles is None:
+            profiles = affordable_profiles()
+        unknown = [p for p in profiles if p not in TRAINING_PROFILES or p not in PROFILES]
+        if unknown:
+            raise KDLabError(f"--profiles {unknown[0]!r}: choose from {', '.join(TRAINING_PROFILES)}")
+        if "gpu" in profiles and "gpu" not in affordable_profiles():
+            raise KDLabError("--profiles gpu needs a CUDA device (its 16 x 256-token steps are for a GPU)")
     out("kdlab preflight: set-up")
     checks = setup_checks(data_dir)
     for c in checks.values():
@@ -325,14 +333,6 @@ def run(profiles: list[str] | None = None, timings: str | Path | None = None, da
         out(format_check((False, f"timings: {e}")))
         table = None
         failed += 1
-
-    if profiles is None:
-        profiles = affordable_profiles()
-    unknown = [p for p in profiles if p not in TRAINING_PROFILES or p not in PROFILES]
-    if unknown:
-        raise KDLabError(f"--profiles {unknown[0]!r}: choose from {', '.join(TRAINING_PROFILES)}")
-    if "gpu" in profiles and "gpu" not in affordable_profiles():
-        raise KDLabError("--profiles gpu needs a CUDA device (its 16 x 256-token steps are for a GPU)")
 
     out("")
     out("kdlab preflight: one training step of the course's default run (1 warm-up, mean of 2)")

@@ -192,7 +192,9 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     (work / "notebooks").mkdir(parents=True)
     shutil.copy(ROOT / "notebooks" / args.notebook, work / "notebooks" / args.notebook)
-    trains = "LivePlot" in (ROOT / "notebooks" / args.notebook).read_text()  # else no live plot to watch
+    replays = (args.profile or os.environ.get("KDLAB_PROFILE")) == "reference"  # runs replayed, none trained
+    trains = "LivePlot" in (ROOT / "notebooks" / args.notebook).read_text() and not replays  # a live plot to watch
+    written = {p: p.stat().st_mtime for p in (ROOT / "runs" / "course").rglob("metrics.jsonl")}
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.notebook).stem
@@ -238,12 +240,17 @@ def main() -> None:
         server.wait(timeout=30)
     print(f"{args.notebook}: run all cells in {wall:.0f} s (server start included: {time.time() - t_start:.0f} s); "
           f"{len(srcs)} distinct live-plot frames; errors shown: {state['errors']}; last status: {status!r}")
+    trained = [p for p in (ROOT / "runs" / "course").rglob("metrics.jsonl") if written.get(p) != p.stat().st_mtime]
+    if replays:
+        print(f"reference profile: {len(trained)} training logs written during the run (0 = nothing trained)")
     if slider:
         print(f"temperature slider: {slider['before']['stats']!r} -> {slider['after']['stats']!r}; figure changed: "
               f"{slider['before']['src'] != slider['after']['src']}")
     print("screenshots:", ", ".join(str(p.relative_to(ROOT)) for p in sorted(out.glob(f"{stem}-*.png"))))
     if not state["done"]:
         sys.exit("browser_notebook: not every cell ran (timeout?)")
+    if replays and trained:
+        sys.exit(f"browser_notebook: the reference profile trained (it wrote {trained[0].relative_to(ROOT)})")
     if trains and len(srcs) < 2:
         sys.exit("browser_notebook: the live plot never appeared or never changed")
     if slider and (slider["before"]["src"] == slider["after"]["src"]

@@ -43,6 +43,7 @@ CASES = [
     ("config", "YAML that is a list, not a mapping", lambda e: ["train", "--config", str(e["list.yaml"])]),
     ("cli", "misspelt flag: `--lerning-rate 1`", lambda e: ["train", "--lerning-rate", "1"]),
     ("cli", "misspelt command: `kdlab trian`", lambda e: ["trian"]),
+    ("cli", "unknown profile to time: `kdlab preflight --profiles huge`", lambda e: ["preflight", "--profiles", "huge"]),
     ("model", "teacher folder that does not exist", lambda e: ["train", "--teacher", str(e["tmp"] / "no-teacher")]),
     ("model", "folder that is not a model (no config.json)", lambda e: ["train", "--teacher", str(e["tmp"])]),
     ("model", "`--device cuda` on a machine without CUDA", lambda e: ["train", "--device", "cuda"]),

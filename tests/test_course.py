@@ -21,7 +21,7 @@ from kdlab.course import PROFILES, profile
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-LESSONS = ["00_quickstart", "02_dtype_mismatch", "03_loss_normalization", "04_curriculum", "05_logging",
+LESSONS = ["00_quickstart", "01_concepts", "02_dtype_mismatch", "03_loss_normalization", "04_curriculum", "05_logging",
            "06_early_stopping", "07_capstone"]
 MACHINE_PATHS = re.compile(r"(/work/|/tmp/|/home/|/root/|/Users/|\.venv/|site-packages)")
 
@@ -101,3 +101,159 @@ def test_stored_outputs_are_from_a_run_small_and_clean(name):
             assert not MACHINE_PATHS.search(blob), f"{name}: machine path in {MACHINE_PATHS.search(blob)[0]!r}"
     checked = [c for c in code if "NBVAL_CHECK_OUTPUT" in "".join(c["source"])]
     assert checked and all(c["outputs"] for c in checked), "deterministic cells are checked, with outputs"
+
+
+# ---------------------------------------------------------------------------- what a reader sees
+STALE = re.compile(r"(VBox\(children|HBox\(children|IntProgress\(|FloatProgress\(|\|\s*0/\d+ \[|: +0%\|)")
+LEVEL = re.compile(r"(🐢|🐕|🦁) \*(easy|medium|hard) · \d+ min\*")
+
+
+def _outputs_text(cells) -> str:
+    parts = []
+    for c in cells:
+        for o in c.get("outputs", []):
+            parts.append(o.get("text", "") if isinstance(o.get("text", ""), str) else "".join(o["text"]))
+            for k, v in o.get("data", {}).items():
+                if not k.startswith("image/"):
+                    parts.append(v if isinstance(v, str) else "".join(v) if isinstance(v, list) else json.dumps(v))
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("name", LESSONS)
+def test_no_stale_progress_bars_or_widget_fallbacks(name):
+    hit = STALE.search(_outputs_text(_cells(name)))
+    assert not hit, f"{name}: stored output holds {hit[0]!r} (a progress bar or a widget's text fallback)"
+
+
+@pytest.mark.parametrize("name", LESSONS)
+def test_every_lesson_ends_with_a_verdict_table_and_levelled_exercises(name):
+    cells = _cells(name)
+    assert "| claim | measured | holds |" in _outputs_text(cells) + "\n".join(
+        "".join(c["source"]) for c in cells if c["cell_type"] == "markdown"), f"{name}: no verdict table"
+    exercises = "\n".join("".join(c["source"]) for c in cells
+                          if c["cell_type"] == "markdown" and "## Exercises" in "".join(c["source"]))
+    items = re.findall(r"^\d+\. .*", exercises.split("## Exercises", 1)[1], flags=re.M)
+    assert items and all(LEVEL.search(i) for i in items), f"{name}: every exercise needs a level and minutes"
+
+
+@pytest.mark.parametrize("name", LESSONS)
+def test_time_line_names_the_profiles_and_the_machine(name):
+    text = "\n".join("".join(c["source"]) for c in _cells(name) if c["cell_type"] == "markdown")
+    line = text.split("**Time.**", 1)[1].split("\n\n", 1)[0]
+    assert "`ci`" in line and "2-core" in line and re.search(r"\d+ s", line), f"{name}: Time line {line!r}"
+
+
+@pytest.mark.parametrize("name", LESSONS)
+def test_figures_are_stored_at_100_dpi_or_more(name):
+    import base64
+    import struct
+
+    for c in _cells(name):
+        for o in c.get("outputs", []):
+            png = o.get("data", {}).get("image/png")
+            if not png:
+                continue
+            raw = base64.b64decode(png if isinstance(png, str) else "".join(png))
+            width = struct.unpack(">I", raw[16:20])[0]
+            assert width >= 400, f"{name}: a {width}-pixel-wide figure"
+            if b"pHYs" in raw:
+                i = raw.index(b"pHYs") + 4
+                ppm = struct.unpack(">I", raw[i:i + 4])[0]
+                assert ppm * 0.0254 >= 99.5, f"{name}: a figure at {ppm * 0.0254:.0f} dpi"
+
+
+@pytest.mark.parametrize("name", ["00_quickstart", "07_capstone"])
+def test_quickstart_and_capstone_show_generated_text(name):
+    text = _outputs_text(_cells(name))
+    assert text.count("prompt: ") >= 4 and "distinct-2" in text and "teacher NLL" in text
+
+
+def test_reference_runs_name_their_device_sizes_and_commit():
+    ref = NOTEBOOKS / "reference"
+    arms = sorted(p for p in ref.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    assert arms, "no reference runs committed"
+    total = sum(f.stat().st_size for f in ref.rglob("*") if f.is_file())
+    assert total <= 2_000_000, f"reference runs hold {total:,} bytes (at most 2 MB)"
+    for arm in arms:
+        meta = json.loads((arm / "meta.json").read_text())
+        for key in ("device", "commit", "steps", "batch_size", "seq_len", "seconds", "date", "overrides"):
+            assert meta.get(key) not in (None, ""), f"{arm.name}: meta.json lacks {key}"
+        r = kdlab.course.reference(arm.name)
+        assert r.history and r.evals() and r.samples["greedy"], arm.name
+        assert r.history[-1]["step"] <= meta["steps"] or r.history[-1]["kind"] == "eval"
+
+
+def test_every_reference_arm_a_notebook_names_exists():
+    named = set()
+    for nb in NOTEBOOKS.glob("*.ipynb"):
+        for c in json.loads(nb.read_text())["cells"]:
+            src = "".join(c["source"])
+            named |= set(re.findall(r"""reference\(\s*["']([\w-]+)["']""", src))
+            named |= set(re.findall(r"""arm\s*=\s*["']([\w-]+)["']""", src))
+    have = {p.name for p in (NOTEBOOKS / "reference").iterdir() if (p / "meta.json").is_file()}
+    assert named and named <= have, f"notebooks name reference arms that are not committed: {sorted(named - have)}"
+
+
+def test_reference_profile_replays_through_the_callbacks(tiny_overrides, tmp_path, monkeypatch):
+    # a reference run made by a real (tiny) training run, then replayed by a fresh trainer
+    made = kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "eval_every": 1, "log_every": 1,
+                                                    "es_patience": 1, "es_min_delta": 10.0, "es_warmup_steps": 0}))
+    arm = tmp_path / "notebooks" / "reference" / "tiny"
+    arm.mkdir(parents=True)
+    (arm / "metrics.jsonl").write_text((Path(tiny_overrides["out_dir"]) / "metrics.jsonl").read_text())
+    (arm / "samples.json").write_text(json.dumps({"greedy": ["x"]}))
+    (arm / "meta.json").write_text(json.dumps({"steps": made.step, "stop_reason": made.stop_reason}))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "MANIFEST.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDLAB_PROFILE", "reference")
+
+    class Seen:
+        def __init__(self):
+            self.events = []
+
+        def on_train_begin(self, trainer):
+            self.events.append("begin")
+
+        def on_log(self, trainer, record):
+            self.events.append(("log", record["step"]))
+
+        def on_eval(self, trainer, record):
+            self.events.append(("eval", record["step"]))
+
+        def on_train_end(self, trainer):
+            self.events.append("end")
+
+    P = profile()
+    assert P.replays
+    seen = Seen()
+    over = {**tiny_overrides, "out_dir": str(tmp_path / "replay"), "eval_every": 1, "es_patience": 1,
+            "es_min_delta": 10.0, "es_warmup_steps": 0}
+    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over), callbacks=[seen])
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    state = P.fit(trainer, "tiny")
+    # min_delta 10 makes every check after the first a non-improvement: patience 1 stops at the 2nd check,
+    # in the made run and in the replay alike
+    assert made.stop_reason.startswith("early stopping") and state.stop_reason.startswith("early stopping")
+    assert trainer.early_stopping.stopped_step == made.step
+    assert seen.events[0] == "begin" and seen.events[-1] == "end"
+    assert [e for e in seen.events if isinstance(e, tuple) and e[0] == "log"] == \
+        [("log", r["step"]) for r in state.history if r["kind"] == "train"]
+    assert all(torch_equal(before[k], v) for k, v in trainer.student.state_dict().items()), "nothing trained"
+    assert not (tmp_path / "replay" / "best").exists(), "a replay saves no weights"
+    with pytest.raises(kdlab.KDLabError, match="no reference run 'nope'.*there are: tiny"):
+        kdlab.course.reference("nope")
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_corpus_setting_replaces_the_course_corpus(monkeypatch, tmp_path):
+    f = tmp_path / "mine.txt"
+    f.write_text("text")
+    monkeypatch.setenv("KDLAB_CORPUS", str(f))
+    assert profile("ci").config("x").data == str(f)
+    assert profile("ci").config("x", data="austen").data == "austen"  # an explicit override still wins

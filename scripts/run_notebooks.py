@@ -1,0 +1,102 @@
+"""Execute the course notebooks once, top to bottom, and record how long each took.
+
+    python scripts/run_notebooks.py --profile ci --inplace        # the stored outputs (a quiet machine!)
+    python scripts/run_notebooks.py --profile reference --out /tmp/nb-reference
+    python scripts/run_notebooks.py --profile cpu --only 00_quickstart --out /tmp/nb-cpu
+
+Each notebook runs in a fresh kernel with the environment nbval gives it (notebooks/conftest.py: quiet
+libraries, no progress bars) and the profile asked for, from the notebooks folder as working directory,
+so stored outputs hold relative paths only. The wall time of each notebook (kernel start included) and
+the step time of the course's default run at the profile's sizes (`kdlab.preflight.time_step`, timed
+just before, on the same machine) go into notebooks/timings.json under the profile, with the machine
+named: what each notebook's Time line and `kdlab preflight` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+sys.path.insert(0, str(ROOT))
+
+ENV = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}  # as notebooks/conftest.py sets them for nbval
+
+
+def machine() -> str:
+    names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+             if ln.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    cpu = f"{len(names)}-core {names[0]}" if names else platform.machine()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} ({cpu}), torch {torch.__version__}"
+        return f"{cpu}, no GPU, torch {torch.__version__}"
+    except ImportError:
+        return cpu
+
+
+def main() -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", required=True, help="KDLAB_PROFILE for every notebook: ci, cpu, gpu or reference")
+    ap.add_argument("--only", nargs="*", help="notebook names (default: every NN_*.ipynb)")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--inplace", action="store_true", help="store the outputs in the notebooks themselves")
+    where.add_argument("--out", help="write the executed notebooks to this folder instead")
+    ap.add_argument("--no-record", action="store_true", help="do not write notebooks/timings.json")
+    args = ap.parse_args()
+    from kdlab.course import PROFILES
+
+    if args.profile not in PROFILES:
+        sys.exit(f"--profile {args.profile!r} is not a profile; choose one of {', '.join(PROFILES)}")
+    names = args.only or sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    os.environ.update(ENV | {"KDLAB_PROFILE": args.profile})
+    step = None
+    if args.profile != "reference":
+        from kdlab.preflight import time_step
+
+        step = round(time_step(args.profile), 3)
+        print(f"step time at the {args.profile} profile's sizes: {step:.2f} s", flush=True)
+    seconds = {}
+    for name in names:
+        path = NOTEBOOKS / f"{name}.ipynb"
+        nb = nbformat.read(path, as_version=4)
+        t0 = time.perf_counter()
+        NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}},
+                       store_widget_state=False).execute()  # the figures are stored as images
+        seconds[name] = round(time.perf_counter() - t0)
+        out = path if args.inplace else Path(args.out) / path.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, out)
+        print(f"{name}: {seconds[name]} s", flush=True)
+    print(f"all {len(names)}: {sum(seconds.values())} s", flush=True)
+    if args.no_record:
+        return
+    table_path = NOTEBOOKS / "timings.json"
+    table = json.loads(table_path.read_text())
+    table.setdefault("machines", {})[args.profile] = machine()
+    table["machine"] = machine()
+    if step is not None:
+        table["step_seconds"][args.profile] = step
+    for name, s in seconds.items():
+        table["notebooks"].setdefault(name, {})[args.profile] = s
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    table.setdefault("measured_at", {})[args.profile] = (head.stdout.strip() or "unknown") + time.strftime(
+        ", %Y-%m-%d", time.gmtime())
+    table_path.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
