@@ -3,6 +3,7 @@
     python scripts/run_notebooks.py --profile ci --inplace        # the stored outputs (a quiet machine!)
     python scripts/run_notebooks.py --profile reference --out /tmp/nb-reference
     python scripts/run_notebooks.py --profile cpu --only 00_quickstart --out /tmp/nb-cpu
+    python scripts/run_notebooks.py --time-lines      # each notebook's Time line from notebooks/timings.json
 
 Each notebook runs in a fresh kernel with the environment nbval gives it (notebooks/conftest.py: quiet
 libraries, no progress bars) and the profile asked for, from the notebooks folder as working directory,
@@ -45,18 +46,59 @@ def machine() -> str:
         return cpu
 
 
+NOTES = {  # what each notebook's Time line adds to the measured figures
+    "00_quickstart": "one training run with the live plot, and 32 continuations of four prompts.",
+    "01_concepts": "nothing is trained (the same cells at every profile); the slider needs a running kernel.",
+    "02_dtype_mismatch": "the training run at the end is the only part that grows with the profile.",
+    "03_loss_normalization": "forward passes on a few validation batches, then one short training run.",
+    "04_curriculum": "two short training runs with every term on.",
+    "05_logging": "two short runs of the real pair (they train under every profile: printed lines cannot be replayed).",
+    "06_early_stopping": "two short runs with every term on.",
+    "07_capstone": "one run with every term, six short arms, and the students' text.",
+}
+
+
+def time_lines(table: dict) -> None:
+    """Rewrite the **Time.** paragraph of each notebook's first cell from the measured table."""
+    machine_ = table.get("machine", "an unnamed machine")
+    for name, row in table["notebooks"].items():
+        path = NOTEBOOKS / f"{name}.ipynb"
+        if not path.is_file():
+            continue
+        nb = json.loads(path.read_text())
+        cell = nb["cells"][0]
+        text = "".join(cell["source"])
+        start = text.index("**Time.**")
+        end = text.find("\n\n", start)
+        figures = " · ".join(f"`{p}` {row[p]} s" for p in ("ci", "reference", "cpu", "gpu") if row.get(p))
+        missing = [f"`{p}`" for p in ("cpu", "gpu") if not row.get(p)]
+        line = (f"**Time.** Measured with *Run All* in a fresh kernel on {machine_}: {figures}"
+                + (f"; {' and '.join(missing)} not measured (`kdlab preflight` estimates them for your machine)"
+                   if missing else "") + f". {NOTES.get(name, '')}".rstrip())
+        text = text[:start] + line + (text[end:] if end >= 0 else "")
+        lines = text.split("\n")
+        cell["source"] = [ln + "\n" for ln in lines[:-1]] + [lines[-1]]
+        path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+        print(f"{name}: {line}")
+
+
 def main() -> None:
     import nbformat
     from nbclient import NotebookClient
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", required=True, help="KDLAB_PROFILE for every notebook: ci, cpu, gpu or reference")
+    ap.add_argument("--time-lines", action="store_true", help="only rewrite the Time lines from timings.json")
+    ap.add_argument("--profile", help="KDLAB_PROFILE for every notebook: ci, cpu, gpu or reference")
     ap.add_argument("--only", nargs="*", help="notebook names (default: every NN_*.ipynb)")
-    where = ap.add_mutually_exclusive_group(required=True)
+    where = ap.add_mutually_exclusive_group()
     where.add_argument("--inplace", action="store_true", help="store the outputs in the notebooks themselves")
     where.add_argument("--out", help="write the executed notebooks to this folder instead")
     ap.add_argument("--no-record", action="store_true", help="do not write notebooks/timings.json")
     args = ap.parse_args()
+    if args.time_lines:
+        return time_lines(json.loads((NOTEBOOKS / "timings.json").read_text()))
+    if not args.profile or not (args.inplace or args.out):
+        ap.error("--profile and one of --inplace / --out are needed (or --time-lines)")
     from kdlab.course import PROFILES
 
     if args.profile not in PROFILES:
@@ -69,21 +111,31 @@ def main() -> None:
 
         step = round(time_step(args.profile), 3)
         print(f"step time at the {args.profile} profile's sizes: {step:.2f} s", flush=True)
-    seconds = {}
+    from nbclient.exceptions import CellExecutionError
+
+    seconds, failed = {}, []
     for name in names:
         path = NOTEBOOKS / f"{name}.ipynb"
         nb = nbformat.read(path, as_version=4)
         t0 = time.perf_counter()
-        NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}},
-                       store_widget_state=False).execute()  # the figures are stored as images
+        try:
+            NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}},
+                           store_widget_state=False).execute()  # the figures are stored as images
+        except CellExecutionError as e:
+            failed.append(name)
+            print(f"{name}: FAILED: {str(e).strip().splitlines()[-1]}", flush=True)
+            if args.inplace:  # keep the notebook as it was; the failed run goes to /tmp for a look
+                nbformat.write(nb, Path("/tmp") / f"failed-{path.name}")
+                continue
         seconds[name] = round(time.perf_counter() - t0)
         out = path if args.inplace else Path(args.out) / path.name
         out.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, out)
         print(f"{name}: {seconds[name]} s", flush=True)
-    print(f"all {len(names)}: {sum(seconds.values())} s", flush=True)
-    if args.no_record:
-        return
+    print(f"all {len(seconds)}: {sum(seconds.values())} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""),
+          flush=True)
+    if args.no_record or failed:
+        sys.exit(1 if failed else 0)
     table_path = NOTEBOOKS / "timings.json"
     table = json.loads(table_path.read_text())
     table.setdefault("machines", {})[args.profile] = machine()
