@@ -112,7 +112,7 @@ class Profile:
             for cb in trainer.callbacks:
                 if record["kind"] == "train" and hasattr(cb, "on_log"):
                     cb.on_log(trainer, record)
-                elif record["kind"] == "eval" and isinstance(cb, EarlyStopping):
+                elif record["kind"] == "eval" and isinstance(cb, EarlyStopping) and cb.monitor in METRICS:
                     if record["split"] == "validation" and not record.get("final") and "restored_from" not in record:
                         if cb.update(record["step"], float(record[METRICS[cb.monitor]])) == "stop":
                             cb.request_stop(trainer, "early stopping")

@@ -220,7 +220,7 @@ def draw_router(axes, records) -> int:
 
 def plot_router(records) -> Figure:
     """Is the router routing? Expert utilisation per student layer over the run."""
-    records = load_metrics(records) if isinstance(records, (str, Path)) else records
+    records = _records(records)
     train = [r for r in records if r.get("kind") == "train" and r.get("router")]
     n = len(train[0]["router"]) if train else 1
     fig, axes = new_figure(n, width=3.0)

@@ -74,7 +74,7 @@ def time_lines(table: dict) -> None:
         missing = [f"`{p}`" for p in ("cpu", "gpu") if not row.get(p)]
         line = (f"**Time.** Measured with *Run All* in a fresh kernel on {machine_}: {figures}"
                 + (f"; {' and '.join(missing)} not measured (`kdlab preflight` estimates them for your machine)"
-                   if missing else "") + f". {NOTES.get(name, '')}".rstrip())
+                   if missing else "") + f". {NOTES.get(name, '')[:1].upper()}{NOTES.get(name, '')[1:]}".rstrip())
         text = text[:start] + line + (text[end:] if end >= 0 else "")
         lines = text.split("\n")
         cell["source"] = [ln + "\n" for ln in lines[:-1]] + [lines[-1]]
@@ -134,7 +134,7 @@ def main() -> None:
         print(f"{name}: {seconds[name]} s", flush=True)
     print(f"all {len(seconds)}: {sum(seconds.values())} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""),
           flush=True)
-    if args.no_record or failed:
+    if args.no_record:
         sys.exit(1 if failed else 0)
     table_path = NOTEBOOKS / "timings.json"
     table = json.loads(table_path.read_text())
@@ -148,6 +148,8 @@ def main() -> None:
     table.setdefault("measured_at", {})[args.profile] = (head.stdout.strip() or "unknown") + time.strftime(
         ", %Y-%m-%d", time.gmtime())
     table_path.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n")
+    if failed:  # the notebooks that ran are recorded; the failed ones keep their earlier figures
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def test_lesson_structure(name):
 @pytest.mark.parametrize("name", LESSONS)
 def test_stored_outputs_are_from_a_run_small_and_clean(name):
     path = NOTEBOOKS / f"{name}.ipynb"
-    assert path.stat().st_size < 600_000, f"{name}: {path.stat().st_size:,} bytes stored"
+    # figures at >= 100 dpi (a live plot with router panels is ~170 kB): at most 1 MB a notebook
+    assert path.stat().st_size < 1_000_000, f"{name}: {path.stat().st_size:,} bytes stored"
     code = [c for c in _cells(name) if c["cell_type"] == "code"]
     counts = [c["execution_count"] for c in code]
     assert all(isinstance(n, int) for n in counts), "every code cell executed (nbval needs the counts)"
@@ -105,7 +106,7 @@ def test_stored_outputs_are_from_a_run_small_and_clean(name):
 
 # ---------------------------------------------------------------------------- what a reader sees
 STALE = re.compile(r"(VBox\(children|HBox\(children|IntProgress\(|FloatProgress\(|\|\s*0/\d+ \[|: +0%\|)")
-LEVEL = re.compile(r"(🐢|🐕|🦁) \*(easy|medium|hard) · \d+ min\*")
+LEVEL = re.compile(r"(🐢|🐕|🦁) \*?(easy|medium|hard) · \d+ min")
 
 
 def _outputs_text(cells) -> str:
