@@ -193,6 +193,22 @@ def profile(name: str | None = None) -> Profile:
     return dataclasses.replace(PROFILES[name], reason=reason)
 
 
+def describe_machine() -> str:
+    """This machine in one line, for recorded timings: "2-core <CPU model>, no GPU, torch 2.13.0+cpu, 2 threads"."""
+    import platform
+
+    import torch
+
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+    except OSError:
+        names = []
+    cpu = f"{len(names)}-core {names[0]}" if names else platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
 def repo_root() -> Path:
     """The checkout holding data/MANIFEST.json: the working directory or a parent, else the package's."""
     here = Path.cwd().resolve()
@@ -212,4 +228,5 @@ def quiet() -> None:
     quiet_libraries()
 
 
-__all__ = ["ENV_VAR", "CORPUS_VAR", "PROFILES", "Profile", "Reference", "profile", "quiet", "reference", "repo_root"]
+__all__ = ["ENV_VAR", "CORPUS_VAR", "PROFILES", "Profile", "Reference", "describe_machine", "profile", "quiet", "reference",
+           "repo_root"]

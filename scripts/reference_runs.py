@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -58,19 +57,6 @@ ARMS: dict[str, tuple[dict, str]] = {
 }
 OUT = ROOT / kdlab.course.REFERENCE_DIR
 N_PROMPTS, NEW_TOKENS = 4, 32
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = f"{names[0]}, {len(names)} cores" if names else cpu
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        return f"cuda: {torch.cuda.get_device_name(0)} ({cpu})"
-    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
 
 
 def commit() -> str:
@@ -147,7 +133,7 @@ def main() -> None:
         state = trainer.fit()
         seconds = time.perf_counter() - t0
         samples = {"prompts": prompts, **samples_of(trainer.student, trainer, prompts)}
-        meta = {"arm": arm, "used_by": used_by, "device": machine(), "commit": commit(),
+        meta = {"arm": arm, "used_by": used_by, "device": kdlab.course.describe_machine(), "commit": commit(),
                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "seconds": round(seconds, 1), "steps": state.step, "batch_size": cfg.batch_size,
                 "seq_len": cfg.seq_len, "tokens": state.tokens, "stop_reason": state.stop_reason,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -30,20 +29,6 @@ sys.path.insert(0, str(ROOT))
 
 ENV = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}  # as notebooks/conftest.py sets them for nbval
-
-
-def machine() -> str:
-    names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-             if ln.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    cpu = f"{len(names)}-core {names[0]}" if names else platform.machine()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"{torch.cuda.get_device_name(0)} ({cpu}), torch {torch.__version__}"
-        return f"{cpu}, no GPU, torch {torch.__version__}"
-    except ImportError:
-        return cpu
 
 
 NOTES = {  # what each notebook's Time line adds to the measured figures
@@ -138,8 +123,10 @@ def main() -> None:
         sys.exit(1 if failed else 0)
     table_path = NOTEBOOKS / "timings.json"
     table = json.loads(table_path.read_text())
-    table.setdefault("machines", {})[args.profile] = machine()
-    table["machine"] = machine()
+    from kdlab.course import describe_machine
+
+    table.setdefault("machines", {})[args.profile] = describe_machine()
+    table["machine"] = describe_machine()
     if step is not None:
         table["step_seconds"][args.profile] = step
     for name, s in seconds.items():
