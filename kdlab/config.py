@@ -36,6 +36,8 @@ class KDConfig:
     data: str = "austen"  # "austen" (built at set-up), text file(s)/folder, or an HF dataset name
     data_dir: str = "data"  # corpus, converted teacher and token caches live here
     seq_len: int = 256  # tokens per packed training block
+    # train on the first N training blocks only (0 = all): a small corpus, e.g. to see overfitting
+    train_blocks: int = 0
 
     # --- models -----------------------------------------------------------------------------
     teacher: str = "smollm2-135m"  # built-in name, local folder or HF id
@@ -129,6 +131,7 @@ class KDConfig:
 
         need(bool(self.data.strip()), "data='' is empty; give 'austen', a text file/folder or an HF dataset name")
         need(self.seq_len >= 2, f"seq_len={self.seq_len} must be >= 2 (one token to read, one to predict)")
+        need(self.train_blocks >= 0, f"train_blocks={self.train_blocks} must be >= 0 (0 = every training block)")
         need(bool(self.teacher.strip()), "teacher='' is empty; give 'smollm2-135m', a local folder or an HF id")
         need(bool(self.student.strip()), "student='' is empty; give a size preset, a local folder or an HF id")
         choice("student_init", STUDENT_INITS)

@@ -252,6 +252,10 @@ class PackedSplit:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def head(self, n: int) -> PackedSplit:
+        """The first `n` blocks (all of them if there are fewer)."""
+        return PackedSplit(self.input_ids[:n], self.attention_mask[:n])
+
     def batch(self, indices: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
         ids = self.input_ids[indices]
         mask = self.attention_mask[indices]

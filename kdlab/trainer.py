@@ -128,6 +128,8 @@ def build_components(cfg: KDConfig):
     tokenizer = load_tokenizer(cfg.teacher, cfg.data_dir)
     teacher = load_teacher(cfg.teacher, cfg.data_dir, precision)
     data = prepare_data(cfg.data, cfg.data_dir, tokenizer, cfg.seq_len)
+    if cfg.train_blocks:
+        data["train"] = data["train"].head(cfg.train_blocks)
     student = build_student(cfg.student, teacher, cfg.student_init, cfg.data_dir, precision, len(tokenizer))
     log.info("teacher %s (%.1fM params) -> student %s (%.1fM params, init=%s); %s",
              cfg.teacher, count_parameters(teacher) / 1e6, cfg.student, count_parameters(student) / 1e6,
