@@ -192,7 +192,7 @@ class Components:
 
     def __init__(self, args):
         import kdlab
-        from kdlab.trainer import build_components, quiet_libraries
+        from kdlab.components import build_components, quiet_libraries
 
         quiet_libraries()
         self.args = args
@@ -436,7 +436,7 @@ def largest_batch(comp: Components) -> str:
         try:
             trainer = comp.trainer(batch_size=b, max_steps=2)
             for _ in range(2):
-                trainer.train_step(trainer._next_micro_batches()[0])
+                trainer.train_step(trainer.batches.next_step())
             torch.cuda.synchronize()
             return True
         except torch.cuda.OutOfMemoryError:

@@ -7,6 +7,8 @@
 """
 
 from .balance import AdaptiveBalancer
+from .batches import BatchSource, PackedBatches
+from .callbacks import BestWeights, Callback, ProgressBar
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import KDConfig, load_config, save_config
 from .curriculum import CurriculumScheduler, Ramp
@@ -14,6 +16,7 @@ from .data import PackedSplit, load_documents, prepare_austen, prepare_data, tok
 from .early_stopping import EarlyStopping
 from .errors import KDLabError
 from .evaluation import evaluate, format_summary
+from .objective import Loss, Objective, StepCounts
 from .feature_losses import attention_kl, cosine_distance, info_nce, ln_mse, masked_mean_pool
 from .losses import DIVERGENCES, IGNORE_INDEX, kd_loss, kd_loss_topk, lm_loss, next_token_labels, teacher_top_k
 from .models import STUDENT_PRESETS, build_student, load_teacher, load_tokenizer, prepare_teacher
@@ -21,7 +24,7 @@ from .precision import Precision, resolve_precision, student_logits, teacher_log
 from .projection import StudentLogitProjector, align_vocab
 from .router import StudentAwareRouter
 from .teacher_cache import TeacherCache, build_teacher_cache, cache_key, open_teacher_cache
-from .terms import DistillationHeads
+from .terms import TERMS, Needs, Term, TermContext, register_term, unregister_term
 from .trainer import Trainer, TrainState, train
 
 __version__ = "0.1.0"
@@ -32,7 +35,9 @@ __all__ = [
     "kd_loss", "kd_loss_topk", "teacher_top_k", "lm_loss", "next_token_labels", "IGNORE_INDEX", "DIVERGENCES",
     "TeacherCache", "cache_key", "build_teacher_cache", "open_teacher_cache",
     "ln_mse", "cosine_distance", "attention_kl", "info_nce", "masked_mean_pool",
-    "StudentAwareRouter", "DistillationHeads", "AdaptiveBalancer", "align_vocab", "StudentLogitProjector",
+    "Objective", "Loss", "StepCounts", "Term", "TermContext", "Needs", "TERMS", "register_term", "unregister_term",
+    "BatchSource", "PackedBatches", "Callback", "ProgressBar", "BestWeights",
+    "StudentAwareRouter", "AdaptiveBalancer", "align_vocab", "StudentLogitProjector",
     "Precision", "resolve_precision", "teacher_logits", "student_logits",
     "PackedSplit", "prepare_austen", "prepare_data", "load_documents", "tokenize_and_pack",
     "STUDENT_PRESETS", "prepare_teacher", "load_teacher", "load_tokenizer", "build_student",

@@ -10,32 +10,71 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-from .config import FIELDS, KDConfig, load_config, parse_value
+from .config import FIELDS, GROUPS, KDConfig, field_info, fields_by_group, format_value, load_config, parse_value
 from .errors import KDLabError
 
 log = logging.getLogger("kdlab")
 
 
+HELP_WIDTH = 100  # the help is wrapped to the terminal, but never wider than this
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """At most HELP_WIDTH columns; flags and values such as --kd-top-k or teacher-layers are never
+    broken at their hyphens."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 30, width: int | None = None):
+        if width is None:
+            width = min(shutil.get_terminal_size().columns - 2, HELP_WIDTH)
+        super().__init__(prog, indent_increment, max_help_position, max(width, 40))
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, not usage + message
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+CONFIG_FLAGS_USAGE = "%(prog)s [-h] [--config FILE] [--FIELD VALUE | --[no-]FIELD ...]"
+CONFIG_FLAGS_DESCRIPTION = ("Every config field has a flag: YAML key alpha_kd is --alpha-kd. Precedence: defaults < "
+                            "--config FILE < flags. {a,b} lists a field's allowed values.")
+
+
+def _metavar(info) -> str:
+    if info.choices:
+        return "{" + ",".join(info.choices) + "}"
+    return "YAML" if isinstance(info.default, dict) else info.type.__name__.upper()
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML file of config fields")
-    for name, f in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default: {f.default})")
-        else:
-            metavar = "YAML" if str(f.type).startswith("dict") else str(f.type).upper()
-            p.add_argument(flag, dest=name, metavar=metavar,
-                           default=None, help=f"(default: {f.default})")
+    """One flag per KDConfig field, in argument groups by section, with the field's description,
+    allowed values and default (all read from the field: kdlab.config.field_info)."""
+    p.add_argument("--config", metavar="FILE", help="YAML file of config fields (flags override its values)")
+    for group, names in fields_by_group().items():
+        g = p.add_argument_group(group, GROUPS[group])
+        for name in names:
+            info = field_info(name)
+            text = f"{info.help} (default: {format_value(info.default)})".replace("%", "%%")
+            if info.type is bool:
+                g.add_argument(info.flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            else:  # parsed and checked by the config (parse_value, KDConfig), so errors read the same as YAML's
+                g.add_argument(info.flag, dest=name, metavar=_metavar(info), default=None, help=text)
 
 
 def _config(args: argparse.Namespace, extra: dict | None = None) -> KDConfig:
@@ -51,7 +90,7 @@ def _config(args: argparse.Namespace, extra: dict | None = None) -> KDConfig:
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else logging.DEBUG if verbose > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    from .trainer import quiet_libraries
+    from .components import quiet_libraries
 
     quiet_libraries()
 
@@ -98,7 +137,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluation import evaluate
-    from .trainer import build_components
+    from .components import build_components
 
     cfg = _config(args, {"student_init": "random"})  # --student names a trained model folder
     precision, _, teacher, data, student = build_components(cfg)
@@ -114,7 +153,7 @@ def cmd_eval(args) -> int:
 
 def cmd_cache_teacher(args) -> int:
     from .teacher_cache import build_teacher_cache, cache_key, open_teacher_cache
-    from .trainer import build_components
+    from .components import build_components
 
     cfg = _config(args)
     if not cfg.teacher_cache:
@@ -149,17 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbose", help="warnings only")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("prepare", help="build the corpus, the converted teacher and the token cache")
+    p = sub.add_parser("prepare", help="build the corpus, the converted teacher and the token cache",
+                       usage=CONFIG_FLAGS_USAGE,
+                       description="Builds the corpus, the converted teacher and the token cache. "
+                                   + CONFIG_FLAGS_DESCRIPTION)
     _add_config_flags(p)
     p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("train", help="distil the teacher into the student")
+    p = sub.add_parser("train", help="distil the teacher into the student", usage=CONFIG_FLAGS_USAGE,
+                       description="Distils the teacher into the student. " + CONFIG_FLAGS_DESCRIPTION)
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="evaluate a student (e.g. runs/default/final) against the teacher")
+    p = sub.add_parser("eval", help="evaluate a student (e.g. runs/default/final) against the teacher",
+                       usage=CONFIG_FLAGS_USAGE + " [--split {validation,test,both}]",
+                       description="Evaluates a student against the teacher: --student names a trained model folder "
+                                   "(e.g. runs/default/final). " + CONFIG_FLAGS_DESCRIPTION)
     _add_config_flags(p)
-    p.add_argument("--split", choices=["validation", "test", "both"], default="both")
+    p.add_argument("--split", choices=["validation", "test", "both"], default="both",
+                   help="the split(s) to evaluate (default: both)")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("cache-teacher", help="precompute the teacher's top-k for the training set (--teacher-cache)")
+    p = sub.add_parser("cache-teacher", help="precompute the teacher's top-k for the training set (--teacher-cache)",
+                       usage=CONFIG_FLAGS_USAGE,
+                       description="Precomputes the teacher's top-k (--kd-top-k) for the training set into "
+                                   "--teacher-cache FOLDER. " + CONFIG_FLAGS_DESCRIPTION)
     _add_config_flags(p)
     p.set_defaults(func=cmd_cache_teacher)
     p = sub.add_parser("preflight", help="a participant's check before the course: set-up, step time, notebook times",

@@ -5,117 +5,207 @@ errors, never silently ignored: a typo such as `alpha_dk: 0` would otherwise tra
 model than the user asked for.
 
     cfg = load_config("run.yaml", {"batch_size": 2, "epochs": 3})
+
+Each field is declared with `setting(default, description, group=..., choices=...)`: one source for
+the YAML key, the CLI flag and its help (`kdlab train --help`, grouped by section), the allowed
+values that `KDConfig` checks, and docs (`field_info`, `field_help`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
-from .curriculum import PRESETS, parse_ramps
-from .early_stopping import METRICS
+from .curriculum import PRESETS, SHAPES, parse_ramps
+from .early_stopping import METRICS, MODES
 from .errors import KDLabError
+from .feature_losses import FEATURE_LOSSES
 from .losses import DIVERGENCES
+from .schedule import SCHEDULERS
+from .terms import TERMS
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-SCHEDULERS = ("cosine", "linear", "constant")
-LOG_STYLES = ("concise", "seed-verbose")
+LOG_STYLES = ("concise", "original-verbose")
 STUDENT_INITS = ("random", "teacher-layers")
+LOGIT_PROJECTIONS = ("align", "learned")
+
+# The sections of KDConfig, in order: title -> what its fields are about (the CLI's argument groups).
+GROUPS: dict[str, str] = {
+    "data": "the corpus and how it is cut into training blocks",
+    "models": "the teacher, the student and how the student starts",
+    "loss": "the terms of the objective (kdlab.terms) and their maximum weights",
+    "curriculum": "how each loss weight ramps up during training (kdlab.curriculum); each weight above is the "
+                  "maximum its ramp reaches",
+    "optimisation": "batches, steps, AdamW and the learning-rate schedule",
+    "evaluation, logging, checkpoints": "when to evaluate, log and save, and where the run folder is",
+    "early stopping": "stop when validation stops improving (kdlab.early_stopping); patience counts evaluations, "
+                      "not steps",
+    "runtime": "seed, device, precision and compilation",
+}
+
+
+def setting(default: Any, help: str, *, group: str,
+            choices: tuple[str, ...] | dict[str, Any] | None = None) -> Any:
+    """A KDConfig field with its one-line description, its section and, if it has a fixed set of
+    values, the container that lists them (a tuple, or a registry dict whose keys are the values;
+    read at check time, so the help and the validation share one source).
+
+    Dict defaults become a default_factory (each config gets its own copy).
+    """
+    if group not in GROUPS:
+        raise ValueError(f"group {group!r} is not one of {', '.join(GROUPS)}")
+    if not help.strip():
+        raise ValueError("a config field needs a description")
+    metadata = {"help": help, "group": group, "choices": choices}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _section(group: str) -> Callable[..., Any]:
+    """`setting` for the fields under one section header of KDConfig."""
+    return functools.partial(setting, group=group)
+
+
+_data = _section("data")
+_models = _section("models")
+_loss = _section("loss")
+_curriculum = _section("curriculum")
+_optimisation = _section("optimisation")
+_evaluation = _section("evaluation, logging, checkpoints")
+_early_stopping = _section("early stopping")
+_runtime = _section("runtime")
 
 
 @dataclass
 class KDConfig:
     # --- data -------------------------------------------------------------------------------
-    data: str = "austen"  # "austen" (built at set-up), text file(s)/folder, or an HF dataset name
-    data_dir: str = "data"  # corpus, converted teacher and token caches live here
-    seq_len: int = 256  # tokens per packed training block
-    # train on the first N training blocks only (0 = all): a small corpus, e.g. to see overfitting
-    train_blocks: int = 0
+    data: str = _data("austen", "corpus: 'austen' (built by `kdlab prepare`), a text file, a folder of them, or an "
+                                "HF dataset name")
+    data_dir: str = _data("data", "folder for the corpus, the converted teacher and the token caches")
+    seq_len: int = _data(256, "tokens per packed training block (>= 2)")
+    train_blocks: int = _data(0, "train on the first N training blocks only (0 = all): a small corpus, e.g. to see "
+                                 "overfitting")
 
     # --- models -----------------------------------------------------------------------------
-    teacher: str = "smollm2-135m"  # built-in name, local folder or HF id
-    student: str = "small"  # size preset (see kdlab.models.STUDENT_PRESETS), local folder or HF id
-    student_init: str = "teacher-layers"  # "random" or copy evenly spaced teacher layers
+    teacher: str = _models("smollm2-135m", "teacher: the built-in smollm2-135m, a local model folder or an HF id")
+    student: str = _models("small", "student: a size preset (kdlab.models.STUDENT_PRESETS: tiny, small, medium), a "
+                                    "local model folder or an HF id")
+    student_init: str = _models("teacher-layers", "how a preset student starts: random weights, or copies of evenly "
+                                                  "spaced teacher layers (a model folder or HF id keeps its own)",
+                                choices=STUDENT_INITS)
 
     # --- loss -------------------------------------------------------------------------------
-    alpha_kd: float = 0.5  # total = alpha_kd * KD + (1 - alpha_kd) * LM
-    temperature: float = 1.0  # KD temperature T; the KD term is scaled by T^2 (Hinton et al. 2015)
-    kd_top_k: int = 0  # 0 = full vocabulary; k > 0 = teacher top-k plus one tail bucket
-    kd_divergence: str = "forward_kl"  # forward_kl, reverse_kl (MiniLLM) or jsd (GKD's generalised JSD)
-    jsd_beta: float = 0.5  # JSD mixture weight on the teacher, in (0, 1)
-    # intermediate terms (kdlab.terms); weight 0 = not computed, and no hidden states/attentions
-    w_feature: float = 0.0  # router-mixed feature loss, per student block
-    w_attention: float = 0.0  # MiniLM attention KL of mapped blocks (switches to eager attention)
-    w_layerwise: float = 0.0  # LN-MSE of projected student blocks vs uniformly mapped teacher blocks
-    w_contrastive: float = 0.0  # InfoNCE of pooled last states across the batch
-    feature_loss: str = "ln_mse"  # ln_mse (scale-free, in [0, 4]) or cosine
-    router_experts: int = 4  # teacher blocks each router chooses from (evenly spaced)
-    router_top_k: int = 2  # experts mixed per token
-    router_balance: float = 0.1  # weight of the load-balancing term inside the feature term (0.01 let routers collapse)
-    contrastive_tau: float = 0.1
-    adaptive_balance: bool = False  # divide each term by an EMA of its magnitude
-    balance_momentum: float = 0.99
-    grad_share_every: int = 0  # every N steps log each term's share of the student's grad norm (0 = off)
-    logit_projection: str = "align"  # vocabularies of different size: align by id, or "learned" (student side)
-    loss_chunk_tokens: int = 128  # rows of [tokens x vocab] upcast to fp32 at a time (fastest on CPU)
-    # folder of a cached teacher (kdlab cache-teacher): KD reads the teacher's stored top-k instead
-    # of running its forward in each step; needs kd_top_k > 0 and no intermediate terms ("" = live)
-    teacher_cache: str = ""
+    alpha_kd: float = _loss(0.5, "weight of the KD term, in [0, 1]: total = alpha_kd * KD + (1 - alpha_kd) * LM")
+    temperature: float = _loss(1.0, "KD temperature T (> 0); the KD term is scaled by T^2 (Hinton et al. 2015)")
+    kd_top_k: int = _loss(0, "KD over the full vocabulary (0), or over the teacher's top-k tokens plus one tail "
+                             "bucket (k > 0)")
+    kd_divergence: str = _loss("forward_kl", "KD divergence: forward_kl, reverse_kl (MiniLLM) or jsd (GKD's "
+                                             "generalised JSD)", choices=DIVERGENCES)
+    jsd_beta: float = _loss(0.5, "jsd only: the mixture's weight on the teacher, in (0, 1)")
+    # intermediate terms (kdlab.terms): at weight 0 a term is not computed, and needs no hidden states/attentions
+    w_feature: float = _loss(0.0, "max weight of the router-mixed feature loss per student block (0 = off)")
+    w_attention: float = _loss(0.0, "max weight of the MiniLM attention KL of mapped blocks (0 = off; > 0 switches "
+                                    "both models to eager attention)")
+    w_layerwise: float = _loss(0.0, "max weight of the LN-MSE between projected student blocks and uniformly mapped "
+                                    "teacher blocks (0 = off)")
+    w_contrastive: float = _loss(0.0, "max weight of the InfoNCE between pooled last states across the batch "
+                                      "(0 = off)")
+    feature_loss: str = _loss("ln_mse", "distance of the feature term: ln_mse (scale-free, in [0, 4]) or cosine",
+                              choices=FEATURE_LOSSES)
+    router_experts: int = _loss(4, "feature term: evenly spaced teacher blocks each student block's router chooses "
+                                   "from")
+    router_top_k: int = _loss(2, "feature term: experts mixed per token, in [1, router_experts]")
+    router_balance: float = _loss(0.1, "feature term: weight of the routers' load-balancing term inside it (0.01 "
+                                       "let the routers collapse)")
+    contrastive_tau: float = _loss(0.1, "temperature of the contrastive term's InfoNCE (> 0)")
+    term_weights: dict[str, float] = _loss({}, "max weights of registered terms that have no setting of their own "
+                                               "(kdlab.terms.register_term), e.g. {my_term: 0.01}")
+    adaptive_balance: bool = _loss(False, "divide each loss term by an EMA of its magnitude")
+    balance_momentum: float = _loss(0.99, "adaptive_balance: momentum of the magnitude EMA, in [0, 1)")
+    grad_share_every: int = _loss(0, "every N steps, log each term's share of the student's grad norm (one extra "
+                                     "backward per term; 0 = off)")
+    logit_projection: str = _loss("align", "vocabularies of different size: align the logits by token id, or learn "
+                                           "a projection (student side)", choices=LOGIT_PROJECTIONS)
+    loss_chunk_tokens: int = _loss(128, "rows of the [tokens x vocab] logits upcast to fp32 at a time (memory vs "
+                                        "speed; 128 is fastest on CPU)")
+    teacher_cache: str = _loss("", "folder of a teacher cache (`kdlab cache-teacher`): KD reads the stored top-k "
+                                   "instead of running the teacher; needs kd_top_k > 0 and no intermediate terms "
+                                   "('' = live teacher)")
 
     # --- curriculum (kdlab.curriculum): each weight above is the maximum its ramp reaches ---------
-    curriculum: str = "seed"  # seed (the write-up's table), seed-phases (its earlier schedule), constant
-    # per-term overrides of the preset, e.g. {feature: {start: 0.1, end: 0.4, shape: cosine}}
-    ramps: dict[str, Any] = field(default_factory=dict)
+    curriculum: str = _curriculum("original", "weight schedule: original (the write-up's table), original-phases "
+                                              "(its earlier schedule) or constant (every term at full weight from "
+                                              "step 0)", choices=PRESETS)
+    ramps: dict[str, Any] = _curriculum({}, f"per-term overrides of the preset, e.g. {{feature: {{start: 0.1, end: "
+                                            f"0.4, shape: cosine}}}}: start and end are fractions of training, "
+                                            f"shape is {' or '.join(SHAPES)}")
 
     # --- optimisation -----------------------------------------------------------------------
-    batch_size: int = 4  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: int = 1
-    # optimizer steps; > 0 overrides `epochs` (as in HF TrainingArguments), -1 = train `epochs`.
-    # load_config: giving `epochs` without `max_steps` means -1, so `--epochs 3` trains 3 epochs.
-    max_steps: int = 40
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 4
-    lr_scheduler: str = "cosine"
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    max_nonfinite_steps: int = 5  # stop after this many skipped (non-finite loss) steps in a row
+    batch_size: int = _optimisation(4, "sequences per micro-batch")
+    grad_accum: int = _optimisation(1, "micro-batches per optimizer step")
+    epochs: int = _optimisation(1, "passes over the training set, when max_steps is -1 (giving epochs without "
+                                   "max_steps sets max_steps to -1)")
+    max_steps: int = _optimisation(40, "optimizer steps; > 0 overrides epochs (as in HF TrainingArguments), -1 = "
+                                       "train `epochs` epochs")
+    lr: float = _optimisation(3e-4, "peak learning rate of AdamW")
+    weight_decay: float = _optimisation(0.01, "AdamW weight decay (on weight matrices only, not norms or biases)")
+    warmup_steps: int = _optimisation(4, "optimizer steps of linear learning-rate warmup")
+    lr_scheduler: str = _optimisation("cosine", "learning-rate schedule after the warmup", choices=SCHEDULERS)
+    grad_clip: float = _optimisation(1.0, "maximum global grad norm (0 = no clipping)")
+    max_nonfinite_steps: int = _optimisation(5, "stop the run after this many skipped (non-finite loss) steps in a "
+                                                "row")
 
     # --- evaluation, logging, checkpoints ---------------------------------------------------
-    eval_every: int = 20  # optimizer steps between evaluations (0 = only before and after)
-    eval_batches: int = 4  # micro-batches per evaluation (0 = the whole split)
-    log_every: int = 100  # optimizer steps per log line (interval means; no per-step host sync)
-    log_first: int = 3  # also log each of the first N steps
-    log_style: str = "concise"  # or "seed-verbose": the seed's ~36 lines per step, to measure its cost
-    save_every: int = 20  # optimizer steps between checkpoints (0 = only at the end)
-    keep_checkpoints: int = 2
-    checkpoints: bool = True  # false: no resumable checkpoints (sweeps, the course); final/ and best/ still written
-    out_dir: str = "runs/default"
-    resume: bool = False  # continue from out_dir's latest checkpoint
+    eval_every: int = _evaluation(20, "optimizer steps between evaluations (0 = only before and after training)")
+    eval_batches: int = _evaluation(4, "micro-batches per evaluation (0 = the whole split)")
+    log_every: int = _evaluation(100, "optimizer steps per log line (interval means; no per-step host sync)")
+    log_first: int = _evaluation(3, "also log each of the first N steps")
+    log_style: str = _evaluation("concise", "concise, or original-verbose: the original framework's ~36 lines per "
+                                            "step, to measure their cost", choices=LOG_STYLES)
+    save_every: int = _evaluation(20, "optimizer steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = _evaluation(2, "resumable checkpoints kept in out_dir (the newest)")
+    checkpoints: bool = _evaluation(True, "write resumable checkpoints (off for sweeps and the course; final/ and "
+                                          "best/ are written either way)")
+    out_dir: str = _evaluation("runs/default", "the run folder: config.yaml, metrics.jsonl, checkpoints, final/ and "
+                                               "best/")
+    resume: bool = _evaluation(False, "continue from out_dir's latest checkpoint")
+    overwrite: bool = _evaluation(False, "let a fresh run into a non-empty out_dir delete what is there (without "
+                                         "it: refused)")
 
     # --- early stopping (kdlab.early_stopping): patience counts evaluations ----------------------
-    early_stopping: bool = True
-    es_monitor: str = "val_kl"  # val_kl (KL(teacher || student), T = 1) or val_ce: fixed definitions
-    es_patience: int = 20
-    es_min_delta: float = 0.001
-    es_mode: str = "min"
-    es_warmup_steps: int = -1  # checks before this step never count against patience; -1 = the LR warmup (warmup_steps)
-    es_divergence: float = 0.0  # stop at once when the metric passes this value (0 = off)
-    restore_best: bool = True  # end with the weights of the best evaluation
+    early_stopping: bool = _early_stopping(True, "stop when the monitored metric stops improving")
+    es_monitor: str = _early_stopping("val_kl", "metric watched: val_kl (KL(teacher || student), T = 1) or val_ce "
+                                                "(the student's cross-entropy): fixed definitions",
+                                      choices=METRICS)
+    es_patience: int = _early_stopping(20, "evaluations in a row without improvement before stopping")
+    es_min_delta: float = _early_stopping(0.001, "smallest change of the metric that counts as an improvement")
+    es_mode: str = _early_stopping("min", "which way is better: min (lower) or max (higher)", choices=MODES)
+    es_warmup_steps: int = _early_stopping(-1, "evaluations before this step never count against patience (-1 = "
+                                               "warmup_steps, the LR warmup)")
+    es_abort_threshold: float = _early_stopping(0.0, "stop at once when the metric passes this value, i.e. the run "
+                                                     "diverged (0 = off)")
+    restore_best: bool = _early_stopping(True, "end with the weights of the best evaluation")
 
     # --- runtime ----------------------------------------------------------------------------
-    seed: int = 0
-    device: str = "auto"  # auto = cuda if available, else cpu
-    teacher_dtype: str = "auto"  # auto = float16 on CUDA (the seed's set-up), float32 on CPU
-    autocast_dtype: str = "auto"  # student compute: auto = bf16/fp16 autocast on CUDA, off on CPU
-    compile: bool = False  # torch.compile the training step's student and teacher forwards (first steps compile)
+    seed: int = _runtime(0, "the RNG seed (initialisation of the student and of the terms' modules, data order)")
+    device: str = _runtime("auto", "where to run: auto = cuda if available, else cpu", choices=DEVICES)
+    teacher_dtype: str = _runtime("auto", "teacher weights: auto = float16 on CUDA (the original framework's "
+                                          "set-up), float32 on CPU", choices=DTYPES)
+    autocast_dtype: str = _runtime("auto", "student compute: auto = bfloat16 (else float16) autocast on CUDA, off "
+                                           "on CPU; float32 = off", choices=DTYPES)
+    compile: bool = _runtime(False, "torch.compile the training step's student and teacher forwards (the first "
+                                    "steps compile)")
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -125,8 +215,8 @@ class KDConfig:
             if not ok:
                 errors.append(msg)
 
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, name)
+        def choice(name: str) -> None:  # the allowed values are the field's (the help lists the same)
+            value, allowed = getattr(self, name), field_choices(name)
             need(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
 
         need(bool(self.data.strip()), "data='' is empty; give 'austen', a text file/folder or an HF dataset name")
@@ -134,12 +224,12 @@ class KDConfig:
         need(self.train_blocks >= 0, f"train_blocks={self.train_blocks} must be >= 0 (0 = every training block)")
         need(bool(self.teacher.strip()), "teacher='' is empty; give 'smollm2-135m', a local folder or an HF id")
         need(bool(self.student.strip()), "student='' is empty; give a size preset, a local folder or an HF id")
-        choice("student_init", STUDENT_INITS)
+        choice("student_init")
         need(0.0 <= self.alpha_kd <= 1.0, f"alpha_kd={self.alpha_kd} must be in [0, 1]")
         need(math.isfinite(self.temperature) and self.temperature > 0,
              f"temperature={self.temperature} must be a positive number (1.0 is the usual choice for LMs)")
         need(self.kd_top_k >= 0, f"kd_top_k={self.kd_top_k} must be >= 0 (0 = full vocabulary)")
-        choice("kd_divergence", DIVERGENCES)
+        choice("kd_divergence")
         need(0.0 < self.jsd_beta < 1.0, f"jsd_beta={self.jsd_beta} must be in (0, 1)")
         if self.teacher_cache:
             need(self.kd_top_k > 0, f"teacher_cache={self.teacher_cache!r} needs kd_top_k > 0 (the cache stores the "
@@ -149,12 +239,22 @@ class KDConfig:
             need(not active, f"teacher_cache={self.teacher_cache!r} holds the teacher's logits only, but "
                              f"{', '.join(active)} needs its hidden states or attention maps; set those weights to 0 "
                              f"or teacher_cache=''")
+        for name, value in self.term_weights.items():
+            term = TERMS.get(name)
+            if term is None:
+                errors.append(f"term_weights: unknown term {name!r}; registered terms: {', '.join(TERMS)}")
+            elif term.weight is not None:
+                field_name = term.weight if isinstance(term.weight, str) else "alpha_kd"
+                errors.append(f"term_weights: {name!r} has its own setting, {field_name}; set that instead")
+            elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                      and value >= 0):
+                errors.append(f"term_weights.{name}={value!r} must be a number >= 0")
         need(self.loss_chunk_tokens >= 1, f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1")
         for name in ("w_feature", "w_attention", "w_layerwise", "w_contrastive", "router_balance"):
             value = getattr(self, name)
             need(math.isfinite(value) and value >= 0, f"{name}={value} must be >= 0")
-        choice("feature_loss", ("ln_mse", "cosine"))
-        choice("logit_projection", ("align", "learned"))
+        choice("feature_loss")
+        choice("logit_projection")
         need(self.router_experts >= 1, f"router_experts={self.router_experts} must be >= 1")
         need(1 <= self.router_top_k <= self.router_experts,
              f"router_top_k={self.router_top_k} must be in [1, router_experts={self.router_experts}]")
@@ -169,32 +269,34 @@ class KDConfig:
         need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be a positive number")
         need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
-        choice("lr_scheduler", SCHEDULERS)
+        choice("lr_scheduler")
         need(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         need(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1")
         for name in ("eval_every", "eval_batches", "save_every"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
         need(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         need(self.log_first >= 0, f"log_first={self.log_first} must be >= 0")
-        choice("log_style", LOG_STYLES)
-        choice("curriculum", tuple(PRESETS))
+        choice("log_style")
+        choice("curriculum")
         try:
             parse_ramps(self.ramps)
         except KDLabError as e:
             errors.append(str(e))
-        choice("es_monitor", tuple(METRICS))
-        choice("es_mode", ("min", "max"))
+        choice("es_monitor")
+        choice("es_mode")
         need(self.es_patience >= 1, f"es_patience={self.es_patience} must be >= 1")
         need(math.isfinite(self.es_min_delta) and self.es_min_delta >= 0, f"es_min_delta={self.es_min_delta} must be >= 0")
         need(self.es_warmup_steps >= -1, f"es_warmup_steps={self.es_warmup_steps} must be >= 0, or -1 for auto")
-        need(math.isfinite(self.es_divergence) and self.es_divergence >= 0,
-             f"es_divergence={self.es_divergence} must be >= 0 (0 = off)")
+        need(math.isfinite(self.es_abort_threshold) and self.es_abort_threshold >= 0,
+             f"es_abort_threshold={self.es_abort_threshold} must be >= 0 (0 = off)")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         need(self.checkpoints or not self.resume, "resume=true needs checkpoints=true (there is nothing to resume from)")
+        need(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other: "
+                                                   "resume continues the run in out_dir, overwrite deletes it")
         need(bool(self.out_dir.strip()), "out_dir='' is empty")
-        choice("device", DEVICES)
-        choice("teacher_dtype", DTYPES)
-        choice("autocast_dtype", DTYPES)
+        choice("device")
+        choice("teacher_dtype")
+        choice("autocast_dtype")
         if errors:
             raise KDLabError("; ".join(errors))
 
@@ -204,6 +306,68 @@ class KDConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(KDConfig)}
 _TYPES = typing.get_type_hints(KDConfig)
+
+
+class FieldInfo(NamedTuple):
+    """What there is to know about one config field: the YAML key `name`, its flag, and its help."""
+
+    name: str
+    flag: str  # the command-line flag, e.g. --alpha-kd
+    type: Any  # int, float, str, bool or dict[...]
+    default: Any
+    help: str  # the one-line description
+    group: str  # its section (a key of GROUPS)
+    choices: tuple[str, ...] | None  # the allowed values, if there is a fixed set
+
+
+def _field(name: str) -> dataclasses.Field:
+    try:
+        return FIELDS[name]
+    except KeyError:
+        raise KDLabError(f"unknown config key {name!r}; allowed keys: {', '.join(FIELDS)}") from None
+
+
+def field_choices(name: str) -> tuple[str, ...] | None:
+    """The values field `name` allows (the ones `KDConfig` checks), or None if it has no fixed set."""
+    allowed = _field(name).metadata["choices"]
+    return None if allowed is None else tuple(allowed)
+
+
+def field_info(name: str) -> FieldInfo:
+    f = _field(name)
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return FieldInfo(name, "--" + name.replace("_", "-"), _TYPES[name], default, f.metadata["help"],
+                     f.metadata["group"], field_choices(name))
+
+
+def format_value(value: Any) -> str:
+    """A field value as it is written in YAML: true/false, '' for an empty string, {} for a mapping."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value == "":
+        return "''"
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, default_flow_style=True).strip()
+    return str(value)
+
+
+def field_help(name: str) -> str:
+    """Field `name`'s help in one line: its description, allowed values and default (for docs).
+
+    >>> field_help("lr_scheduler")
+    'learning-rate schedule after the warmup (one of cosine, linear, constant; default: cosine)'
+    """
+    info = field_info(name)
+    allowed = f"one of {', '.join(info.choices)}; " if info.choices else ""
+    return f"{info.help} ({allowed}default: {format_value(info.default)})"
+
+
+def fields_by_group() -> dict[str, list[str]]:
+    """{section title: its field names}, sections and fields in KDConfig's order."""
+    out: dict[str, list[str]] = {group: [] for group in GROUPS}
+    for name, f in FIELDS.items():
+        out[f.metadata["group"]].append(name)
+    return out
 
 
 def _coerce_types(cfg: KDConfig) -> None:
@@ -281,4 +445,5 @@ def save_config(cfg: KDConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-__all__ = ["KDConfig", "load_config", "save_config", "config_from_dict", "parse_value", "FIELDS"]
+__all__ = ["KDConfig", "load_config", "save_config", "config_from_dict", "parse_value", "FIELDS", "GROUPS",
+           "FieldInfo", "setting", "field_info", "field_help", "field_choices", "fields_by_group", "format_value"]

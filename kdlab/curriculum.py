@@ -8,9 +8,9 @@ with S the run's optimizer steps and r(x) = x (linear) or (1 - cos(pi x)) / 2 (c
 with start == end is a hard switch at `start`. The weight used for the update that takes the
 run from `step` to `step + 1` is `weights_at(step)`, so a resumed run gets the same weights.
 
-The default preset, "seed", is the table of the seed's write-up (FIXES_IMPLEMENTED.md, fix 4):
+The default preset, "original", is the table of the original write-up (FIXES_IMPLEMENTED.md, fix 4):
 
->>> c = CurriculumScheduler.from_preset("seed", total_steps=100)
+>>> c = CurriculumScheduler.from_preset("original", total_steps=100)
 >>> for p in (0, 20, 30, 50, 80, 100):
 ...     w = c.weights_at(p)
 ...     print(p, " ".join(f"{w[k]:.3f}" for k in ("kd", "feature", "attention", "layerwise", "contrastive")))
@@ -24,7 +24,7 @@ The default preset, "seed", is the table of the seed's write-up (FIXES_IMPLEMENT
 The write-up's docstring claims "at 50% progress, feature/attention are at ~83%"; its own table
 (and this code) give 100% at 50%: the docstring was wrong, the table is the schedule.
 
-"seed-phases" is the seed's *earlier* schedule as far as the write-up describes it (feature
+"original-phases" is the original framework's *earlier* schedule as far as the write-up describes it (feature
 weight 0 at 10% and 30%, 6.7% at 50%, 100% at 70%): a cosine ramp from 46% to 70% passes through
 those points (0.067 at 50%). The write-up gives no points for the later terms; they follow in the
 same late style (layerwise 70-85%, contrastive 85-100%). "constant" switches every term on at step 0.
@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import KDLabError
+from .terms import TERMS
 
 SHAPES = ("linear", "cosine")
-RAMPED = ("kd", "lm", "feature", "attention", "layerwise", "contrastive")
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,11 @@ class Ramp:
 
 PRESETS: dict[str, dict[str, Ramp]] = {
     "constant": {},
-    "seed": {
+    "original": {
         "feature": Ramp(0.1, 0.4), "attention": Ramp(0.1, 0.4),
         "layerwise": Ramp(0.4, 0.7), "contrastive": Ramp(0.7, 1.0),
     },
-    "seed-phases": {
+    "original-phases": {
         "feature": Ramp(0.46, 0.7, shape="cosine"), "attention": Ramp(0.46, 0.7, shape="cosine"),
         "layerwise": Ramp(0.7, 0.85, shape="cosine"), "contrastive": Ramp(0.85, 1.0, shape="cosine"),
     },
@@ -85,8 +85,8 @@ def parse_ramps(spec: dict[str, Any]) -> dict[str, Ramp]:
         raise KDLabError(f"ramps={spec!r} must be a mapping of term -> {{start, end, shape}}")
     out = {}
     for name, fields in spec.items():
-        if name not in RAMPED:
-            raise KDLabError(f"ramps: unknown term {name!r}; choose from {', '.join(RAMPED)}")
+        if name not in TERMS:  # the registered terms (kdlab.terms), built-in or registered by the user
+            raise KDLabError(f"ramps: unknown term {name!r}; choose from {', '.join(TERMS)}")
         if not isinstance(fields, dict):
             raise KDLabError(f"ramps.{name}={fields!r} must be a mapping with start, end and shape")
         unknown = sorted(set(fields) - {"start", "end", "shape"})
@@ -123,7 +123,7 @@ class CurriculumScheduler:
                     overrides: dict[str, Ramp] | None = None) -> CurriculumScheduler:
         if name not in PRESETS:
             raise KDLabError(f"curriculum={name!r} is not allowed; choose one of {', '.join(PRESETS)}")
-        weights = max_weights if max_weights is not None else dict.fromkeys(RAMPED[:1] + RAMPED[2:], 1.0)
+        weights = max_weights if max_weights is not None else dict.fromkeys((t for t in TERMS if t != "lm"), 1.0)
         return cls(total_steps, weights, {**PRESETS[name], **(overrides or {})})
 
     def weights_at(self, step: int) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Early stopping on a fixed-definition validation metric, as a trainer callback.
 
-The seed monitored the curriculum-weighted total loss. That total changes definition whenever a
+The original framework monitored the curriculum-weighted total loss. That total changes definition whenever a
 weight ramps, so it rises by design at 10%, 40% and 70% of training and "no improvement" is
 guaranteed at every ramp. This callback watches validation KL(teacher || student) at T = 1 (or
 the student's validation cross-entropy): metrics whose definition never changes.
@@ -18,8 +18,9 @@ Semantics (as Lightning's EarlyStopping; patience counts *evaluations*, not step
                   earlier default, meant never stopping under the write-up's curriculum, whose last
                   ramp ends with the run; measured in notebooks/06_early_stopping.ipynb)
     non-finite    a nan/inf metric stops the run at once
-    divergence    a metric worse than `divergence_threshold` stops the run at once
-    restore       the trainer reloads the best weights at the end (see Trainer)
+    abort         a metric worse than `abort_threshold` stops the run at once (a run that diverged)
+    restore       kdlab.callbacks.BestWeights keeps the best weights and reloads them at the end (the
+                  trainer adds it beside this callback when restore_best is on)
 
 It owns its settings and state, stops through `trainer.state.should_stop`, and checkpoints
 through state_dict()/load_state_dict().
@@ -30,15 +31,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .callbacks import Callback
 from .errors import KDLabError
 
 METRICS = {"val_kl": "kl", "val_ce": "student_ce"}  # name in the config -> key of an eval record
 MODES = ("min", "max")
 
 
-class EarlyStopping:
+class EarlyStopping(Callback):
     def __init__(self, monitor: str = "val_kl", patience: int = 20, min_delta: float = 0.001, mode: str = "min",
-                 warmup_steps: int = 0, divergence_threshold: float | None = None):
+                 warmup_steps: int = 0, abort_threshold: float | None = None):
         if monitor not in METRICS:
             raise KDLabError(f"early-stopping monitor={monitor!r} is not allowed; choose one of {', '.join(METRICS)}")
         if mode not in MODES:
@@ -48,7 +50,7 @@ class EarlyStopping:
         if not (math.isfinite(min_delta) and min_delta >= 0):
             raise KDLabError(f"early-stopping min_delta={min_delta} must be >= 0")
         self.monitor, self.patience, self.min_delta, self.mode = monitor, patience, min_delta, mode
-        self.warmup_steps, self.divergence_threshold = warmup_steps, divergence_threshold
+        self.warmup_steps, self.abort_threshold = warmup_steps, abort_threshold
         self.ref: float | None = None  # patience measures improvements against this value
         self.best: float | None = None  # the best value seen, and its step
         self.best_step: int | None = None
@@ -67,11 +69,11 @@ class EarlyStopping:
         """Feed one evaluation; returns "improved" (a new best), "wait" or "stop" (reason in self.reason)."""
         if not math.isfinite(value):
             return self._stop(step, f"{self.monitor} is {value} at step {step} (non-finite)", fault=True)
-        if self.divergence_threshold is not None:
-            worse = value > self.divergence_threshold if self.mode == "min" else value < self.divergence_threshold
+        if self.abort_threshold is not None:
+            worse = value > self.abort_threshold if self.mode == "min" else value < self.abort_threshold
             if worse:
-                return self._stop(step, f"{self.monitor}={value:.4f} at step {step} passed the divergence "
-                                        f"threshold {self.divergence_threshold}", fault=True)
+                return self._stop(step, f"{self.monitor}={value:.4f} at step {step} passed the abort "
+                                        f"threshold {self.abort_threshold}", fault=True)
         new_best = self._better(value, self.best, 0.0)
         if new_best:
             self.best, self.best_step = value, step
@@ -89,13 +91,16 @@ class EarlyStopping:
         return "stop"
 
     # ------------------------------------------------------------------ trainer callback
+    @property
+    def state_key(self) -> str:
+        return self.make_state_key(monitor=self.monitor, mode=self.mode, patience=self.patience,
+                                   min_delta=self.min_delta, warmup_steps=self.warmup_steps,
+                                   abort_threshold=self.abort_threshold)
+
     def on_eval(self, trainer, record: dict[str, Any]) -> None:
-        if record["split"] != "validation" or record.get("final"):
+        if record["split"] != "validation" or "restored_from" in record:
             return
-        verdict = self.update(record["step"], float(record[METRICS[self.monitor]]))
-        if verdict == "improved":
-            trainer.save_best()
-        elif verdict == "stop":
+        if self.update(record["step"], float(record[METRICS[self.monitor]])) == "stop":
             self.request_stop(trainer, "early stopping")
 
     def request_stop(self, trainer, label: str) -> None:

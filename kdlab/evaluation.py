@@ -1,7 +1,7 @@
 """Held-out evaluation: how well the student predicts the text, and how close it is to the teacher.
 
 Uses the same precision policy and the same loss functions as training (kdlab.precision,
-kdlab.losses), so evaluation cannot fail where training ran, as the seed's did.
+kdlab.losses), so evaluation cannot fail where training ran, as the original framework's did.
 
 Metrics (all per-token means over valid next-token positions):
     student_ce / student_ppl   cross-entropy on the text and exp of it
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 
 from .losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
 from .precision import Precision, student_logits, teacher_logits
+from .terms import match_logits as match_by_id
 
 
 @torch.no_grad()
@@ -30,7 +32,10 @@ def evaluate(
     chunk_tokens: int = 128,
     match_logits=None,
 ) -> dict[str, float]:
-    """`match_logits(s, t) -> (s, t)` makes the vocabularies comparable (see kdlab.terms); default: same."""
+    """`match_logits(s, t) -> (s, t)` makes the vocabularies comparable (an Objective's); default:
+    by token id, so a student with a padded vocabulary is compared on the teacher's ids."""
+    if match_logits is None:
+        match_logits = partial(match_by_id, None)
     was_training = student.training
     student.eval()
     sums = {"student_ce": 0.0, "teacher_ce": 0.0, "kl": 0.0, "top1_agree": 0.0}
@@ -48,8 +53,7 @@ def evaluate(
         if teacher is not None:
             t = teacher_logits(teacher, batch)  # (B, T, V_t)
             sums["teacher_ce"] += float(lm_loss(t, targets, chunk_tokens=chunk_tokens)) * n
-            if match_logits is not None:
-                s, t = match_logits(s, t)
+            s, t = match_logits(s, t)
             sums["kl"] += float(kd_loss(s, t, mask, temperature=1.0, chunk_tokens=chunk_tokens)) * n
             sums["top1_agree"] += float(((s.argmax(-1) == t.argmax(-1)) & mask).sum())
         tokens += n

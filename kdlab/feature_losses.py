@@ -27,7 +27,7 @@ def ln_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torc
     LN is parameter-free (zero mean, unit variance over the D channels) and rho is the per-token
     Pearson correlation across channels, so L lies in [0, 4] whatever the scale of the hidden
     states: the residual stream's growth with depth and its massive activations (Sun et al. 2024)
-    no longer set the loss's size, as they did in the seed's raw MSE of 150-200.
+    no longer set the loss's size, as they did in the original framework's raw MSE of 150-200.
 
     Args:
         pred: (B, T, D) the student's (projected) states.
@@ -58,7 +58,7 @@ def attention_kl(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask: t
         L = 1/(N H) sum_{(b,i) valid} sum_h sum_j A_t[b,h,i,j] log(A_t[b,h,i,j] / A_s[b,h,i,j])
 
     (Wang et al. 2020, MiniLM.) The maps are attention *probabilities* as HF's eager attention
-    returns them: causal and padded keys hold exact zeros, which contribute 0 here (the seed's
+    returns them: causal and padded keys hold exact zeros, which contribute 0 here (the original framework's
     `kl_div(A_s.log(), A_t)` made them 0 * -inf = nan). No temperature: the rows already are
     distributions. When the head counts differ, each model's maps are averaged over its heads first.
 

@@ -1,6 +1,6 @@
 """Distillation and language-modelling losses for causal LMs.
 
-Conventions shared by every function here (the seed faults they avoid: docs/original-framework.md):
+Conventions shared by every function here (the original framework faults they avoid: docs/original-framework.md):
 
 * Logits are (B, T, V) and position t predicts token t+1. Targets and masks are (B, T) and already
   aligned to that: build them with `next_token_labels`, which shifts the labels left and puts -100

@@ -1,10 +1,10 @@
 """One precision policy, used by training *and* evaluation.
 
-The seed crashed at evaluation (`mat1 and mat2 must have the same dtype, but got Half and Float`)
+The original framework crashed at evaluation (`mat1 and mat2 must have the same dtype, but got Half and Float`)
 because training ran under autocast and evaluation did not. Here both call `teacher_logits` and
 `student_logits` below, so they cannot drift apart. The rules:
 
-* the frozen teacher is stored in `teacher_dtype` (fp16 on CUDA as in the seed, bf16 selectable;
+* the frozen teacher is stored in `teacher_dtype` (fp16 on CUDA as in the original framework, bf16 selectable;
   fp32 on CPU, where bf16 matmuls without AVX512-BF16/AMX ran 6x slower on our 2-core machines);
 * trainable weights always stay fp32 (AdamW on fp16 weights gives NaN at step 1);
 * the student runs under autocast on CUDA (bf16 where supported, else fp16 with a GradScaler);

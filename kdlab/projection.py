@@ -5,10 +5,10 @@
   dropped; if the student has extra columns, the teacher gets -inf there (probability 0).
 * Genuinely different vocabularies: a learned projection on the *student* side maps the
   student's logits into the teacher's vocabulary. Its weights stay fp32 and it casts its input to
-  its own dtype, so an fp16/bf16 input cannot raise the seed's dtype error.
+  its own dtype, so an fp16/bf16 input cannot raise the original framework's dtype error.
 
-The seed instead trained a projector on the *teacher's* probabilities; see
-`kdlab.seed.SeedTeacherProjector` for why that target collapses.
+The original framework instead trained a projector on the *teacher's* probabilities; see
+`kdlab.course.original.OriginalTeacherProjector` for why that target collapses.
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ picks the top-k of E teacher layers (the experts). The target is the gate-weight
 experts' hidden states, each LayerNorm'ed without parameters before mixing (teacher layers differ
 in scale) and computed without gradient; the prediction is a student-side projection of the
 student's state. Everything trainable sits on the student side, so the teacher's signal cannot
-be moved to meet the student (the collapse of the seed's teacher-side projector), and LN'ed
+be moved to meet the student (the collapse of the original framework's teacher-side projector), and LN'ed
 targets cannot shrink towards a trivial zero.
 
 A Switch-Transformer load-balancing term (Fedus et al. 2021), E * sum_e f_e P_e, equal to 1 when
 the tokens spread evenly, keeps every expert in use; the router reports per-expert utilisation
-and its entropy, answering the seed's open question "is the router actually routing?".
+and its entropy, answering the original framework's open question "is the router actually routing?".
 """
 
 from __future__ import annotations

@@ -181,4 +181,21 @@ def build_teacher_cache(path: str | Path, teacher: torch.nn.Module, split: Packe
     return cache
 
 
-__all__ = ["TeacherCache", "cache_key", "open_teacher_cache", "build_teacher_cache", "teacher_fingerprint"]
+def open_for_run(cfg, split: PackedSplit, tokenizer, student: torch.nn.Module, teacher: torch.nn.Module
+                 ) -> TeacherCache:
+    """The cache `cfg.teacher_cache` for a run training on `split`, checked against the run's key."""
+    if tokenizer is None:
+        raise KDLabError("teacher_cache needs the tokenizer (part of the cache's key): pass Trainer(..., tokenizer=)")
+    s_vocab = student.get_output_embeddings().weight.shape[0]
+    t_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if s_vocab != t_vocab:
+        raise KDLabError(f"teacher_cache needs the student's vocabulary to be the teacher's ({s_vocab} vs "
+                         f"{t_vocab}); train with teacher_cache=''")
+    key = cache_key(split, tokenizer, teacher, cfg.kd_top_k, cfg.temperature)
+    cache = open_teacher_cache(cfg.teacher_cache, key)
+    log.info("teacher cache %s: top-%d of %d blocks; training steps skip the teacher's forward",
+             cfg.teacher_cache, key["top_k"], key["blocks"])
+    return cache
+
+
+__all__ = ["open_for_run", "TeacherCache", "cache_key", "open_teacher_cache", "build_teacher_cache", "teacher_fingerprint"]

@@ -1,122 +1,255 @@
-"""The intermediate distillation terms beyond KD and LM, and the student-side modules they train.
+"""The loss terms: a registry of named terms, and kdlab's six built-in ones.
 
-    heads = DistillationHeads.for_models(cfg, student, teacher)   # trainable, fp32, student side
-    terms = heads(s_out, t_out, mask)                               # {"feature": ..., "attention": ...}
+A term is one named scalar of the objective (kdlab.objective): what it needs from the models,
+how its value reduces to the step's mean, how it is computed and, if it trains parameters of its
+own (a router, a projection), how those are built. Register one and every part of kdlab that
+lists terms picks it up: config checks (`term_weights`, `ramps`), the curriculum, the objective,
+the train records, the live plot.
 
-Only terms with a non-zero weight in the config are built and computed, and `needs(cfg)` tells the
-trainer whether hidden states or attention maps must be requested from the models at all.
+    def my_term(ctx: kdlab.TermContext) -> torch.Tensor:          # a per-token mean of this micro-batch
+        return ctx.student.logits.float().square().mean(-1)[ctx.mask].mean()
+    kdlab.register_term(kdlab.Term("logit_l2", my_term, reduce="tokens"))
+    cfg = kdlab.load_config(overrides={"term_weights": {"logit_l2": 0.01}})
 
-Terms (each unweighted, a per-token mean over the same valid mask):
+Built-in terms (each unweighted):
+    lm           next-token cross-entropy on the text (always computed and logged, even at weight 0)
+    kd           the teacher->student divergence of `kd_divergence` at `temperature` (T^2-scaled),
+                 full vocabulary or top-k buckets, or read from a teacher cache
     feature      per student block: a StudentAwareRouter over E evenly spaced teacher blocks
                  (LN-MSE or cosine, plus router_balance x its load-balancing term), averaged
     attention    MiniLM per-row KL between the attention maps of mapped blocks, averaged
     layerwise    LN-MSE between each student block's projected output and its mapped teacher
-                 block's (fixed uniform map), averaged over layers
+                 block's, averaged over layers
     contrastive  InfoNCE between the pooled, projected last student state and the pooled last
                  teacher state across the batch (temperature contrastive_tau)
+
+The layer map. Two different maps relate student blocks to teacher blocks, on purpose:
+  * initialisation (kdlab.models, `student_init="teacher-layers"`): student block i is a copy of
+    teacher block round(i * (L_t - 1) / (L_s - 1)), the first and the last included
+    (30 -> 4: [0, 10, 19, 29]), so the copied stack still starts and ends like the teacher's;
+  * distillation (`attention`, `layerwise`; `uniform_layer_map`): student block i is compared with
+    teacher block round((i + 1) * L_t / L_s) - 1, the *end* of its share of the teacher
+    (30 -> 4: [7, 14, 22, 29]), as in MiniLM and PKD: block i is asked to have done the work of
+    the teacher blocks it replaces. Both are printed by `kdlab train -v`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .errors import KDLabError
 from .feature_losses import attention_kl, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
+from .losses import kd_loss, kd_loss_topk, lm_loss
 from .projection import StudentLogitProjector, align_vocab
 from .router import StudentAwareRouter
 
-TERMS = ("feature", "attention", "layerwise", "contrastive")
-
-
-def weights_of(cfg) -> dict[str, float]:
-    return {"feature": cfg.w_feature, "attention": cfg.w_attention, "layerwise": cfg.w_layerwise,
-            "contrastive": cfg.w_contrastive}
+# keys of a batch that carries the teacher's cached top-k (kdlab.teacher_cache): no teacher forward
+CACHED_TEACHER_KEYS = ("t_top", "t_ids", "t_tail")
+Reduce = Literal["global", "tokens", "batch"]
 
 
 @dataclass(frozen=True)
 class Needs:
-    hidden_states: bool
-    attentions: bool
+    """What a term reads from the models' forwards."""
+
+    teacher: bool = True  # the teacher's forward (logits at least)
+    hidden_states: bool = False
+    attentions: bool = False  # attention maps (switches both models to eager attention)
 
 
-def needs(cfg) -> Needs:
-    w = weights_of(cfg)
-    return Needs(hidden_states=any(w[t] > 0 for t in ("feature", "layerwise", "contrastive")),
-                 attentions=w["attention"] > 0)
+@dataclass
+class TermContext:
+    """Everything a term may read for one micro-batch.
+
+    student / teacher: HF outputs (logits (B, T, V); hidden_states (L+1) x (B, T, D) and attentions
+    L x (B, H, T, T) when requested); teacher is None when no term needs its forward.
+    """
+
+    cfg: Any  # the run's KDConfig
+    batch: dict[str, torch.Tensor]  # input_ids, attention_mask, labels (B, T) and any extra keys
+    student: Any
+    teacher: Any | None
+    targets: torch.Tensor  # (B, T) next-token ids, IGNORE_INDEX where there is none
+    mask: torch.Tensor  # (B, T) bool, True where a position has a next token to predict
+    num_valid: torch.Tensor  # valid targets of the whole step (all micro-batches, all processes)
+    module: nn.Module | None  # the term's own trainable module, if it has one
+    match_logits: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-class DistillationHeads(nn.Module):
-    """The trainable, student-side parts of the active terms (empty when none is active)."""
+@dataclass(frozen=True)
+class Term:
+    """A named loss term.
+
+    compute: TermContext -> scalar fp32 tensor, reduced as `reduce` says:
+        "global"  its part of the step's per-token mean: a sum over this micro-batch's valid tokens
+                  divided by ctx.num_valid (as kd and lm do, exact under accumulation and DDP)
+        "tokens"  a per-token mean over this micro-batch; the objective weights it by the
+                  micro-batch's share of the step's tokens
+        "batch"   a per-batch statistic (InfoNCE); the objective averages it over micro-batches and
+                  processes
+    weight: the config field holding the term's maximum weight (or a function of the config), or
+        None to read it from `cfg.term_weights[name]` (0 when absent: the term is off).
+    build: (cfg, student, teacher) -> nn.Module or None: its trainable parameters (fp32, student side).
+    always: computed and logged even at weight 0 (no gradient then).
+    """
+
+    name: str
+    compute: Callable[[TermContext], torch.Tensor]
+    reduce: Reduce = "tokens"
+    needs: Needs = Needs()
+    weight: str | Callable[[Any], float] | None = None
+    build: Callable[[Any, nn.Module, nn.Module], nn.Module | None] | None = None
+    always: bool = False
+    doc: str = ""
+
+    def max_weight(self, cfg) -> float:
+        if callable(self.weight):
+            return float(self.weight(cfg))
+        if self.weight is not None:
+            return float(getattr(cfg, self.weight))
+        return float((getattr(cfg, "term_weights", None) or {}).get(self.name, 0.0))
+
+
+TERMS: dict[str, Term] = {}  # the registry, in the order terms are summed and listed
+
+
+def register_term(term: Term, *, replace: bool = False) -> Term:
+    """Add `term` to the registry (its name must be new unless replace=True)."""
+    if term.reduce not in ("global", "tokens", "batch"):
+        raise KDLabError(f"term {term.name!r}: reduce={term.reduce!r} is not allowed; choose global, tokens or batch")
+    if not term.name.isidentifier():
+        raise KDLabError(f"term name {term.name!r} must be an identifier (letters, digits, _)")
+    if term.name in TERMS and not replace:
+        raise KDLabError(f"a term named {term.name!r} is already registered; pass replace=True to replace it")
+    TERMS[term.name] = term
+    return term
+
+
+def unregister_term(name: str) -> None:
+    TERMS.pop(name, None)
+
+
+def term_names() -> tuple[str, ...]:
+    return tuple(TERMS)
+
+
+# ---------------------------------------------------------------------------- the built-in terms
+def _lm(ctx: TermContext) -> torch.Tensor:
+    return lm_loss(ctx.student.logits, ctx.targets, chunk_tokens=ctx.cfg.loss_chunk_tokens, num_valid=ctx.num_valid)
+
+
+def _kd(ctx: TermContext) -> torch.Tensor:
+    cfg, b = ctx.cfg, ctx.batch
+    common = dict(temperature=cfg.temperature, chunk_tokens=cfg.loss_chunk_tokens, num_valid=ctx.num_valid,
+                  divergence=cfg.kd_divergence, beta=cfg.jsd_beta)
+    if "t_top" in b:  # the teacher's stored top-k, joined to the batch by the batch source
+        return kd_loss_topk(ctx.student.logits, b["t_top"], b["t_ids"], b["t_tail"], ctx.mask, **common)
+    s, t = ctx.match_logits(ctx.student.logits, ctx.teacher.logits)
+    return kd_loss(s, t, ctx.mask, top_k=cfg.kd_top_k, **common)
+
+
+def _kd_module(cfg, student, teacher) -> nn.Module | None:
+    s, t = student.config.vocab_size, teacher.config.vocab_size
+    if s == t or cfg.logit_projection != "learned":
+        return None  # same vocabulary, or padded ones aligned by id (kdlab.projection.align_vocab)
+    if s * t > 50_000_000:
+        raise KDLabError(f"logit_projection='learned' between vocabularies of {s} and {t} would train {s * t:,} "
+                         f"parameters; use logit_projection=align for padded vocabularies")
+    return StudentLogitProjector(s, t)
+
+
+def match_logits(module: nn.Module | None, s_logits: torch.Tensor, t_logits: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher logits over one vocabulary: the learned student-side projection, or by id."""
+    if s_logits.shape[-1] == t_logits.shape[-1]:
+        return s_logits, t_logits
+    if module is not None:
+        return module(s_logits), t_logits
+    return s_logits, align_vocab(t_logits, s_logits.shape[-1])
+
+
+class FeatureRouters(nn.Module):
+    """One StudentAwareRouter per student block, over E evenly spaced teacher blocks."""
 
     def __init__(self, cfg, s_layers: int, t_layers: int, s_dim: int, t_dim: int):
         super().__init__()
-        self.weights = {k: v for k, v in weights_of(cfg).items() if v > 0}
-        self.layer_map = uniform_layer_map(s_layers, t_layers)  # student block i -> teacher block
-        self.router_balance = cfg.router_balance
-        self.tau = cfg.contrastive_tau
-        if "feature" in self.weights:
-            n_exp = min(cfg.router_experts, t_layers)
-            self.experts = uniform_layer_map(n_exp, t_layers)
-            self.routers = nn.ModuleList(
-                StudentAwareRouter(s_dim, t_dim, n_exp, min(cfg.router_top_k, n_exp), cfg.feature_loss)
-                for _ in range(s_layers))
-        if "layerwise" in self.weights:
-            self.layer_proj = nn.ModuleList(nn.Linear(s_dim, t_dim, bias=False) for _ in range(s_layers))
-        if "contrastive" in self.weights:
-            self.contrastive_proj = nn.Linear(s_dim, t_dim, bias=False)
-        self.last_router_stats: list[dict[str, torch.Tensor]] = []
-        self.logit_proj: StudentLogitProjector | None = None
+        n_exp = min(cfg.router_experts, t_layers)
+        self.experts = uniform_layer_map(n_exp, t_layers)
+        self.routers = nn.ModuleList(StudentAwareRouter(s_dim, t_dim, n_exp, min(cfg.router_top_k, n_exp),
+                                                        cfg.feature_loss) for _ in range(s_layers))
+        self.balance = cfg.router_balance
+        self.last_stats: list[dict[str, torch.Tensor]] = []  # per block: utilisation, entropy, balance
 
-    @classmethod
-    def for_models(cls, cfg, student, teacher) -> DistillationHeads:
-        s, t = student.config, teacher.config
-        heads = cls(cfg, s.num_hidden_layers, t.num_hidden_layers, s.hidden_size, t.hidden_size)
-        if s.vocab_size != t.vocab_size and cfg.logit_projection == "learned":
-            n_params = s.vocab_size * t.vocab_size
-            if n_params > 50_000_000:
-                raise KDLabError(
-                    f"logit_projection='learned' between vocabularies of {s.vocab_size} and {t.vocab_size} "
-                    f"would train {n_params:,} parameters; use logit_projection=align for padded vocabularies"
-                )
-            heads.logit_proj = StudentLogitProjector(s.vocab_size, t.vocab_size)
-        return heads.to(next(student.parameters()).device)
-
-    def match_logits(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student and teacher logits over one vocabulary: learned student-side projection, or by id."""
-        if s_logits.shape[-1] == t_logits.shape[-1]:
-            return s_logits, t_logits
-        if self.logit_proj is not None:
-            return self.logit_proj(s_logits), t_logits
-        return s_logits, align_vocab(t_logits, s_logits.shape[-1])
-
-    def forward(self, s_out, t_out, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """s_out / t_out: HF outputs with hidden_states ((L+1) x (B, T, D)) and/or attentions."""
-        terms: dict[str, torch.Tensor] = {}
-        # hidden_states[0] is the embedding output; hidden_states[l + 1] is block l's output
-        if "feature" in self.weights:
-            values, self.last_router_stats = [], []
-            experts = [t_out.hidden_states[e + 1] for e in self.experts]
-            for layer, router in enumerate(self.routers):
-                out = router(s_out.hidden_states[layer + 1], experts, mask)
-                values.append(out.loss + self.router_balance * out.balance)
-                self.last_router_stats.append({"utilisation": out.utilisation, "entropy": out.entropy,
-                                               "balance": out.balance.detach()})
-            terms["feature"] = torch.stack(values).mean()
-        if "attention" in self.weights:
-            terms["attention"] = torch.stack([attention_kl(s_out.attentions[i], t_out.attentions[j], mask)
-                                              for i, j in enumerate(self.layer_map)]).mean()
-        if "layerwise" in self.weights:
-            terms["layerwise"] = torch.stack([
-                ln_mse(proj(s_out.hidden_states[i + 1].to(proj.weight.dtype)), t_out.hidden_states[j + 1], mask)
-                for i, (proj, j) in enumerate(zip(self.layer_proj, self.layer_map))]).mean()
-        if "contrastive" in self.weights:
-            s_pool = masked_mean_pool(s_out.hidden_states[-1], mask)  # (B, D_s)
-            t_pool = masked_mean_pool(t_out.hidden_states[-1], mask)  # (B, D_t)
-            terms["contrastive"] = info_nce(self.contrastive_proj(s_pool), t_pool, self.tau)
-        return terms
+    def forward(self, s_out, t_out, mask: torch.Tensor) -> torch.Tensor:
+        values, self.last_stats = [], []
+        experts = [t_out.hidden_states[e + 1] for e in self.experts]  # [0] is the embedding output
+        for layer, router in enumerate(self.routers):
+            out = router(s_out.hidden_states[layer + 1], experts, mask)
+            values.append(out.loss + self.balance * out.balance)
+            self.last_stats.append({"utilisation": out.utilisation, "entropy": out.entropy,
+                                    "balance": out.balance.detach()})
+        return torch.stack(values).mean()
 
 
-__all__ = ["TERMS", "DistillationHeads", "Needs", "needs", "weights_of"]
+def _shape(student, teacher) -> tuple[int, int, int, int]:
+    s, t = student.config, teacher.config
+    return s.num_hidden_layers, t.num_hidden_layers, s.hidden_size, t.hidden_size
+
+
+def _feature(ctx: TermContext) -> torch.Tensor:
+    return ctx.module(ctx.student, ctx.teacher, ctx.batch["attention_mask"].bool())
+
+
+def _attention(ctx: TermContext) -> torch.Tensor:
+    s, t = ctx.student.attentions, ctx.teacher.attentions
+    mask = ctx.batch["attention_mask"].bool()
+    return torch.stack([attention_kl(s[i], t[j], mask)
+                        for i, j in enumerate(uniform_layer_map(len(s), len(t)))]).mean()
+
+
+def _layerwise(ctx: TermContext) -> torch.Tensor:
+    s, t = ctx.student.hidden_states, ctx.teacher.hidden_states
+    mask = ctx.batch["attention_mask"].bool()
+    layer_map = uniform_layer_map(len(s) - 1, len(t) - 1)
+    return torch.stack([ln_mse(proj(s[i + 1].to(proj.weight.dtype)), t[j + 1], mask)
+                        for i, (proj, j) in enumerate(zip(ctx.module, layer_map))]).mean()
+
+
+def _contrastive(ctx: TermContext) -> torch.Tensor:
+    mask = ctx.batch["attention_mask"].bool()
+    s_pool = masked_mean_pool(ctx.student.hidden_states[-1], mask)  # (B, D_s)
+    t_pool = masked_mean_pool(ctx.teacher.hidden_states[-1], mask)  # (B, D_t)
+    return info_nce(ctx.module(s_pool), t_pool, ctx.cfg.contrastive_tau)
+
+
+def _no_bias_linear(d_in: int, d_out: int) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=False)
+
+
+HIDDEN = Needs(hidden_states=True)
+for _term in (
+    Term("lm", _lm, "global", Needs(teacher=False), lambda cfg: 1.0 - cfg.alpha_kd, always=True, doc="next-token cross-entropy on the text"),
+    Term("kd", _kd, "global", Needs(), "alpha_kd", _kd_module, doc="teacher->student divergence of the logits"),
+    Term("feature", _feature, "tokens", HIDDEN, "w_feature",
+         lambda cfg, s, t: FeatureRouters(cfg, *_shape(s, t)), doc="router-mixed feature loss per student block"),
+    Term("attention", _attention, "tokens", Needs(attentions=True), "w_attention",
+         doc="MiniLM attention KL of mapped blocks"),
+    Term("layerwise", _layerwise, "tokens", HIDDEN, "w_layerwise",
+         lambda cfg, s, t: nn.ModuleList(_no_bias_linear(_shape(s, t)[2], _shape(s, t)[3])
+                                         for _ in range(_shape(s, t)[0])),
+         doc="LN-MSE of projected student blocks vs mapped teacher blocks"),
+    Term("contrastive", _contrastive, "batch", HIDDEN, "w_contrastive",
+         lambda cfg, s, t: _no_bias_linear(_shape(s, t)[2], _shape(s, t)[3]),
+         doc="InfoNCE of pooled last states across the batch"),
+):
+    register_term(_term)
+BUILTIN = tuple(TERMS)
+INTERMEDIATE = BUILTIN[2:]  # the terms beyond KD and LM: need hidden states or attention maps
+
+__all__ = ["Term", "TermContext", "Needs", "TERMS", "register_term", "unregister_term", "term_names",
+           "match_logits", "FeatureRouters", "CACHED_TEACHER_KEYS", "BUILTIN", "INTERMEDIATE"]

@@ -1,7 +1,7 @@
 """nbval runs the course notebooks (`make test` collects this folder): small runs, quiet kernels.
 
 Environment variables set here reach every notebook's kernel. KDLAB_PROFILE=ci scales each
-notebook to about two minutes on a 2-core CPU (see kdlab/course.py); set it yourself to run the
+notebook to about two minutes on a 2-core CPU (see kdlab/course/__init__.py); set it yourself to run the
 notebooks at another size under pytest. MPLBACKEND is deliberately not set: Agg would also reach
 the kernels and turn off inline figures, which would change the notebooks' stored outputs.
 """

@@ -148,7 +148,7 @@ _SLIDER_STATS = "() => document.querySelector('.kdlab-temperature-stats')?.textC
 
 
 def move_temperature_slider(page, out: Path, stem: str, presses: int = 10, timeout_ms: int = 60_000) -> dict:
-    """In a notebook that has run, the temperature explorer (kdlab.widgets.TemperatureExplorer):
+    """In a notebook that has run, the temperature explorer (kdlab.course.widgets.TemperatureExplorer):
     screenshot it at its start (T = 1), focus the slider's handle, press the right arrow `presses`
     times (0.1 each), wait until the figure shows the new T, screenshot again.
 

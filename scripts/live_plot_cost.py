@@ -16,7 +16,7 @@ import logging
 import time
 
 import kdlab
-from kdlab.widgets import LivePlot
+from kdlab.course.widgets import LivePlot
 
 
 def main() -> None:

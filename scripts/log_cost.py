@@ -1,4 +1,4 @@
-"""What the seed's logging costs: lines and wall time of N steps, seed-verbose against concise.
+"""What the original framework's logging costs: lines and wall time of N steps, original-verbose against concise.
 
     python scripts/log_cost.py                        # 500 steps each, tiny models, CUDA if present
     python scripts/log_cost.py --arch smollm2 --steps 500   # the real architecture (random weights)
@@ -81,7 +81,7 @@ def main() -> None:
 
     run("concise", 2, "warm-up")  # builds the token cache for this seq_len
     # interleaved A B B A ...: a machine whose speed drifts during the measurement biases neither style
-    order = [("concise", "seed-verbose")[(i + i // 2) % 2] for i in range(2 * args.repeats)]
+    order = [("concise", "original-verbose")[(i + i // 2) % 2] for i in range(2 * args.repeats)]
     runs = []
     for i, style in enumerate(order):
         t0 = time.perf_counter()
@@ -105,10 +105,10 @@ def main() -> None:
     for i, (style, lines, nbytes, loop, wall) in enumerate(runs):
         print(f"{i:<3} {style:14} {lines:>7,} {nbytes:>9,} {lines / args.steps:>10.1f} {loop:>8.2f} "
               f"{1000 * loop / args.steps:>8.1f} {wall:>7.1f}")
-    mean = {s: sum(r[3] for r in runs if r[0] == s) / args.repeats for s in ("concise", "seed-verbose")}
+    mean = {s: sum(r[3] for r in runs if r[0] == s) / args.repeats for s in ("concise", "original-verbose")}
     spread = {s: [round(r[3], 2) for r in runs if r[0] == s] for s in mean}
-    print(f"loop time, mean of {args.repeats}: concise {mean['concise']:.2f} s {spread['concise']}, seed-verbose "
-          f"{mean['seed-verbose']:.2f} s {spread['seed-verbose']}; ratio {mean['seed-verbose'] / mean['concise']:.3f}")
+    print(f"loop time, mean of {args.repeats}: concise {mean['concise']:.2f} s {spread['concise']}, original-verbose "
+          f"{mean['original-verbose']:.2f} s {spread['original-verbose']}; ratio {mean['original-verbose'] / mean['concise']:.3f}")
 
 if __name__ == "__main__":
     main()

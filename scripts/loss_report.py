@@ -1,4 +1,4 @@
-"""Every loss term on the default pair, seed variant against kdlab's form, at initialisation and
+"""Every loss term on the default pair, the original framework's form against kdlab's, at initialisation and
 after training; with each term's share of the student's gradient norm.
 
     python scripts/loss_report.py                  # 200 steps of configs/all-terms.yaml
@@ -17,19 +17,19 @@ import time
 import torch
 
 import kdlab
-from kdlab.feature_losses import attention_kl, ln_mse
-from kdlab.losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
+from kdlab.feature_losses import attention_kl, ln_mse, uniform_layer_map
 from kdlab.precision import student_outputs, teacher_outputs
-from kdlab.seed import (
-    seed_attention_batchmean,
-    seed_feature_mse,
-    seed_feature_mse_per_dim,
-    seed_kd_batchmean,
+from kdlab.course.original import (
+    original_attention_batchmean,
+    original_feature_mse,
+    original_feature_mse_per_dim,
+    original_kd_batchmean,
 )
 
 
 def measure(trainer: kdlab.Trainer, n_batches: int) -> dict[str, float]:
-    cfg, heads = trainer.cfg, trainer.heads
+    cfg, obj = trainer.cfg, trainer.objective
+    heads = obj.heads  # the terms' trainable modules: feature routers, layerwise projections, ...
     rows: dict[str, list[float]] = {}
 
     def add(key, value):
@@ -37,31 +37,32 @@ def measure(trainer: kdlab.Trainer, n_batches: int) -> dict[str, float]:
 
     for batch in trainer.data["validation"].eval_batches(cfg.batch_size, n_batches):
         batch = {k: v.to(trainer.precision.device) for k, v in batch.items()}
-        tgt = next_token_labels(batch["labels"])
         mask = batch["attention_mask"].bool()
         s_out = student_outputs(trainer.student, batch, trainer.precision, True, True)
         t_out = teacher_outputs(trainer.teacher, batch, True, True)
-        terms = {"kd": kd_loss(s_out.logits, t_out.logits, tgt != IGNORE_INDEX, temperature=cfg.temperature),
-                 "lm": lm_loss(s_out.logits, tgt), **heads(s_out, t_out, mask)}
-        for k, v in terms.items():
+        # kdlab's terms exactly as a training step computes them, at their configured (maximum) weights
+        loss = obj.terms_of(s_out, t_out, batch, kdlab.StepCounts.of([batch]), weights=obj.max_weights)
+        for k, v in loss.terms.items():
             add(f"kdlab/{k}", v.detach())
-        weights = {"kd": cfg.alpha_kd, "lm": 1 - cfg.alpha_kd, **heads.weights}
-        shares = trainer._grad_shares({k: weights[k] * v for k, v in terms.items() if weights[k] > 0})
-        for k, v in shares.items():
+        student_params = [p for p in trainer.student.parameters() if p.requires_grad]
+        for k, v in obj.grad_shares(loss.weighted, student_params).items():
             add(f"share/{k}", v)
+        layer_map = uniform_layer_map(len(s_out.hidden_states) - 1, len(t_out.hidden_states) - 1)
         with torch.no_grad():
-            add("seed/kd", seed_kd_batchmean(s_out.logits, t_out.logits, cfg.temperature))
-            add("seed/lm", terms["lm"])
-            # the seed's feature loss: raw MSE of the projected student state against the raw teacher state
-            for name, fn in (("seed/feature", seed_feature_mse), ("seed/feature_per_dim", seed_feature_mse_per_dim)):
-                add(name, torch.stack([fn(r.proj(s_out.hidden_states[i + 1]), t_out.hidden_states[heads.experts[-1] + 1])
-                                       for i, r in enumerate(heads.routers)]).mean())
-            add("seed/attention", torch.stack([seed_attention_batchmean(s_out.attentions[i], t_out.attentions[j])
-                                               for i, j in enumerate(heads.layer_map)]).mean())
-            add("seed/layerwise", torch.stack([seed_feature_mse(p(s_out.hidden_states[i + 1]),
-                                                                t_out.hidden_states[j + 1])
-                                               for i, (p, j) in enumerate(zip(heads.layer_proj, heads.layer_map))]).mean())
-            add("check/attention_kl_layer0", attention_kl(s_out.attentions[0], t_out.attentions[heads.layer_map[0]], mask))
+            add("original/kd", original_kd_batchmean(s_out.logits, t_out.logits, cfg.temperature))
+            add("original/lm", loss.terms["lm"])
+            # the original framework's feature loss: raw MSE of the projected student state against the raw teacher state
+            feature = heads["feature"]
+            for name, fn in (("original/feature", original_feature_mse),
+                             ("original/feature_per_dim", original_feature_mse_per_dim)):
+                add(name, torch.stack([fn(r.proj(s_out.hidden_states[i + 1]), t_out.hidden_states[feature.experts[-1] + 1])
+                                       for i, r in enumerate(feature.routers)]).mean())
+            add("original/attention", torch.stack([original_attention_batchmean(s_out.attentions[i], t_out.attentions[j])
+                                                   for i, j in enumerate(layer_map)]).mean())
+            add("original/layerwise", torch.stack([original_feature_mse(p(s_out.hidden_states[i + 1]),
+                                                                        t_out.hidden_states[j + 1])
+                                                   for i, (p, j) in enumerate(zip(heads["layerwise"], layer_map))]).mean())
+            add("check/attention_kl_layer0", attention_kl(s_out.attentions[0], t_out.attentions[layer_map[0]], mask))
             add("check/ln_mse_embeddings", ln_mse(s_out.hidden_states[0], t_out.hidden_states[0], mask))
         trainer.student.zero_grad(set_to_none=True)
         heads.zero_grad(set_to_none=True)
@@ -69,16 +70,16 @@ def measure(trainer: kdlab.Trainer, n_batches: int) -> dict[str, float]:
 
 
 def table(before: dict, after: dict, steps: int) -> str:
-    lines = [f"{'term':12} {'seed form (init)':>18} {'kdlab (init)':>13} {'share (init)':>13} "
-             f"{'seed form (' + str(steps) + ')':>18} {'kdlab (' + str(steps) + ')':>13} {'share (' + str(steps) + ')':>13}"]
+    lines = [f"{'term':12} {'original form (init)':>18} {'kdlab (init)':>13} {'share (init)':>13} "
+             f"{'original form (' + str(steps) + ')':>18} {'kdlab (' + str(steps) + ')':>13} {'share (' + str(steps) + ')':>13}"]
     for term in ("kd", "lm", "feature", "attention", "layerwise", "contrastive"):
         def g(d, k):
             return f"{d[k]:.4g}" if k in d else "-"
-        lines.append(f"{term:12} {g(before, 'seed/' + term):>18} {g(before, 'kdlab/' + term):>13} "
-                     f"{g(before, 'share/' + term):>13} {g(after, 'seed/' + term):>18} {g(after, 'kdlab/' + term):>13} "
+        lines.append(f"{term:12} {g(before, 'original/' + term):>18} {g(before, 'kdlab/' + term):>13} "
+                     f"{g(before, 'share/' + term):>13} {g(after, 'original/' + term):>18} {g(after, 'kdlab/' + term):>13} "
                      f"{g(after, 'share/' + term):>13}")
-    lines.append(f"{'feature/D':12} {before['seed/feature_per_dim']:>18.4g} {'':>13} {'':>13} "
-                 f"{after['seed/feature_per_dim']:>18.4g}")
+    lines.append(f"{'feature/D':12} {before['original/feature_per_dim']:>18.4g} {'':>13} {'':>13} "
+                 f"{after['original/feature_per_dim']:>18.4g}")
     return "\n".join(lines)
 
 

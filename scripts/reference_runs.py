@@ -45,8 +45,8 @@ ARMS: dict[str, tuple[dict, str]] = {
     "temperature-3": (dict(early_stopping=False, temperature=3.0), "07 capstone"),
     "adaptive-balance": (dict(early_stopping=False, adaptive_balance=True), "07 capstone"),
     "all-terms": (dict(early_stopping=False, log_every=1, **ALL_TERMS),
-                  "04 curriculum (seed), 06 early stopping (the seed's monitor), 07 capstone (all fixes)"),
-    "all-terms-phases": (dict(early_stopping=False, curriculum="seed-phases", **ALL_TERMS), "04 curriculum"),
+                  "04 curriculum (seed), 06 early stopping (the original framework's monitor), 07 capstone (all fixes)"),
+    "all-terms-phases": (dict(early_stopping=False, curriculum="original-phases", **ALL_TERMS), "04 curriculum"),
     "feature-attention": (dict(early_stopping=False, w_feature=0.5, w_attention=0.5, curriculum="constant",
                                grad_share_every=10), "03 loss normalisation (gradient shares)"),
     # kdlab's stopper where stopping matters: the all-terms run on a corpus of 8 blocks (train_blocks=8,
@@ -108,6 +108,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     kdlab.course.quiet()
+    code = commit()  # the code this process imported, not what the tree holds when an arm ends
     P = kdlab.course.profile("ci")  # paths only: every size comes from the flags
     sizes = dict(max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                  eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=5,
@@ -135,7 +136,7 @@ def main() -> None:
         state = trainer.fit()
         seconds = time.perf_counter() - t0
         samples = {"prompts": prompts, **samples_of(trainer.student, trainer, prompts)}
-        meta = {"arm": arm, "used_by": used_by, "device": kdlab.course.describe_machine(), "commit": commit(),
+        meta = {"arm": arm, "used_by": used_by, "device": kdlab.course.describe_machine(), "commit": code,
                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "seconds": round(seconds, 1), "steps": state.step, "batch_size": cfg.batch_size,
                 "seq_len": cfg.seq_len, "tokens": state.tokens, "stop_reason": state.stop_reason,

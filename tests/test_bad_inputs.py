@@ -69,6 +69,13 @@ CASES = [
     ("checkpoint", "`--resume` with another student (`--student small`)",
      lambda e: ["train", *_tiny(e), "--max-steps", "2", "--student", "small", "--resume",
                 "--out-dir", str(e["run"])]),
+    ("run folder", "a new run into a folder that holds a run (no `--resume`)",
+     lambda e: ["train", *_tiny(e), "--max-steps", "3", "--out-dir", str(e["run"])]),
+    ("config", "`--resume --overwrite`", lambda e: ["train", "--resume", "--overwrite"]),
+    ("model", "sequence longer than the models' positions: `--seq-len 100000`",
+     lambda e: ["train", *_tiny(e), "--seq-len", "100000"]),
+    ("config", "weight for a term that is not registered: `--term-weights '{kl_rev: 1}'`",
+     lambda e: ["train", "--term-weights", "{kl_rev: 1}"]),
 ]
 
 

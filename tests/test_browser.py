@@ -1,7 +1,7 @@
 """The course's widgets in a real browser: JupyterLab on localhost, run in headless Chromium
 (Debian's `chromium`, driven by Playwright).
 
-* A small notebook that trains with kdlab.widgets.LivePlot: the plot image appears and changes while
+* A small notebook that trains with kdlab.course.widgets.LivePlot: the plot image appears and changes while
   the cell runs, the status line reaches the last step, and at the end the widget is replaced by its
   final figure (a plain image: what the saved notebook keeps).
 * notebooks/01_concepts.ipynb, run top to bottom on the real teacher: moving its temperature slider
@@ -45,10 +45,10 @@ STEPS = 30
 
 def _notebook(overrides: dict) -> dict:
     cells = [
-        "import kdlab, kdlab.widgets\n"
+        "import kdlab, kdlab.course.widgets\n"
         f"cfg = kdlab.load_config(overrides={overrides!r})",
         # a 5-second run: redraw often (the default throttle keeps redraws under 3% of a long run)
-        "lp = kdlab.widgets.LivePlot(min_interval_s=0.3, max_overhead=0.5)\n"
+        "lp = kdlab.course.widgets.LivePlot(min_interval_s=0.3, max_overhead=0.5)\n"
         "state = kdlab.train(cfg, callbacks=[lp])\n"
         "print('renders', lp.renders, 'step', state.step)",
     ]

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 import kdlab
+import kdlab.config
 from kdlab.cli import main
-from kdlab.config import FIELDS
+from kdlab.config import FIELDS, GROUPS, field_choices, field_help, field_info, fields_by_group, format_value
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +80,126 @@ def test_every_config_field_has_a_cli_flag():
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for name in FIELDS:
         assert "--" + name.replace("_", "-") in help_text
+
+
+# --- the help comes from the fields: description, group, allowed values -------------------------
+
+
+def test_every_field_has_a_one_line_description_and_a_group():
+    for name in FIELDS:
+        info = field_info(name)
+        assert info.help.strip() and "\n" not in info.help, name
+        assert info.group in GROUPS, name
+        assert info.flag == "--" + name.replace("_", "-")
+    groups = fields_by_group()
+    assert list(groups) == list(GROUPS) and all(groups.values())  # every section has fields, in order
+    assert [n for names in groups.values() for n in names] == list(FIELDS)  # sections do not reorder fields
+
+
+def test_field_help_for_docs():
+    assert field_help("lr_scheduler") == ("learning-rate schedule after the warmup "
+                                          "(one of cosine, linear, constant; default: cosine)")
+    assert field_help("teacher_cache").endswith("(default: '')")
+    assert field_help("resume").endswith("(default: false)")
+    with pytest.raises(kdlab.KDLabError, match="unknown config key 'lerning_rate'"):
+        field_help("lerning_rate")
+    import doctest
+
+    assert doctest.testmod(kdlab.config).failed == 0
+
+
+def _help(monkeypatch, capsys, command="train") -> str:
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _help_entries(text: str) -> dict[str, dict[str, str]]:
+    """argparse help -> {group title: {first flag: its entry, whitespace collapsed}}."""
+    groups: dict[str, dict[str, str]] = {}
+    entries = None
+    flag = None
+    for line in text.splitlines():
+        heading = re.fullmatch(r"([a-z][a-z ,]*):", line)
+        if heading:
+            entries, flag = groups.setdefault(heading.group(1), {}), None
+        elif entries is not None and re.match(r"  -", line):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif entries is not None and flag is not None:
+            entries[flag] += " " + line
+    return {g: {f: " ".join(e.split()) for f, e in es.items()} for g, es in groups.items()}
+
+
+def test_train_help_shows_groups_flags_descriptions_values_and_defaults(monkeypatch, capsys):
+    text = _help(monkeypatch, capsys)
+    assert max(map(len, text.splitlines())) <= 100
+    entries = _help_entries(text)
+    for group in GROUPS:
+        assert group in entries, group
+    for name in FIELDS:
+        info = field_info(name)
+        entry = entries[info.group].get(info.flag)
+        assert entry is not None, f"{info.flag} is not in the help's {info.group!r} group"
+        assert " ".join(info.help.split()) in entry, name
+        assert f"(default: {format_value(info.default)})" in entry, name
+        if info.type is bool:
+            assert entry.startswith(f"{info.flag}, --no-{info.flag[2:]} "), entry
+        if info.choices:
+            assert entry.startswith(f"{info.flag} {{{','.join(info.choices)}}} "), entry
+    assert "--config FILE" in entries["options"]["--config"]
+
+
+@pytest.mark.parametrize("command", ["prepare", "eval", "cache-teacher"])
+def test_other_config_commands_share_the_flags(monkeypatch, capsys, command):
+    entries = _help_entries(_help(monkeypatch, capsys, command))
+    for name in FIELDS:
+        info = field_info(name)
+        assert info.flag in entries[info.group], (command, name)
+
+
+def test_fields_with_a_fixed_set_of_values_list_them(monkeypatch, capsys):
+    from kdlab.curriculum import PRESETS
+    from kdlab.early_stopping import METRICS, MODES
+    from kdlab.feature_losses import FEATURE_LOSSES
+    from kdlab.losses import DIVERGENCES
+
+    expected = {
+        "student_init": kdlab.config.STUDENT_INITS, "kd_divergence": DIVERGENCES,
+        "feature_loss": tuple(FEATURE_LOSSES), "logit_projection": kdlab.config.LOGIT_PROJECTIONS,
+        "curriculum": tuple(PRESETS), "lr_scheduler": kdlab.config.SCHEDULERS, "log_style": kdlab.config.LOG_STYLES,
+        "es_monitor": tuple(METRICS), "es_mode": MODES, "device": kdlab.config.DEVICES,
+        "teacher_dtype": kdlab.config.DTYPES, "autocast_dtype": kdlab.config.DTYPES,
+    }
+    assert {name: field_choices(name) for name in FIELDS if field_choices(name)} == expected
+    entries = _help_entries(_help(monkeypatch, capsys))
+    for name, allowed in expected.items():
+        entry = entries[field_info(name).group][field_info(name).flag]
+        for value in allowed:
+            assert value in entry, (name, value)
+
+
+@pytest.mark.parametrize("name", [n for n in FIELDS if field_choices(n)])
+def test_validation_allows_exactly_the_values_the_help_lists(name):
+    allowed = field_choices(name)
+    for value in allowed:
+        assert getattr(kdlab.KDConfig(**{name: value}), name) == value
+    with pytest.raises(kdlab.KDLabError) as e:
+        kdlab.KDConfig(**{name: "bogus"})
+    assert str(e.value) == f"{name}='bogus' is not allowed; choose one of {', '.join(allowed)}"
+
+
+def test_choices_are_read_when_checked():  # a registry that grows (e.g. a new preset) is allowed at once
+    from kdlab.curriculum import PRESETS
+
+    PRESETS["test-only"] = {}
+    try:
+        assert "test-only" in field_choices("curriculum")
+        assert kdlab.KDConfig(curriculum="test-only").curriculum == "test-only"
+    finally:
+        del PRESETS["test-only"]
 
 
 def _run_cli(*args, cwd=ROOT):

@@ -236,7 +236,7 @@ def test_reference_profile_replays_through_the_callbacks(tiny_overrides, tmp_pat
     # min_delta 10 makes every check after the first a non-improvement: patience 1 stops at the 2nd check,
     # in the made run and in the replay alike
     assert made.stop_reason.startswith("early stopping") and state.stop_reason.startswith("early stopping")
-    assert trainer.early_stopping.stopped_step == made.step
+    assert trainer.callback(kdlab.EarlyStopping).stopped_step == made.step
     assert seen.events[0] == "begin" and seen.events[-1] == "end"
     assert [e for e in seen.events if isinstance(e, tuple) and e[0] == "log"] == \
         [("log", r["step"]) for r in state.history if r["kind"] == "train"]

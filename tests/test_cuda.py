@@ -1,4 +1,4 @@
-"""The CUDA path, run for real on a GPU (skipped elsewhere): the seed's fp16 teacher with bf16 or
+"""The CUDA path, run for real on a GPU (skipped elsewhere): the original framework's fp16 teacher with bf16 or
 fp16 autocast, the GradScaler, no host sync inside a step, and resume on the GPU."""
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ def test_cuda_run_with_an_fp16_teacher_trains_and_keeps_fp32_weights(cuda_overri
     cfg = kdlab.load_config(overrides={**cuda_overrides, "autocast_dtype": autocast, "lr": 3e-3,
                                         "w_feature": 0.5, "w_attention": 0.5, "curriculum": "constant"})
     trainer = kdlab.Trainer.from_config(cfg)
-    assert next(trainer.teacher.parameters()).dtype == torch.float16  # the seed's set-up
+    assert next(trainer.teacher.parameters()).dtype == torch.float16  # the original framework's set-up
     assert trainer.scaler.is_enabled() == (autocast == "float16")
     state = trainer.fit()
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.student.parameters())
-    assert all(p.dtype == torch.float32 for p in trainer.heads.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.objective.heads.parameters())
     val = state.evals("validation")
     assert val[-1]["kl"] < val[0]["kl"]
     # fp16's GradScaler may skip its first steps while it finds its scale; bf16 never skips
@@ -38,7 +38,7 @@ def test_no_host_sync_inside_a_cuda_training_step(cuda_overrides):
                                         "w_contrastive": 0.5, "adaptive_balance": True, "grad_accum": 2,
                                         "curriculum": "constant"})
     trainer = kdlab.Trainer.from_config(cfg)
-    batches = [trainer._next_micro_batches()[0] for _ in range(3)]
+    batches = [trainer.batches.next_step() for _ in range(3)]
     trainer.train_step(batches[0])  # lazy initialisations (cuBLAS handles, optimizer state)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

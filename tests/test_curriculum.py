@@ -1,4 +1,4 @@
-"""The loss-weight curriculum: the seed's table, ramp shapes, presets, state, and the trainer's use of it."""
+"""The loss-weight curriculum: the original framework's table, ramp shapes, presets, state, and the trainer's use of it."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ SEED_TABLE = {
 }
 
 
-@pytest.mark.parametrize("total", [100, 1000, 12_500])  # 12,500: the seed's run length
+@pytest.mark.parametrize("total", [100, 1000, 12_500])  # 12,500: the original framework's run length
 @pytest.mark.parametrize("percent", sorted(SEED_TABLE))
 def test_default_preset_is_the_seed_table(percent, total):
     sched = CurriculumScheduler.from_preset(kdlab.KDConfig().curriculum, total)
@@ -34,7 +34,7 @@ def test_default_preset_is_the_seed_table(percent, total):
 
 def test_seed_phases_preset_reproduces_the_earlier_schedule():
     """The write-up's 'before' column for the feature weight: 0 at 10% and 30%, 6.7% at 50%, 100% at 70%."""
-    sched = CurriculumScheduler.from_preset("seed-phases", 1000)
+    sched = CurriculumScheduler.from_preset("original-phases", 1000)
     feature = [sched.weights_at(p)["feature"] for p in (100, 300, 500, 700)]
     assert feature[0] == feature[1] == 0.0
     assert feature[2] == pytest.approx(0.067, abs=5e-4)
@@ -51,27 +51,27 @@ def test_ramp_shapes_against_their_formulas():
 
 
 def test_weights_scale_with_the_configured_maximum_and_are_pure():
-    sched = CurriculumScheduler.from_preset("seed", 10, {"kd": 0.5, "lm": 0.5, "feature": 0.25})
+    sched = CurriculumScheduler.from_preset("original", 10, {"kd": 0.5, "lm": 0.5, "feature": 0.25})
     assert sched.weights_at(2) == {"kd": 0.5, "lm": 0.5, "feature": pytest.approx(0.25 / 3)}
     assert sched.weights_at(2) == sched.weights_at(2)  # no hidden state
     assert sched.last_ramp_end() == 4  # only active terms count: feature ends at 40%
 
 
 def test_state_dict_round_trip_and_mismatch():
-    a = CurriculumScheduler.from_preset("seed", 100)
+    a = CurriculumScheduler.from_preset("original", 100)
     for _ in range(37):
         a.step()
-    b = CurriculumScheduler.from_preset("seed", 100)
+    b = CurriculumScheduler.from_preset("original", 100)
     b.load_state_dict(a.state_dict())
     assert b.last_step == 37 and b.get_weights() == a.get_weights()
     with pytest.raises(kdlab.KDLabError, match="does not match"):
-        CurriculumScheduler.from_preset("seed", 200).load_state_dict(a.state_dict())
+        CurriculumScheduler.from_preset("original", 200).load_state_dict(a.state_dict())
 
 
 @pytest.mark.parametrize("spec, message", [
     ({"feature": {"start": 0.5, "end": 0.2}}, r"ramps.feature: ramp start=0.5, end=0.2: need 0 <= start <= end <= 1"),
     ({"feature": {"start": 0.1, "end": 0.4, "shape": "step"}}, r"shape='step' is not allowed; choose one of linear, cosine"),
-    ({"featur": {"start": 0.1}}, r"unknown term 'featur'; choose from kd, lm, feature"),
+    ({"featur": {"start": 0.1}}, r"unknown term 'featur'; choose from lm, kd, feature"),
     ({"feature": {"begin": 0.1}}, r"unknown key\(s\) begin; allowed: start, end, shape"),
 ])
 def test_bad_ramps_are_clear_errors(spec, message):
@@ -82,9 +82,9 @@ def test_bad_ramps_are_clear_errors(spec, message):
 
 
 def test_unknown_preset_names_the_allowed_ones():
-    with pytest.raises(kdlab.KDLabError, match="curriculum='linear' is not allowed; choose one of constant, seed, seed-phases"):
+    with pytest.raises(kdlab.KDLabError, match="curriculum='linear' is not allowed; choose one of constant, original, original-phases"):
         kdlab.load_config(overrides={"curriculum": "linear"})
-    assert set(PRESETS) == {"constant", "seed", "seed-phases"}
+    assert set(PRESETS) == {"constant", "original", "original-phases"}
 
 
 def test_module_doctest_table():
@@ -96,7 +96,7 @@ def test_trainer_logs_the_curriculum_weights_it_trains_with(tiny_overrides):
     over = {**tiny_overrides, "w_feature": 1.0, "w_layerwise": 0.5, "max_steps": 10, "log_every": 1,
             "eval_every": 0, "save_every": 0, "ramps": {"layerwise": {"start": 0.2, "end": 0.6, "shape": "cosine"}}}
     state = kdlab.train(kdlab.load_config(overrides=over))
-    sched = CurriculumScheduler.from_preset("seed", 10, {"kd": 0.5, "lm": 0.5, "feature": 1.0, "layerwise": 0.5},
+    sched = CurriculumScheduler.from_preset("original", 10, {"kd": 0.5, "lm": 0.5, "feature": 1.0, "layerwise": 0.5},
                                             {"layerwise": Ramp(0.2, 0.6, shape="cosine")})
     train = [r for r in state.history if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 11))

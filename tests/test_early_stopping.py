@@ -54,10 +54,10 @@ def test_nonfinite_metric_stops_at_once_even_in_warmup(bad):
     assert "non-finite" in es.reason and es.best == 2.0
 
 
-def test_divergence_threshold_stops_at_once():
-    es = EarlyStopping(patience=20, divergence_threshold=10.0)
+def test_abort_threshold_stops_at_once():
+    es = EarlyStopping(patience=20, abort_threshold=10.0)
     assert feed(es, [8.0, 9.5, 10.5]) == ["improved", "wait", "stop"]
-    assert "passed the divergence threshold 10.0" in es.reason
+    assert "passed the abort threshold 10.0" in es.reason
 
 
 def test_mode_max():
@@ -92,10 +92,10 @@ def test_default_warmup_is_the_lr_warmup_not_the_last_ramp(tiny_overrides):
     # that could never fire under the write-up's curriculum
     over = {**tiny_overrides, "max_steps": 50, "w_layerwise": 1.0, "w_contrastive": 0.1, "warmup_steps": 5}
     trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
-    assert trainer.curriculum.last_ramp_end() == 50
-    assert trainer.early_stopping.warmup_steps == 5
+    assert trainer.objective.curriculum.last_ramp_end() == 50
+    assert trainer.callback(kdlab.EarlyStopping).warmup_steps == 5
     trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides={**over, "es_warmup_steps": 7}))
-    assert trainer.early_stopping.warmup_steps == 7
+    assert trainer.callback(kdlab.EarlyStopping).warmup_steps == 7
 
 
 class _Wreck:
@@ -140,5 +140,5 @@ def test_cli_exit_code_is_0_for_patience_and_1_for_a_diverging_metric(tiny_overr
     flags = []
     for k, v in {**tiny_overrides, "max_steps": 4, "eval_every": 1, "save_every": 0}.items():
         flags += [f"--{k.replace('_', '-')}", str(v)]
-    assert main(["train", *flags, "--es-divergence", "1e-9"]) == 1
+    assert main(["train", *flags, "--es-abort-threshold", "1e-9"]) == 1
     assert "kdlab: error: the run stopped early: early stopping: val_kl=" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdlab.feature_losses import attention_kl, cosine_distance, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
-from kdlab.seed import seed_attention_batchmean, seed_feature_mse, seed_feature_mse_per_dim
+from kdlab.course.original import original_attention_batchmean, original_feature_mse, original_feature_mse_per_dim
 
 B, T, D, H = 3, 9, 16, 4
 
@@ -46,9 +46,9 @@ def test_ln_mse_is_two_times_one_minus_correlation(mask):
 def test_ln_mse_is_scale_free_while_the_seed_mse_is_not(mask):
     p, t = _randn(B, T, D, seed=1), _randn(B, T, D, seed=2)
     assert torch.isclose(ln_mse(p, t, mask), ln_mse(50 * p + 3, 50 * t - 7, mask), rtol=1e-4)
-    assert torch.isclose(seed_feature_mse(50 * p, 50 * t), 2500 * seed_feature_mse(p, t), rtol=1e-5)
+    assert torch.isclose(original_feature_mse(50 * p, 50 * t), 2500 * original_feature_mse(p, t), rtol=1e-5)
     # dividing by D is a change of weight, not a normalisation: still scale-dependent
-    assert torch.isclose(seed_feature_mse_per_dim(p, t), seed_feature_mse(p, t) / D)
+    assert torch.isclose(original_feature_mse_per_dim(p, t), original_feature_mse(p, t) / D)
 
 
 def test_cosine_distance_matches_the_formula(mask):
@@ -102,15 +102,15 @@ def test_attention_kl_averages_heads_when_counts_differ(mask):
 @pytest.mark.parametrize("heads", [2, 4, 8])
 def test_seed_attention_loss_is_heads_times_the_per_row_kl(heads):
     full = torch.ones(B, T, dtype=torch.bool)
-    # no zeros in the maps (no causal mask): the seed formula is finite and its scale can be read off
+    # no zeros in the maps (no causal mask): the original formula is finite and its scale can be read off
     s, t = _randn(B, heads, T, T, seed=11).softmax(-1), _randn(B, heads, T, T, seed=12).softmax(-1)
-    ratio = seed_attention_batchmean(s, t) / attention_kl(s, t, full)
+    ratio = original_attention_batchmean(s, t) / attention_kl(s, t, full)
     assert ratio.item() == pytest.approx(heads, rel=1e-5)
 
 
 def test_seed_attention_loss_is_nan_on_causal_maps(mask):
     s, t = _attn(H, 7, mask), _attn(H, 8, mask)
-    assert torch.isnan(seed_attention_batchmean(s, t))
+    assert torch.isnan(original_attention_batchmean(s, t))
 
 
 def test_info_nce_matches_the_formula_and_its_limits():

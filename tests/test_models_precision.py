@@ -16,7 +16,7 @@ def test_cpu_policy_defaults():
 
 
 def test_float32_autocast_means_off_not_a_silent_noop():
-    # torch's CPU autocast warns and disables itself for float32 (the seed's eval "fix"); kdlab
+    # torch's CPU autocast warns and disables itself for float32 (the original framework's eval "fix"); kdlab
     # states the intent instead: no autocast at all
     assert kdlab.resolve_precision("cpu", autocast_dtype="float32").autocast_dtype is None
     assert kdlab.resolve_precision("cpu", autocast_dtype="bfloat16").autocast_dtype == torch.bfloat16

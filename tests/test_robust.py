@@ -70,7 +70,7 @@ def _assert_same_run(a, b):
 
 @pytest.fixture
 def robust_overrides(tiny_overrides):
-    # all six terms under the seed curriculum with adaptive balancing and early stopping: every piece
+    # all six terms under the original curriculum with adaptive balancing and early stopping: every piece
     # of state a resume must restore (weights, heads, optimizer, schedule, curriculum, balancer,
     # early stopping, the unfinished log interval, data position, RNG)
     return {**tiny_overrides, "max_steps": 9, "save_every": 3, "eval_every": 2, "log_every": 4, "log_first": 1,
@@ -99,7 +99,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(robust_
     ckpt = latest_checkpoint(tmp_path / "b")
     assert ckpt.name == "step-000003"
     trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
-    state = load_checkpoint(ckpt, trainer.student, trainer.heads)
+    state = load_checkpoint(ckpt, trainer.student, trainer.objective.heads)
     assert state["step"] == 3
     resumed = kdlab.train(kdlab.load_config(overrides={**over, "resume": True}))
     straight = kdlab.train(kdlab.load_config(overrides={**robust_overrides, "out_dir": str(tmp_path / "a")}))
@@ -135,7 +135,7 @@ def test_no_host_sync_inside_a_training_step(tiny_overrides, monkeypatch):
     over = {**tiny_overrides, "w_feature": 1.0, "w_attention": 1.0, "w_layerwise": 1.0, "w_contrastive": 1.0,
             "adaptive_balance": True, "grad_accum": 2, "curriculum": "constant"}
     trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
-    batches = [trainer._next_micro_batches()[0] for _ in range(3)]
+    batches = [trainer.batches.next_step() for _ in range(3)]
     trainer.train_step(batches[0])  # first call: lazy initialisations
     seen = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):

@@ -237,10 +237,10 @@ def test_train_blocks_trains_on_the_first_blocks_only_and_repeats_them(tiny_over
     """train_blocks=N: a small corpus; every epoch is the same N blocks (here 2 steps of 2)."""
     cfg = kdlab.load_config(overrides={**tiny_overrides, "train_blocks": 4, "max_steps": 4})
     trainer = kdlab.Trainer.from_config(cfg)
-    assert len(trainer.data["train"]) == 4 and trainer.steps_per_epoch == 2
+    assert len(trainer.data["train"]) == 4 and trainer.batches.steps_per_epoch == 2
     full = kdlab.prepare_data(cfg.data, cfg.data_dir, trainer.tokenizer, cfg.seq_len)["train"]
     assert torch.equal(trainer.data["train"].input_ids, full.input_ids[:4])
     state = trainer.fit()
-    assert state.step == 4 and state.epoch == 2
+    assert state.step == 4 and trainer.batches.epoch == 2
     with pytest.raises(kdlab.KDLabError, match=r"train_blocks=-1 must be >= 0"):
         kdlab.load_config(overrides={"train_blocks": -1})

@@ -18,8 +18,8 @@ from kdlab.curriculum import CurriculumScheduler
 pytest.importorskip("ipywidgets")
 pytest.importorskip("matplotlib")
 
-from kdlab import plots  # noqa: E402
-from kdlab.widgets import CurriculumExplorer, LivePlot, TemperatureExplorer, temperature_stats  # noqa: E402
+from kdlab.course import plots  # noqa: E402
+from kdlab.course.widgets import CurriculumExplorer, LivePlot, TemperatureExplorer, temperature_stats  # noqa: E402
 
 TERMS = ("kd", "lm", "feature", "attention")
 
@@ -30,7 +30,10 @@ class FakeTrainer:
     def __init__(self, total=1000):
         self.total_steps = total
         self.state = kdlab.TrainState()
-        self.early_stopping = kdlab.EarlyStopping(patience=5)
+        self.callbacks = [kdlab.EarlyStopping(patience=5)]
+
+    def callback(self, kind):
+        return next(cb for cb in self.callbacks if isinstance(cb, kind))
 
 
 def record(step):
@@ -52,7 +55,7 @@ def feed(lp, trainer, k, evals_every=0):
         lp.on_log(trainer, record(step))
         if evals_every and step % evals_every == 0:
             rec = val(step, 3.0 / step)
-            trainer.early_stopping.update(step, rec["kl"])
+            trainer.callback(kdlab.EarlyStopping).update(step, rec["kl"])
             lp.on_eval(trainer, rec)
 
 
@@ -119,8 +122,8 @@ def test_headless_it_prints_nothing_and_writes_the_final_png(tiny_overrides, tmp
 
 @pytest.mark.parametrize("progress", [0.0, 0.2, 0.3, 0.5, 0.8, 1.0])
 def test_explorer_table_equals_the_scheduler(progress):
-    ex = CurriculumExplorer(progress=progress)  # default state: the seed's table
-    seed = CurriculumScheduler.from_preset("seed", 1000)
+    ex = CurriculumExplorer(progress=progress)  # default state: the original framework's table
+    seed = CurriculumScheduler.from_preset("original", 1000)
     assert ex.weights() == pytest.approx(seed.weights_at(round(progress * 1000)))
     for term, weight in ex.weights().items():
         assert f"<td>{term}</td><td style='text-align:right'>{weight:.1%}</td>" in ex.table.value
@@ -137,7 +140,7 @@ def test_explorer_sliders_change_the_schedule():
                                     "contrastive": kdlab.Ramp(0.7, 1.0, shape="cosine")})
     assert ex.weights() == pytest.approx(expected.weights_at(500))
     assert ex.weights()["feature"] == pytest.approx(0.5)
-    ex.preset.value = "seed-phases"
+    ex.preset.value = "original-phases"
     assert ex.weights()["feature"] == pytest.approx(0.067, abs=5e-4)
 
 
@@ -160,10 +163,10 @@ def png_width(b64: str) -> int:
 def test_live_plot_leaves_the_final_figure_as_a_png_not_a_widget(monkeypatch):
     import IPython.display
 
-    import kdlab.widgets
+    import kdlab.course.widgets
 
     handles = []
-    monkeypatch.setattr(kdlab.widgets, "in_notebook", lambda: True)
+    monkeypatch.setattr(kdlab.course.widgets, "in_notebook", lambda: True)
     monkeypatch.setattr(IPython.display, "display", lambda obj, **kw: handles.append(FakeHandle(obj)) or handles[-1])
     lp = LivePlot(min_interval_s=0.0, max_overhead=1.0)
     trainer = FakeTrainer()

@@ -33,10 +33,9 @@ from typing import Any
 
 import json
 
-from .config import KDConfig, load_config
-from .early_stopping import METRICS
-from .errors import KDLabError
-from .trainer import TrainState, quiet_libraries
+from ..config import KDConfig, load_config
+from ..errors import KDLabError
+from ..trainer import TrainState, quiet_libraries
 
 ENV_VAR = "KDLAB_PROFILE"
 CORPUS_VAR = "KDLAB_CORPUS"
@@ -67,7 +66,7 @@ class Profile:
 
         `overrides` win over the profile, exactly as CLI flags win over a YAML file. No resumable
         checkpoints (the notebooks never resume; each would write ~0.5 GB): the final model and the
-        early-stopping best are still written.
+        early-stopping best are still written. A notebook run again replaces its own runs.
         """
         root = repo_root()
         steps = overrides.get("max_steps", self.steps)
@@ -77,6 +76,7 @@ class Profile:
             "eval_every": self.eval_every, "eval_batches": self.eval_batches,
             "log_every": max(1, steps // 20), "log_first": 3,  # ~20 points per curve
             "warmup_steps": max(1, steps // 10), "checkpoints": False,
+            "overwrite": True,  # running a notebook again replaces its runs
         }
         corpus = os.environ.get(CORPUS_VAR, "").strip()
         if corpus:
@@ -94,40 +94,34 @@ class Profile:
 
         The replay feeds the committed records, in order, to the trainer's callbacks (on_train_begin,
         on_log for train records, on_eval for evaluations, on_train_end) and stops where a callback
-        asks to stop, as a run would. Early stoppers see each evaluation through their rule
-        (`update`) but save no weights: nothing was trained. The state returned holds the replayed
-        history; `trainer.student` is still the untrained student."""
+        asks to stop, as a run would; BestWeights and the progress bar sit it out, since nothing was
+        trained. The state returned holds the replayed history; `trainer.student` is still the
+        untrained student."""
         if not self.replays:
             return trainer.fit()
-        from .early_stopping import EarlyStopping
+        from ..callbacks import BestWeights, ProgressBar, fire
 
         ref, s = reference(arm), trainer.state
-        trainer._emit("on_train_begin")
+        # nothing is trained, so nothing to save or restore, and no progress bar to drive
+        callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, (BestWeights, ProgressBar))]
+        fire(callbacks, "on_train_begin", trainer)
         for record in ref.history:
             if s.should_stop:
                 break
             s.history.append(record)
             if record["kind"] == "train":
                 s.step, s.tokens = record["step"], record.get("tokens", s.tokens)
-            for cb in trainer.callbacks:
-                if record["kind"] == "train" and hasattr(cb, "on_log"):
-                    cb.on_log(trainer, record)
-                elif record["kind"] == "eval" and isinstance(cb, EarlyStopping) and cb.monitor in METRICS:
-                    if record["split"] == "validation" and not record.get("final") and "restored_from" not in record:
-                        if cb.update(record["step"], float(record[METRICS[cb.monitor]])) == "stop":
-                            cb.request_stop(trainer, "early stopping")
-                elif record["kind"] == "eval" and hasattr(cb, "on_eval"):
-                    cb.on_eval(trainer, record)
+            fire(callbacks, "on_log" if record["kind"] == "train" else "on_eval", trainer, record)
         if not s.should_stop:  # replayed to the end: the run's own totals
             s.tokens = ref.meta.get("tokens", s.tokens)
         s.stop_reason = s.stop_reason or ref.meta.get("stop_reason", "")
         s.skipped_steps = ref.meta.get("skipped_steps", 0)
-        trainer._emit("on_train_end")
+        fire(callbacks, "on_train_end", trainer)
         return s
 
     def train(self, cfg: KDConfig, arm: str, callbacks=()) -> TrainState:
         """`kdlab.train(cfg, callbacks)`, or the reference run `arm` replayed (see `fit`)."""
-        from .trainer import Trainer
+        from ..trainer import Trainer
 
         return self.fit(Trainer.from_config(cfg, callbacks), arm)
 

@@ -18,8 +18,29 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-TERM_ORDER = ("kd", "lm", "feature", "attention", "layerwise", "contrastive")
-COLORS = dict(zip(TERM_ORDER, ("C0", "C1", "C2", "C3", "C4", "C5"), strict=True)) | {"total": "k"}
+from ..terms import TERMS
+
+
+
+def term_order() -> tuple[str, ...]:
+    """kd and lm first, then every other registered term (kdlab.terms), in registration order."""
+    return ("kd", "lm", *(t for t in TERMS if t not in ("kd", "lm")))
+
+
+class _Colors(dict):
+    """A term's colour: fixed by its place in `term_order()` (C0, C1, ...); the total in black."""
+
+    def get(self, term, default=None):
+        if term == "total":
+            return "k"
+        order = term_order()
+        return f"C{order.index(term) % 10}" if term in order else default
+
+    def __missing__(self, term):
+        return self.get(term)
+
+
+COLORS = _Colors()
 VAL_METRICS = {"kl": "val KL(teacher‖student)", "student_ce": "val CE (student)"}
 
 
@@ -29,7 +50,7 @@ def load_metrics(path: str | Path) -> list[dict[str, Any]]:
     if p.is_dir():
         p = p / "metrics.jsonl"
     if not p.is_file():
-        from .errors import KDLabError
+        from ..errors import KDLabError
 
         raise KDLabError(f"no metrics file at {str(p)!r}; give a run folder (out_dir) or its metrics.jsonl")
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
@@ -37,9 +58,10 @@ def load_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def terms_of(records: list[dict[str, Any]]) -> list[str]:
     """The loss terms present in a run's train records, in a fixed order."""
+    order = term_order()
     seen = {k for r in records if r.get("kind") == "train" for k in r.get("weights", {})}
-    seen |= {k for r in records if r.get("kind") == "train" for k in TERM_ORDER if k in r}
-    return [t for t in TERM_ORDER if t in seen]
+    seen |= {k for r in records if r.get("kind") == "train" for k in order if k in r}
+    return [t for t in order if t in seen] + sorted(seen - set(order))  # then terms no longer registered
 
 
 def term_series(records, term: str, show: str = "raw") -> tuple[list[int], list[float]]:
@@ -182,7 +204,7 @@ def plot_runs(runs: dict[str, Any], show: str = "raw", terms=None, reference: di
         shown |= set(draw_terms(a, rec, show, terms, label_prefix=f"{name}: ", style=styles[i % len(styles)]))
         if _val_kl(rec):
             b.plot(*zip(*_val_kl(rec), strict=True), styles[i % len(styles)], marker="o", ms=3, label=name)
-    handles = [Line2D([], [], color=COLORS.get(t), label=t) for t in [*TERM_ORDER, "total"] if t in shown]
+    handles = [Line2D([], [], color=COLORS.get(t), label=t) for t in [*term_order(), "total"] if t in shown]
     handles += [Line2D([], [], color="0.3", ls=styles[i % len(styles)], label=n) for i, n in enumerate(runs)]
     a.legend(handles=handles, fontsize=6, ncol=2)
     b.set_title("validation KL(teacher‖student)")

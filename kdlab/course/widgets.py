@@ -1,11 +1,11 @@
 """Live training widgets for JupyterLab: watch every loss term move while a cell trains.
 
-    lp = kdlab.widgets.LivePlot()
+    lp = kdlab.course.widgets.LivePlot()
     state = kdlab.train(cfg, callbacks=[lp])     # a progress bar, a status line and the figure, live
     lp.figure                                    # afterwards: a static figure (shows on GitHub too)
 
-    kdlab.widgets.CurriculumExplorer().widget    # sliders over the curriculum (default: the seed's)
-    kdlab.widgets.TemperatureExplorer(logits, tokenizer)   # a temperature slider over one soft target
+    kdlab.course.widgets.CurriculumExplorer().widget    # sliders over the curriculum (default: the original framework's)
+    kdlab.course.widgets.TemperatureExplorer(logits, tokenizer)   # a temperature slider over one soft target
 
 How it stays correct in JupyterLab *and* under headless nbval (tests/test_widgets.py, tests/test_browser.py):
 one `VBox(progress, status, Output)` is displayed once with deterministic initial values; every
@@ -34,7 +34,9 @@ from typing import Any
 
 import torch
 
-from .curriculum import PRESETS, SHAPES, CurriculumScheduler, Ramp
+from ..curriculum import PRESETS, SHAPES, CurriculumScheduler, Ramp
+from ..callbacks import Callback
+from ..early_stopping import EarlyStopping
 from .plots import (
     draw_router,
     draw_terms,
@@ -89,7 +91,7 @@ def _box(children, text: str):
     return box
 
 
-class LivePlot:
+class LivePlot(Callback):
     """Trainer callback: loss terms (raw or weighted, selectable), the total, curriculum weights,
     validation metrics with the early-stopping state, and router utilisation when routers exist.
 
@@ -99,7 +101,9 @@ class LivePlot:
     time spent in this callback (its overhead).
     """
 
-    shows_progress = True  # the trainer leaves out its own progress bar when this widget shows one
+    @property
+    def shows_progress(self) -> bool:  # the trainer leaves out its own progress bar when the widget shows one
+        return self.use_widgets
 
     def __init__(self, show: str = "raw", terms: list[str] | None = None, every_steps: int = 1,
                  min_interval_s: float = 1.0, max_overhead: float = 0.03, png_path: str | None = None,
@@ -186,7 +190,7 @@ class LivePlot:
         self.replaced = True
 
     def _sync_state(self, trainer) -> None:
-        es = getattr(trainer, "early_stopping", None)
+        es = next((cb for cb in getattr(trainer, "callbacks", ()) if isinstance(cb, EarlyStopping)), None)
         self.early_stopping = es.state_dict() if es is not None else None
         if es is not None:
             self.early_stopping["patience"] = es.patience
@@ -258,10 +262,10 @@ class LivePlot:
 class CurriculumExplorer:
     """Sliders over training progress and each term's ramp; shows the weights table and curves.
 
-    Its default state is the seed's table (preset "seed"); `scheduler()` is the schedule shown.
+    Its default state is the original framework's table (preset "original"); `scheduler()` is the schedule shown.
     """
 
-    def __init__(self, preset: str = "seed", total_steps: int = 1000, progress: float = 0.5):
+    def __init__(self, preset: str = "original", total_steps: int = 1000, progress: float = 0.5):
         import ipywidgets as W
 
         base = CurriculumScheduler.from_preset(preset, total_steps)

@@ -1,0 +1,146 @@
+"""Interval metrics: each step's values summed on the device, read once per log line.
+
+    metrics = IntervalMetrics(device, dist)
+    metrics.add(out)                        # every step: device tensors, no host sync
+    vals = metrics.read(extra)              # at a log line: the one host sync, DDP-reduced sums
+    record = metrics.train_record(...)      # the interval's means as a train record
+
+A step's `out` holds each term ("kd", "lm", ...), each weighted term ("w/kd", ...), "loss",
+"grad_norm", "tokens", "skipped" (1.0 for a step skipped for a non-finite loss or gradient, whose
+other values are then 0) and "nonfinite/<term>" flags. Under torchrun each process holds its part
+of every global mean, so the interval's sums are added over processes before dividing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .distributed import DistInfo, all_reduce_sum
+
+log = logging.getLogger("kdlab")
+
+
+@dataclass
+class Interval:
+    sums: dict[str, float]  # each step value, summed over the interval
+    extra: dict[str, float]  # diagnostics read at the log line (grad shares, router statistics)
+    steps: int
+    seconds: float
+    bad_run: int  # non-finite steps in a row at its end
+    max_run: int  # the longest run of them in it
+
+    @property
+    def skipped(self) -> int:
+        return int(self.sums.get("skipped", 0))
+
+    @property
+    def trained(self) -> int:
+        return self.steps - self.skipped
+
+
+class IntervalMetrics:
+    def __init__(self, device: torch.device, dist: DistInfo):
+        self.device, self.dist = device, dist
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.started = time.perf_counter()
+        self.carried = 0.0  # seconds a resumed interval had run before its checkpoint
+        self.bad_run = torch.zeros((), device=device)  # non-finite steps in a row, ...
+        self.max_run = torch.zeros((), device=device)  # ... and the longest such run in this interval
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        for k, v in out.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.bad_run = (self.bad_run + 1) * out["skipped"]
+        self.max_run = torch.maximum(self.max_run, self.bad_run)
+
+    def start_clock(self) -> None:
+        """Time the interval from now (minus what a resumed interval had already run)."""
+        self.started = time.perf_counter() - self.carried
+        self.carried = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def read(self, extra: dict[str, torch.Tensor] | None = None) -> Interval:
+        """The interval so far, and `extra` device values, as floats: the one host sync between log
+        lines. The next interval starts."""
+        extra = extra or {}
+        tensors = [*self.sums.values(), *extra.values(), self.bad_run, self.max_run]
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32).to("cpu") for v in tensors]).tolist()
+        n_sums = len(self.sums)
+        out = Interval(dict(zip(self.sums, values[:n_sums])), dict(zip(extra, values[n_sums:-2])), self.steps,
+                       self.elapsed(), int(values[-2]), int(values[-1]))
+        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+        self.max_run = torch.zeros_like(self.max_run)
+        return out
+
+    def means(self, interval: Interval) -> dict[str, float]:
+        """Per trained step, the interval's terms, "w/" terms, loss and grad_norm, added over
+        processes first under DDP (each holds its part of every global mean)."""
+        sums = interval.sums
+        keys = [k for k in sums if k not in ("skipped", "tokens") and not k.startswith("nonfinite/")]
+        if self.dist.enabled:
+            t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+            sums = {**sums, **dict(zip(keys, all_reduce_sum(t, self.dist).tolist()))}
+            sums["grad_norm"] /= self.dist.world  # the same on every process: a mean, not a sum
+        return {k: sums[k] / interval.trained for k in keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The unfinished interval, so a resumed run logs the same means (and tokens/s)."""
+        return {"interval": {k: v.detach().cpu() for k, v in self.sums.items()}, "interval_steps": self.steps,
+                "interval_elapsed": self.elapsed(), "bad_run": self.bad_run.cpu(), "max_run": self.max_run.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums = {k: v.to(self.device) for k, v in state["interval"].items()}
+        self.steps = state["interval_steps"]
+        self.carried = state["interval_elapsed"]
+        self.bad_run, self.max_run = state["bad_run"].to(self.device), state["max_run"].to(self.device)
+
+
+def train_record(interval: Interval, means: dict[str, float], *, step: int, fields: dict[str, Any],
+                 weights: dict[str, float], lr: float, skipped_steps: int, peak_mem_mib: float | None = None
+                 ) -> dict[str, Any]:
+    """One train record: the interval's means, weights, learning rate, speed and diagnostics."""
+    record = {"kind": "train", "step": step, **fields, "steps": interval.steps,
+              **{k: v for k, v in means.items() if not k.startswith("w/")},
+              "weighted": {k[2:]: v for k, v in means.items() if k.startswith("w/")},
+              "weights": weights, "lr": lr, "tokens_per_s": interval.sums["tokens"] / max(interval.seconds, 1e-9),
+              "interval_s": interval.seconds, "skipped_steps": skipped_steps, "skipped_in_interval": interval.skipped}
+    if peak_mem_mib is not None:
+        record["peak_mem_mib"] = peak_mem_mib
+    extra = interval.extra
+    shares = {k[6:]: v for k, v in extra.items() if k.startswith("share/")}
+    if shares:
+        record["grad_share"] = shares
+    layers = sorted({int(k[6:].split("/")[0]) for k in extra if k.startswith("router")})
+    if layers:
+        record["router"] = [{"entropy": extra[f"router{i}/entropy"],
+                             "utilisation": [v for k, v in extra.items() if k.startswith(f"router{i}/util")]}
+                            for i in layers]
+    return record
+
+
+def log_train_record(record: dict[str, Any], total_steps: int, terms: tuple[str, ...]) -> None:
+    """The record's log line(s): loss, each term, lr, grad norm, speed, and the diagnostics."""
+    values = " | ".join(f"{k} {record[k]:.4f}" for k in terms if k in record)
+    active = {k: w for k, w in record["weights"].items() if k not in ("kd", "lm")}
+    log.info("step %d/%d | loss %.4f | %s | lr %.2e | grad-norm %.3f | %.0f tok/s%s%s",
+             record["step"], total_steps, record["loss"], values, record["lr"], record["grad_norm"],
+             record["tokens_per_s"], f" | skipped {record['skipped_steps']}" if record["skipped_steps"] else "",
+             (" | weights " + " ".join(f"{k} {w:.3f}" for k, w in active.items())) if active else "")
+    if "router" in record:
+        log.info("  router utilisation: %s", "; ".join(
+            "layer %d [%s] H=%.2f" % (i, " ".join(f"{u:.2f}" for u in r["utilisation"]), r["entropy"])
+            for i, r in enumerate(record["router"])))
+    if "grad_share" in record:
+        log.info("  grad-norm share: %s", ", ".join(f"{k} {v:.2f}" for k, v in record["grad_share"].items()))
+
+
+__all__ = ["Interval", "IntervalMetrics", "train_record", "log_train_record"]
