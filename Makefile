@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test lab clean
+.PHONY: setup run test test-fast lint format lab clean
 
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
@@ -14,6 +14,18 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+# the unit tests alone (no notebooks, no browser): the quick loop while changing kdlab
+test-fast: setup
+	$(PY) -m pytest tests --ignore=tests/test_browser.py -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

@@ -20,10 +20,12 @@ independently (the trainer refuses two stateful callbacks with one key).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .checkpoint import best_dir, load_checkpoint, save_best
 from .distributed import barrier
+from .errors import KDLabError
 
 
 class Callback:
@@ -148,4 +150,39 @@ class BestWeights(Callback):
         self.best, self.best_step = state["best"], state["best_step"]
 
 
-__all__ = ["Callback", "ProgressBar", "BestWeights", "fire", "has_state", "state_key_of"]
+def _tqdm_off() -> bool | None:
+    """True when $TQDM_DISABLE asks for no bars (an explicit `disable=` would override tqdm's own reading)."""
+    return True if os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes") else None
+
+
+def check_state_keys(callbacks) -> None:
+    """Stateful callbacks need distinct state keys, or their checkpointed states would collide."""
+    keys = [state_key_of(cb) for cb in callbacks if has_state(cb)]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise KDLabError(f"two stateful callbacks share the state_key {twice[0]!r}; give each its own "
+                         f"(Callback.state_key), or their checkpointed states would collide")
+
+
+def default_callbacks(cfg: KDConfig, given: list) -> list:
+    """The callbacks the config asks for, after the user's: early stopping and the best weights,
+    the original framework's verbose logging, and a progress bar unless a callback shows progress."""
+    out: list = []
+    if cfg.early_stopping:
+        warmup = cfg.es_warmup_steps if cfg.es_warmup_steps >= 0 else cfg.warmup_steps  # -1: the LR warmup
+        from .early_stopping import EarlyStopping  # (it subclasses Callback)
+
+        out.append(EarlyStopping(cfg.es_monitor, cfg.es_patience, cfg.es_min_delta, cfg.es_mode, warmup,
+                                 cfg.es_abort_threshold or None))
+        if cfg.restore_best:
+            out.append(BestWeights(cfg.es_monitor, cfg.es_mode))
+    if cfg.log_style == "original-verbose":
+        from .course.original import OriginalVerboseLogging
+
+        out.append(OriginalVerboseLogging())
+    if not any(getattr(cb, "shows_progress", False) for cb in given):
+        out.append(ProgressBar(disable=_tqdm_off()))
+    return out
+
+
+__all__ = ["check_state_keys", "default_callbacks", "Callback", "ProgressBar", "BestWeights", "fire", "has_state", "state_key_of"]

@@ -3,8 +3,9 @@
 Layout of `<out_dir>/checkpoints/`:
     step-000050/config.json, model.safetensors   the student (loadable with from_pretrained)
     step-000050/heads.safetensors                 routers and projections of the intermediate terms
-    step-000050/trainer_state.pt                  optimizer, scheduler, curriculum, callbacks (early
-                                                  stopping), balancer, RNG, data position, history
+    step-000050/trainer_state.pt                  optimizer, scheduler, objective (curriculum, balancer),
+                                                  callbacks (by state_key), batch source position,
+                                                  the unfinished log interval, RNG, history
     latest                                        name of the newest complete checkpoint
 and `<out_dir>/best/` (the same weight files): the best evaluation so far, for restore-best.
 
@@ -149,4 +150,49 @@ def load_checkpoint(path: str | Path, student: torch.nn.Module, heads: torch.nn.
     return read_trainer_state(path) if state else {}
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_trainer_state", "save_best", "best_dir"]
+def run_state(trainer) -> dict[str, Any]:
+    """Everything besides the weights that a resumed run needs to continue exactly."""
+    from .callbacks import has_state, state_key_of
+
+    s = trainer.state
+    return {"step": s.step, "tokens": s.tokens, "skipped_steps": s.skipped_steps, "bad_in_a_row": s.bad_in_a_row,
+            "history": s.history, "config": trainer.cfg.to_dict(),
+            "objective": trainer.objective.state_dict(), "batches": trainer.batches.state_dict(),
+            "callbacks": {state_key_of(cb): cb.state_dict() for cb in trainer.callbacks if has_state(cb)},
+            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict(), "metrics": trainer.metrics.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def resume_run(trainer, resumable: set[str]) -> Path:
+    """Load the latest checkpoint of `trainer.out_dir` into the trainer; settings other than
+    `resumable` must be the run's own. Returns the checkpoint's folder."""
+    from .callbacks import has_state, state_key_of
+
+    path = latest_checkpoint(trainer.out_dir)
+    ckpt = read_trainer_state(path)  # settings first: nothing is loaded into a run it does not fit
+    old = ckpt["config"]
+    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in trainer.cfg.to_dict().items()
+               if k not in resumable and old.get(k) != v]
+    if changed:
+        raise KDLabError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)})")
+    load_checkpoint(path, trainer.student, trainer.objective.heads, state=False)
+    trainer.objective.load_state_dict(ckpt["objective"], trainer.precision.device)
+    trainer.batches.load_state_dict(ckpt["batches"])
+    for cb in trainer.callbacks:
+        if has_state(cb) and state_key_of(cb) in ckpt["callbacks"]:
+            cb.load_state_dict(ckpt["callbacks"][state_key_of(cb)])
+    for part in ("optimizer", "scheduler", "scaler", "metrics"):
+        getattr(trainer, part).load_state_dict(ckpt[part])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if ckpt["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    s = trainer.state
+    s.step, s.tokens, s.skipped_steps, s.bad_in_a_row = ckpt["step"], ckpt["tokens"], ckpt["skipped_steps"], \
+        ckpt["bad_in_a_row"]
+    s.history = ckpt["history"]
+    return path
+
+
+__all__ = ["run_state", "resume_run", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_trainer_state", "save_best", "best_dir"]

@@ -323,17 +323,6 @@ def epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def train_batches(data: PackedSplit, batch_size: int, seed: int, epoch: int, start: int = 0
-                  ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Shuffled batches of one epoch from batch `start` on, as (batch index, batch).
-
-    The last incomplete batch is dropped so every optimizer step sees the same number of sequences.
-    """
-    order = epoch_order(len(data), seed, epoch)
-    for b in range(start, batches_per_epoch(data, batch_size)):
-        yield b, data.batch(order[b * batch_size : (b + 1) * batch_size])
-
-
 def batches_per_epoch(data: PackedSplit, batch_size: int) -> int:
     return len(data) // batch_size
 
@@ -346,4 +335,4 @@ def prepare_data(data: str, data_dir: str | Path, tokenizer, seq_len: int) -> di
 
 
 __all__ = ["PackedSplit", "prepare_austen", "prepare_data", "load_documents", "tokenize_and_pack",
-           "train_batches", "epoch_order", "batches_per_epoch", "split_of", "austen_chapters"]
+           "epoch_order", "batches_per_epoch", "split_of", "austen_chapters"]

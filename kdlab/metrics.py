@@ -105,7 +105,7 @@ class IntervalMetrics:
 
 
 def train_record(interval: Interval, means: dict[str, float], *, step: int, fields: dict[str, Any],
-                 weights: dict[str, float], lr: float, skipped_steps: int, peak_mem_mib: float | None = None
+                 weights: dict[str, float], lr: float, skipped_steps: int, device: torch.device | None = None
                  ) -> dict[str, Any]:
     """One train record: the interval's means, weights, learning rate, speed and diagnostics."""
     record = {"kind": "train", "step": step, **fields, "steps": interval.steps,
@@ -113,8 +113,8 @@ def train_record(interval: Interval, means: dict[str, float], *, step: int, fiel
               "weighted": {k[2:]: v for k, v in means.items() if k.startswith("w/")},
               "weights": weights, "lr": lr, "tokens_per_s": interval.sums["tokens"] / max(interval.seconds, 1e-9),
               "interval_s": interval.seconds, "skipped_steps": skipped_steps, "skipped_in_interval": interval.skipped}
-    if peak_mem_mib is not None:
-        record["peak_mem_mib"] = peak_mem_mib
+    if device is not None and device.type == "cuda":  # the allocator's own counter: no device sync
+        record["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     extra = interval.extra
     shares = {k[6:]: v for k, v in extra.items() if k.startswith("share/")}
     if shares:
@@ -125,6 +125,21 @@ def train_record(interval: Interval, means: dict[str, float], *, step: int, fiel
                              "utilisation": [v for k, v in extra.items() if k.startswith(f"router{i}/util")]}
                             for i in layers]
     return record
+
+
+def log_run_start(trainer) -> None:
+    """The run's first lines: steps, epochs, tokens per step, and the curriculum's ramps."""
+    cfg, per_epoch, dist = trainer.cfg, trainer.batches.steps_per_epoch, trainer.dist
+    log.info("training %d optimizer steps (%s%s), %d tokens per step%s, out_dir=%s", trainer.total_steps,
+             "max_steps" if cfg.max_steps > 0 else f"epochs={cfg.epochs}",
+             f"; {trainer.total_steps / per_epoch:.2f} epochs of {per_epoch} steps" if per_epoch else "",
+             cfg.batch_size * dist.world * cfg.grad_accum * cfg.seq_len,
+             f" over {dist.world} processes" if dist.enabled else "", trainer.out_dir)
+    curriculum = trainer.objective.curriculum
+    if curriculum.ramps and any(n not in ("kd", "lm") for n in trainer.objective.active):
+        log.info("curriculum %s: %s", cfg.curriculum, "; ".join(
+            f"{k} {r.start:.0%}-{r.end:.0%} {r.shape}" for k, r in curriculum.ramps.items()
+            if k in curriculum.max_weights))
 
 
 def log_train_record(record: dict[str, Any], total_steps: int, terms: tuple[str, ...]) -> None:
@@ -143,4 +158,4 @@ def log_train_record(record: dict[str, Any], total_steps: int, terms: tuple[str,
         log.info("  grad-norm share: %s", ", ".join(f"{k} {v:.2f}" for k, v in record["grad_share"].items()))
 
 
-__all__ = ["Interval", "IntervalMetrics", "train_record", "log_train_record"]
+__all__ = ["Interval", "IntervalMetrics", "train_record", "log_run_start", "log_train_record"]

@@ -86,6 +86,7 @@ class Objective:
         ramped = {n: self.max_weights[n] for n in registry if n in ("kd", "lm") or n in self.active}
         self.curriculum = CurriculumScheduler.from_preset(cfg.curriculum, total_steps, ramped, parse_ramps(cfg.ramps))
         self.balancer = AdaptiveBalancer(cfg.balance_momentum) if cfg.adaptive_balance else None
+        self.last_shares: dict[str, torch.Tensor] = {}  # the last grad_shares, until a log line reads them
 
     # ------------------------------------------------------------------ what the forwards must give
     def needs_teacher(self, batch: dict[str, torch.Tensor]) -> bool:
@@ -155,7 +156,18 @@ class Objective:
                 norms[name] = torch.linalg.vector_norm(
                     torch.stack([torch.linalg.vector_norm(g.float()) for g in grads if g is not None]))
         total = sum(norms.values())
-        return {k: v / total for k, v in norms.items()}
+        self.last_shares = {k: v / total for k, v in norms.items()}
+        return self.last_shares
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        """Device values for the next train record: the last gradient shares (then cleared) and the
+        feature routers' statistics, keyed "share/<term>", "router<i>/entropy", "router<i>/util<e>"."""
+        out = {f"share/{k}": v for k, v in self.last_shares.items()}
+        self.last_shares = {}
+        for layer, stats in enumerate(self.router_stats):
+            out[f"router{layer}/entropy"] = stats["entropy"]
+            out |= {f"router{layer}/util{e}": u for e, u in enumerate(stats["utilisation"])}
+        return out
 
     # ------------------------------------------------------------------ diagnostics and state
     @property

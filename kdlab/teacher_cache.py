@@ -182,8 +182,11 @@ def build_teacher_cache(path: str | Path, teacher: torch.nn.Module, split: Packe
 
 
 def open_for_run(cfg, split: PackedSplit, tokenizer, student: torch.nn.Module, teacher: torch.nn.Module
-                 ) -> TeacherCache:
-    """The cache `cfg.teacher_cache` for a run training on `split`, checked against the run's key."""
+                 ) -> TeacherCache | None:
+    """The cache `cfg.teacher_cache` for a run training on `split`, checked against the run's key
+    (None when the run reads no cache: teacher_cache='' or no KD term)."""
+    if not (cfg.teacher_cache and cfg.alpha_kd > 0):
+        return None
     if tokenizer is None:
         raise KDLabError("teacher_cache needs the tokenizer (part of the cache's key): pass Trainer(..., tokenizer=)")
     s_vocab = student.get_output_embeddings().weight.shape[0]

@@ -5,7 +5,7 @@
     state = trainer.fit()            # history of train/eval records; Ctrl-C returns it too
     print(kdlab.format_summary(state.history))
 
-The trainer wires three seams together and owns only the loop, the optimizer and the run folder:
+The trainer wires three seams together and owns the loop and the optimizer:
     batches     a BatchSource (kdlab.batches): each step's micro-batches and its data position
     objective   an Objective (kdlab.objective): forwards, every loss term, weights, the total
     callbacks   Callback objects (kdlab.callbacks): the progress bar, early stopping, the best
@@ -26,8 +26,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,19 +33,20 @@ from typing import Any
 import torch
 
 from .batches import BatchSource, PackedBatches
-from .callbacks import BestWeights, ProgressBar, fire, has_state, state_key_of
-from .checkpoint import best_dir, latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
-from .components import build_components, check_positions, quiet_hf_progress, quiet_libraries  # noqa: F401
-from .config import KDConfig, save_config
+from .callbacks import check_state_keys, default_callbacks, fire
+from .checkpoint import resume_run, run_state, save_checkpoint
+from .components import build_components, check_positions, quiet_hf_progress
+from .config import KDConfig
 from .data import PackedSplit
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_from_env
-from .early_stopping import EarlyStopping
 from .errors import KDLabError
 from .evaluation import evaluate
-from .metrics import IntervalMetrics, log_train_record, train_record
+from .metrics import IntervalMetrics, log_run_start, log_train_record, train_record
 from .objective import Objective, StepCounts, phase
 from .precision import Precision
+from .run_folder import open_run_folder, save_final
 from .schedule import lr_scheduler
+from .teacher_cache import open_for_run
 
 log = logging.getLogger("kdlab")
 
@@ -73,30 +72,6 @@ class TrainState:
         return [r for r in self.history if r["kind"] == "eval" and r["split"] == split]
 
 
-def _tqdm_off() -> bool | None:
-    """True when $TQDM_DISABLE asks for no bars (an explicit `disable=` would override tqdm's own reading)."""
-    return True if os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes") else None
-
-
-def default_callbacks(cfg: KDConfig, given: list) -> list:
-    """The callbacks the config asks for, after the user's: early stopping and the best weights,
-    the original framework's verbose logging, and a progress bar unless a callback shows progress."""
-    out: list = []
-    if cfg.early_stopping:
-        warmup = cfg.es_warmup_steps if cfg.es_warmup_steps >= 0 else cfg.warmup_steps  # -1: the LR warmup
-        out.append(EarlyStopping(cfg.es_monitor, cfg.es_patience, cfg.es_min_delta, cfg.es_mode, warmup,
-                                 cfg.es_abort_threshold or None))
-        if cfg.restore_best:
-            out.append(BestWeights(cfg.es_monitor, cfg.es_mode))
-    if cfg.log_style == "original-verbose":
-        from .course.original import OriginalVerboseLogging
-
-        out.append(OriginalVerboseLogging())
-    if not any(getattr(cb, "shows_progress", False) for cb in given):
-        out.append(ProgressBar(disable=_tqdm_off()))
-    return out
-
-
 class Trainer:
     def __init__(self, cfg: KDConfig, student: torch.nn.Module, teacher: torch.nn.Module,
                  data: dict[str, PackedSplit], precision: Precision, tokenizer=None, callbacks=(), *,
@@ -109,7 +84,8 @@ class Trainer:
             log.setLevel(logging.WARNING)
         check_positions(cfg.seq_len, teacher, student)
         self.batches = batches or PackedBatches(data["train"], cfg.batch_size, cfg.grad_accum, cfg.seed,
-                                                self.dist.rank, self.dist.world, precision.device, self._cache())
+                                                self.dist.rank, self.dist.world, precision.device,
+                                                open_for_run(cfg, data["train"], tokenizer, student, teacher))
         if cfg.max_steps <= 0 and not self.batches.steps_per_epoch:
             raise KDLabError("max_steps=-1 (train `epochs`) needs a batch source with epochs; set max_steps")
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.batches.steps_per_epoch
@@ -136,20 +112,9 @@ class Trainer:
         self.scheduler = lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
         self.scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.needs_grad_scaler)
         self.metrics = IntervalMetrics(precision.device, self.dist)
-        self.last_grad_shares: dict[str, torch.Tensor] = {}
         self.callbacks = [*callbacks, *default_callbacks(cfg, list(callbacks))]
-        keys = [state_key_of(cb) for cb in self.callbacks if has_state(cb)]
-        if len(set(keys)) < len(keys):
-            raise KDLabError(f"two stateful callbacks share the state_key {sorted(k for k in keys if keys.count(k) > 1)[0]!r}; "
-                             "give each its own (Callback.state_key), or their checkpointed states would collide")
+        check_state_keys(self.callbacks)
         self._metrics_file: Path | None = None  # written while fit() runs
-
-    def _cache(self):
-        if not (self.cfg.teacher_cache and self.cfg.alpha_kd > 0):
-            return None
-        from .teacher_cache import open_for_run
-
-        return open_for_run(self.cfg, self.data["train"], self.tokenizer, self.student, self.teacher)
 
     @classmethod
     def from_config(cls, cfg: KDConfig, callbacks=(), **seams) -> Trainer:
@@ -183,9 +148,8 @@ class Trainer:
             with contextlib.nullcontext() if last or not info.enabled else self.model.no_sync():
                 loss = obj.loss(self.model, self.teacher_step, batch, self.precision, counts, weights, reduce)
                 bad |= ~torch.isfinite(loss.total)
-                if want_shares and i == 0:
-                    self.last_grad_shares = obj.grad_shares(loss.weighted, [p for p in self.student.parameters()
-                                                                            if p.requires_grad])
+                if want_shares and i == 0:  # kept by the objective for the next log line
+                    obj.grad_shares(loss.weighted, [p for p in self.student.parameters() if p.requires_grad])
                 if loss.total.requires_grad:
                     # DDP averages gradients over processes; each process's terms are already its
                     # part of the global mean, so undo the average to get their sum
@@ -258,11 +222,7 @@ class Trainer:
     def _log_interval(self) -> None:
         """One train record (and log line) of the interval's means: the only host sync between lines."""
         s, obj = self.state, self.objective
-        extra = {f"share/{k}": v for k, v in self.last_grad_shares.items()}
-        for layer, stats in enumerate(obj.router_stats):
-            extra[f"router{layer}/entropy"] = stats["entropy"]
-            extra |= {f"router{layer}/util{e}": u for e, u in enumerate(stats["utilisation"])}
-        iv = self.metrics.read(extra)
+        iv = self.metrics.read(obj.diagnostics())  # grad shares (when measured) and router statistics
         s.skipped_steps, s.bad_in_a_row = s.skipped_steps + iv.skipped, iv.bad_run
         s.tokens += int(iv.sums["tokens"])
         if iv.skipped:
@@ -276,12 +236,9 @@ class Trainer:
         self._agree_on_stop()
         if iv.trained == 0:
             return  # nothing trained in this interval: no means to report
-        mem = torch.cuda.max_memory_allocated(self.precision.device) / 2**20 \
-            if self.precision.device.type == "cuda" else None  # the allocator's own counter: no device sync
         record = train_record(iv, self.metrics.means(iv), step=s.step, fields=self.batches.log_fields(),
                               weights=obj.curriculum.weights_at(s.step - 1), lr=self.scheduler.get_last_lr()[0],
-                              skipped_steps=s.skipped_steps, peak_mem_mib=mem)
-        self.last_grad_shares = {}
+                              skipped_steps=s.skipped_steps, device=self.precision.device)
         self._record(record)
         log_train_record(record, self.total_steps, tuple(sorted(obj.terms, key=lambda k: k != "kd")))
 
@@ -302,106 +259,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
+        """A resumable checkpoint of the whole run (kdlab.checkpoint), unless checkpoints=false."""
         if not self.cfg.checkpoints:
             return None
         path = None
         if self.dist.is_main:
-            s = self.state
-            state = {"step": s.step, "tokens": s.tokens, "skipped_steps": s.skipped_steps,
-                     "bad_in_a_row": s.bad_in_a_row, "history": s.history, "config": self.cfg.to_dict(),
-                     "objective": self.objective.state_dict(), "batches": self.batches.state_dict(),
-                     "callbacks": {state_key_of(cb): cb.state_dict() for cb in self.callbacks if has_state(cb)},
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict(), "metrics": self.metrics.state_dict(),
-                     "rng_cpu": torch.get_rng_state(),
-                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-            path = save_checkpoint(self.out_dir, s.step, self.student, self.objective.heads, state,
-                                   keep=self.cfg.keep_checkpoints)
+            path = save_checkpoint(self.out_dir, self.state.step, self.student, self.objective.heads,
+                                   run_state(self), keep=self.cfg.keep_checkpoints)
         barrier(self.dist)
         return path
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.out_dir)
-        ckpt = read_trainer_state(path)  # settings first: nothing is loaded into a run it does not fit
-        old = ckpt["config"]
-        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in self.cfg.to_dict().items()
-                   if k not in RESUMABLE_CHANGES and old.get(k) != v]
-        if changed:
-            raise KDLabError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)})")
-        load_checkpoint(path, self.student, self.objective.heads, state=False)
-        self.objective.load_state_dict(ckpt["objective"], self.precision.device)
-        self.batches.load_state_dict(ckpt["batches"])
-        for cb in self.callbacks:
-            if has_state(cb) and state_key_of(cb) in ckpt["callbacks"]:
-                cb.load_state_dict(ckpt["callbacks"][state_key_of(cb)])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.metrics.load_state_dict(ckpt["metrics"])
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if ckpt["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-        s = self.state
-        s.step, s.tokens, s.skipped_steps, s.bad_in_a_row = ckpt["step"], ckpt["tokens"], ckpt["skipped_steps"], \
-            ckpt["bad_in_a_row"]
-        s.history = ckpt["history"]
-        log.info("resumed from %s (step %d of %d)", path, s.step, self.total_steps)
-
-    def save_final(self) -> Path:
-        """The trained student (+ tokenizer) as a plain HF folder: out_dir/final."""
-        final, tmp = self.out_dir / "final", self.out_dir / ".final.tmp"
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.student.save_pretrained(tmp)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        barrier(self.dist)
-        return final
+        log.info("resumed from %s (step %d of %d)", resume_run(self, RESUMABLE_CHANGES), self.state.step,
+                 self.total_steps)
 
     # ------------------------------------------------------------------ the loop
-    def _open_run_folder(self) -> None:
-        """A fresh run gets an empty folder (or, with overwrite, empties it); a resumed run keeps its
-        own and its metrics file is rewritten from the checkpoint's history (records written after
-        that checkpoint are dropped)."""
-        cfg, out = self.cfg, self.out_dir
-        if not cfg.resume and out.is_dir() and any(out.iterdir()):
-            if not cfg.overwrite:
-                raise KDLabError(f"out_dir={str(out)!r} already holds a run ({', '.join(sorted(p.name for p in out.iterdir())[:4])}"
-                                 f"); continue it with --resume, replace it with --overwrite, or choose another --out-dir")
-            barrier(self.dist)
-            if self.dist.is_main:
-                shutil.rmtree(out)
-        if self.dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
-        barrier(self.dist)
-        if cfg.resume:
-            self._resume()
-        self._metrics_file = out / "metrics.jsonl"
-        if self.dist.is_main:
-            tmp = out / "metrics.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.state.history))
-            os.replace(tmp, self._metrics_file)
-
     def fit(self) -> TrainState:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         cfg, s = self.cfg, self.state
         with quiet_hf_progress():
-            self._open_run_folder()
-            log.info("training %d optimizer steps (%s%s), %d tokens per step%s, out_dir=%s", self.total_steps,
-                     "max_steps" if cfg.max_steps > 0 else f"epochs={cfg.epochs}",
-                     f"; {self.total_steps / self.batches.steps_per_epoch:.2f} epochs of "
-                     f"{self.batches.steps_per_epoch} steps" if self.batches.steps_per_epoch else "",
-                     cfg.batch_size * self.dist.world * cfg.grad_accum * cfg.seq_len,
-                     f" over {self.dist.world} processes" if self.dist.enabled else "", self.out_dir)
-            curriculum = self.objective.curriculum
-            if curriculum.ramps and len(self.objective.active) > 2:
-                log.info("curriculum %s: %s", cfg.curriculum, "; ".join(
-                    f"{k} {r.start:.0%}-{r.end:.0%} {r.shape}" for k, r in curriculum.ramps.items()
-                    if k in curriculum.max_weights))
+            self._metrics_file = open_run_folder(cfg, self.dist, self._resume, lambda: self.state.history)
+            log_run_start(self)
             fire(self.callbacks, "on_train_begin", self)
             if s.step == 0 and not s.evals("validation"):
                 self.evaluate("validation")  # "student before" for the summary table
@@ -416,7 +295,7 @@ class Trainer:
                     restored = {"restored_from": s.restored_from} if s.restored_from is not None else {}
                     self.evaluate("test", **restored)
                     self.save()
-                    self.save_final()
+                    save_final(self.out_dir, self.student, self.tokenizer, self.dist)
             except KeyboardInterrupt:
                 s.interrupted = True
                 if self.metrics.steps:  # the steps since the last log line, so the history is complete

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from kdlab.data import PackedSplit, load_documents, prepare_austen, split_of, tokenize_and_pack, train_batches
+from kdlab.batches import PackedBatches
+from kdlab.data import PackedSplit, load_documents, prepare_austen, split_of, tokenize_and_pack
 from kdlab.errors import KDLabError
 from kdlab.losses import IGNORE_INDEX
 from kdlab.manifest import load_manifest, sha256_file
@@ -79,12 +80,17 @@ def test_local_text_files_become_documents(tmp_path):
     assert sizes["validation"] >= 1 and sizes["test"] >= 1 and sizes["train"] > 10 * sizes["test"]
 
 
-def test_train_batches_are_deterministic_and_resumable():
+def test_packed_batches_are_deterministic_resumable_and_split_over_processes():
     data = PackedSplit(torch.arange(40).reshape(20, 2), torch.ones(20, 2, dtype=torch.long))
-    full = [b["input_ids"] for _, b in train_batches(data, 3, seed=7, epoch=1)]
-    assert len(full) == 6  # 20 // 3, the incomplete batch is dropped
-    assert [i for i, _ in train_batches(data, 3, seed=7, epoch=1, start=4)] == [4, 5]
-    again = [b["input_ids"] for _, b in train_batches(data, 3, seed=7, epoch=1, start=4)]
-    assert all(torch.equal(a, b) for a, b in zip(full[4:], again))
-    other_epoch = [b["input_ids"] for _, b in train_batches(data, 3, seed=7, epoch=2)]
-    assert not all(torch.equal(a, b) for a, b in zip(full, other_epoch))
+    src = PackedBatches(data, batch_size=3, seed=7)
+    assert src.steps_per_epoch == 6  # 20 // 3, the incomplete batch is dropped
+    full = [src.next_step()[0]["input_ids"] for _ in range(12)]  # two epochs
+    assert src.state_dict() == {"epoch": 2, "batch_in_epoch": 0}
+    again = PackedBatches(data, batch_size=3, seed=7)
+    again.load_state_dict({"epoch": 0, "batch_in_epoch": 4})
+    assert all(torch.equal(a, again.next_step()[0]["input_ids"]) for a in full[4:8])
+    assert not all(torch.equal(a, b) for a, b in zip(full[:6], full[6:]))  # a new order each epoch
+    # two processes with batch 3 see, together, what one process with batch 6 sees
+    one = PackedBatches(data, batch_size=6, seed=7).next_step()[0]["input_ids"]
+    two = [PackedBatches(data, batch_size=3, seed=7, rank=r, world=2).next_step()[0]["input_ids"] for r in (0, 1)]
+    assert torch.equal(torch.cat(two), one)

@@ -1,0 +1,71 @@
+"""A run's folder (`out_dir`): one run per folder, never two mixed.
+
+    out_dir/config.yaml       the settings, written when the run starts
+    out_dir/metrics.jsonl     every train and eval record, one JSON object per line
+    out_dir/checkpoints/      resumable checkpoints (kdlab.checkpoint)
+    out_dir/best/             the best evaluation's weights (kdlab.callbacks.BestWeights)
+    out_dir/final/            the trained student as a plain HF folder (+ tokenizer)
+
+A fresh run into a folder that holds anything is refused (continue it with `resume`, or replace it
+with `overwrite`): a second run would otherwise replace the first's final/ and metrics.jsonl and
+leave its checkpoints beside the new run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .config import KDConfig, save_config
+from .distributed import DistInfo, barrier
+from .errors import KDLabError
+
+
+def open_run_folder(cfg: KDConfig, dist: DistInfo, resume: Callable[[], None],
+                    history: Callable[[], list[dict]]) -> Path:
+    """Check and prepare `cfg.out_dir`, call `resume()` when resuming, and (re)write metrics.jsonl
+    from `history()`: a resumed run drops the records written after its checkpoint. Returns the
+    metrics file."""
+    out = Path(cfg.out_dir)
+    if not cfg.resume and out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+            raise KDLabError(f"out_dir={str(out)!r} already holds a run ({held}); continue it with --resume, "
+                             f"replace it with --overwrite, or choose another --out-dir")
+        barrier(dist)  # every process has looked before rank 0 deletes
+        if dist.is_main:
+            shutil.rmtree(out)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    barrier(dist)
+    if cfg.resume:
+        resume()
+    metrics = out / "metrics.jsonl"
+    if dist.is_main:
+        tmp = out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history()))
+        os.replace(tmp, metrics)
+    return metrics
+
+
+def save_final(out_dir: str | Path, student: torch.nn.Module, tokenizer, dist: DistInfo) -> Path:
+    """The trained student (+ tokenizer) as a plain HF folder, out_dir/final, swapped in whole."""
+    final, tmp = Path(out_dir) / "final", Path(out_dir) / ".final.tmp"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    barrier(dist)
+    return final
+
+
+__all__ = ["open_run_folder", "save_final"]
