@@ -15,9 +15,9 @@ run: setup
 test: setup
 	$(PY) -m pytest
 
-# the unit tests alone (no notebooks, no browser): the quick loop while changing kdlab
+# the unit tests alone (no notebooks, no browser, no multi-process tests): the quick loop while changing kdlab
 test-fast: setup
-	$(PY) -m pytest tests --ignore=tests/test_browser.py -q
+	$(PY) -m pytest tests --ignore=tests/test_browser.py -m "not process" -q
 
 lint: setup
 	$(VENV)/bin/ruff check .

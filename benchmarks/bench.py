@@ -131,17 +131,25 @@ def _loss_child(variant: str, n: int, device: str, repeats: int, half: bool, mod
         sync(dev)
         times.append(time.perf_counter() - t0)
         peak = max(peak, meter.peak())
-    return {"peak": peak, "time": statistics.median(times), "loss": loss.item(),
-            "grad_norm": s.grad.float().norm().item()}
+    return {
+        "peak": peak,
+        "time": statistics.median(times),
+        "loss": loss.item(),
+        "grad_norm": s.grad.float().norm().item(),
+    }
 
 
 def bench_loss(args) -> None:
     dev = torch.device(args.device)
     print(f"\n## 1. KD loss, V = {VOCAB:,}, forward + backward ({device_name(dev)})")
-    print("peak: memory allocated above the inputs (student and teacher logits), including the [N, V] gradient; "
-          f"time: median of {args.repeats} calls")
-    print(f"{'logits':<26} {'tokens':>6} {'variant':<10} {'peak MiB':>9} {'vs naive':>8} {'time s':>8} "
-          f"{'vs naive':>8} {'loss':>10} {'|grad|':>10}")
+    print(
+        "peak: memory allocated above the inputs (student and teacher logits), including the [N, V] gradient; "
+        f"time: median of {args.repeats} calls"
+    )
+    print(
+        f"{'logits':<26} {'tokens':>6} {'variant':<10} {'peak MiB':>9} {'vs naive':>8} {'time s':>8} "
+        f"{'vs naive':>8} {'loss':>10} {'|grad|':>10}"
+    )
     for half in (False, True):
         dtypes = "bf16 student, fp16 teacher" if half else "fp32"
         for n in args.tokens:
@@ -153,13 +161,24 @@ def bench_loss(args) -> None:
                 inputs = fp32_tensor if half else 2 * fp32_tensor
                 need = 1.1 * (5 * fp32_tensor + inputs)
                 if variant == "naive" and dev.type == "cpu" and need > _available_memory():
-                    print(f"{dtypes:<26} {n:>6} {variant:<10} not run: needs ~{need / GiB:.0f} GiB, "
-                          f"{_available_memory() / GiB:.0f} GiB available")
+                    print(
+                        f"{dtypes:<26} {n:>6} {variant:<10} not run: needs ~{need / GiB:.0f} GiB, "
+                        f"{_available_memory() / GiB:.0f} GiB available"
+                    )
                     continue
                 r = {}
                 for mode in ("mem", "time"):
-                    cmd = [sys.executable, __file__, "_loss_child", variant, str(n), args.device, str(args.repeats),
-                           str(int(half)), mode]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "_loss_child",
+                        variant,
+                        str(n),
+                        args.device,
+                        str(args.repeats),
+                        str(int(half)),
+                        mode,
+                    ]
                     out = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV if mode == "mem" else None)
                     if out.returncode:
                         r = {"error": (out.stderr.strip().splitlines() or ["killed"])[-1]}
@@ -174,8 +193,11 @@ def bench_loss(args) -> None:
                 base = rows.get("naive")
                 rel_mem = f"{r['peak'] / base['peak']:.1%}" if base else "-"
                 rel_t = f"{r['time'] / base['time']:.2f}x" if base else "-"
-                print(f"{dtypes:<26} {n:>6} {variant:<10} {r['peak'] / MiB:>9,.0f} {rel_mem:>8} {r['time']:>8.3f} "
-                      f"{rel_t:>8} {r['loss']:>10.6f} {r['grad_norm']:>10.6f}", flush=True)
+                print(
+                    f"{dtypes:<26} {n:>6} {variant:<10} {r['peak'] / MiB:>9,.0f} {rel_mem:>8} {r['time']:>8.3f} "
+                    f"{rel_t:>8} {r['loss']:>10.6f} {r['grad_norm']:>10.6f}",
+                    flush=True,
+                )
         print(f"(one [N, V] fp32 tensor: {', '.join(f'{n * VOCAB * 4 / MiB:,.0f} MiB at N={n}' for n in args.tokens)})")
 
 
@@ -196,8 +218,16 @@ class Components:
 
         quiet_libraries()
         self.args = args
-        self.base = {"device": args.device, "out_dir": str(ROOT / "runs" / "bench"), "checkpoints": False,
-                     "early_stopping": False, "eval_every": 0, "eval_batches": 1, "save_every": 0, "log_first": 0}
+        self.base = {
+            "device": args.device,
+            "out_dir": str(ROOT / "runs" / "bench"),
+            "checkpoints": False,
+            "early_stopping": False,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "save_every": 0,
+            "log_first": 0,
+        }
         cfg = kdlab.load_config(overrides=self.base)
         self.precision, self.tokenizer, self.teacher, self.data, self.student = build_components(cfg)
         self.batch_size, self.seq_len = cfg.batch_size, cfg.seq_len
@@ -207,8 +237,9 @@ class Components:
         import kdlab
 
         cfg = kdlab.load_config(overrides={**self.base, **overrides})
-        trainer = kdlab.Trainer(cfg, copy.deepcopy(self.student), teacher or self.teacher, data or self.data,
-                                self.precision, self.tokenizer)
+        trainer = kdlab.Trainer(
+            cfg, copy.deepcopy(self.student), teacher or self.teacher, data or self.data, self.precision, self.tokenizer
+        )
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         return trainer
 
@@ -221,7 +252,7 @@ def interleaved(arms: dict, steps: int, warmup: int, device: torch.device) -> di
             fn()
     times = {k: [] for k in arms}
     for i in range(steps):
-        for name, fn in (list(arms.items()) if i % 2 == 0 else list(arms.items())[::-1]):
+        for name, fn in list(arms.items()) if i % 2 == 0 else list(arms.items())[::-1]:
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -248,8 +279,10 @@ def minimal_loop_arm(comp: Components):
 
     student, teacher, prec, train = copy.deepcopy(comp.student), comp.teacher, comp.precision, comp.data["train"]
     params = [p for p in student.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
     sched = get_scheduler("cosine", opt, num_warmup_steps=4, num_training_steps=10_000)
     order, bs, step = epoch_order(len(train), 0, 0), comp.batch_size, [0]
@@ -304,8 +337,11 @@ def profile_steps(comp: Components, steps: int, teacher=None, **overrides) -> li
             step()
         sync(comp.precision.device)
         wall = time.perf_counter() - t0
-    rows = [(e.key.removeprefix("kdlab: "), e.cpu_time_total / 1e6 / steps) for e in prof.key_averages()
-            if e.key.startswith("kdlab: ")]
+    rows = [
+        (e.key.removeprefix("kdlab: "), e.cpu_time_total / 1e6 / steps)
+        for e in prof.key_averages()
+        if e.key.startswith("kdlab: ")
+    ]
     rows.sort(key=lambda r: -r[1])
     return [*rows, ("step (wall)", wall / steps)]
 
@@ -314,27 +350,41 @@ def bench_trainer(args) -> None:
     comp = args.components()
     dev, n = comp.precision.device, args.steps
     tokens = comp.batch_size * (comp.seq_len - 1)
-    print(f"\n## 2. Trainer overhead, default pair (SmolLM2-135M -> small, {comp.precision.describe()}), "
-          f"B{comp.batch_size} x T{comp.seq_len}")
+    print(
+        f"\n## 2. Trainer overhead, default pair (SmolLM2-135M -> small, {comp.precision.describe()}), "
+        f"B{comp.batch_size} x T{comp.seq_len}"
+    )
     print(f"median of {n} steps per arm after {args.warmup} warm-up steps, the arms taking turns step by step")
-    times = interleaved({"minimal PyTorch loop, KD+LM": minimal_loop_arm(comp),
-                         "kdlab Trainer, KD+LM": trainer_arm(comp, n)}, n, args.warmup, dev)
+    times = interleaved(
+        {"minimal PyTorch loop, KD+LM": minimal_loop_arm(comp), "kdlab Trainer, KD+LM": trainer_arm(comp, n)},
+        n,
+        args.warmup,
+        dev,
+    )
     ratio = report(times, "minimal PyTorch loop, KD+LM", tokens)
     over = ratio["kdlab Trainer, KD+LM"] - 1
     print(f"  -> the kdlab Trainer takes {over:+.1%} time per step against the minimal loop")
 
     # attention transfer switches its models to eager attention: a teacher of its own for that arm
     six_teacher = copy.deepcopy(comp.teacher)
-    times = interleaved({"kdlab Trainer, KD+LM": trainer_arm(comp, n),
-                         "kdlab Trainer, all six terms": trainer_arm(comp, n, teacher=six_teacher, **ALL_SIX)},
-                        n, args.warmup, dev)
+    times = interleaved(
+        {
+            "kdlab Trainer, KD+LM": trainer_arm(comp, n),
+            "kdlab Trainer, all six terms": trainer_arm(comp, n, teacher=six_teacher, **ALL_SIX),
+        },
+        n,
+        args.warmup,
+        dev,
+    )
     print("\nall six terms (KD, LM, feature, attention, layerwise, contrastive; constant weights) against KD+LM:")
     report(times, "kdlab Trainer, KD+LM", tokens)
     for label, teacher, overrides in (("KD+LM", None, {}), ("all six terms", six_teacher, ALL_SIX)):
         rows = profile_steps(comp, args.profile_steps, teacher=teacher, **overrides)
         wall = rows[-1][1]
-        print(f"where a step's time goes, {label} (torch.profiler, mean of {args.profile_steps} steps; "
-              f"the phases do not overlap; the rest of the wall time is batching and bookkeeping)")
+        print(
+            f"where a step's time goes, {label} (torch.profiler, mean of {args.profile_steps} steps; "
+            f"the phases do not overlap; the rest of the wall time is batching and bookkeeping)"
+        )
         for name, sec in rows:
             print(f"  {name:<26} {sec * 1e3:>9.1f} ms {sec / wall:>7.1%}")
 
@@ -358,20 +408,29 @@ def bench_cache(args) -> None:
     cache = build_teacher_cache(path, comp.teacher, part, key, device=dev)
     build = time.perf_counter() - t0
     per_block = cache.nbytes / blocks
-    print(f"cache of the first {blocks} training blocks (top-256): built in {build:.1f} s, "
-          f"{cache.nbytes / MiB:.1f} MiB "
-          f"({per_block / 1024:.0f} KiB per block; the whole Austen train split, {len(full):,} blocks, takes "
-          f"{per_block * len(full) / GiB:.2f} GiB and ~{build / blocks * len(full) / 60:.0f} min to build here)")
+    print(
+        f"cache of the first {blocks} training blocks (top-256): built in {build:.1f} s, "
+        f"{cache.nbytes / MiB:.1f} MiB "
+        f"({per_block / 1024:.0f} KiB per block; the whole Austen train split, {len(full):,} blocks, takes "
+        f"{per_block * len(full) / GiB:.2f} GiB and ~{build / blocks * len(full) / 60:.0f} min to build here)"
+    )
     print(f"median of {n} steps per arm after {args.warmup} warm-up steps, the arms taking turns step by step")
-    times = interleaved({
-        "live teacher, full-vocabulary KD (default)": trainer_arm(comp, n, data=data),
-        "live teacher, top-256 KD": trainer_arm(comp, n, data=data, kd_top_k=256),
-        "cached teacher, top-256 KD": trainer_arm(comp, n, data=data, kd_top_k=256, teacher_cache=str(path)),
-    }, n, args.warmup, dev)
+    times = interleaved(
+        {
+            "live teacher, full-vocabulary KD (default)": trainer_arm(comp, n, data=data),
+            "live teacher, top-256 KD": trainer_arm(comp, n, data=data, kd_top_k=256),
+            "cached teacher, top-256 KD": trainer_arm(comp, n, data=data, kd_top_k=256, teacher_cache=str(path)),
+        },
+        n,
+        args.warmup,
+        dev,
+    )
     ratio = report(times, "live teacher, top-256 KD", tokens)
     cached, default = ratio["cached teacher, top-256 KD"], ratio["live teacher, full-vocabulary KD (default)"]
-    print(f"  -> cached steps are {1 / cached:.2f}x as fast as live ones with the same top-256 loss, "
-          f"{default / cached:.2f}x the default full-vocabulary run")
+    print(
+        f"  -> cached steps are {1 / cached:.2f}x as fast as live ones with the same top-256 loss, "
+        f"{default / cached:.2f}x the default full-vocabulary run"
+    )
     shutil.rmtree(path)
 
 
@@ -408,8 +467,10 @@ def bench_cuda(args) -> None:
     seq = comp.data["train"].input_ids.shape[1]
     per_token = flops_per_token(comp.student, seq, True) + flops_per_token(comp.teacher, seq, False)
     print(f"\n## 4. CUDA: the default pair on {name} ({comp.precision.describe()}), T{seq}, KD+LM")
-    print(f"model FLOPs per token: {per_token / 1e9:.2f} GFLOP (student 6N + attention, teacher forward 2N + "
-          f"attention); MFU against {f'{peak / 1e12:.0f} TFLOP/s dense bf16' if peak else 'an unknown peak'}")
+    print(
+        f"model FLOPs per token: {per_token / 1e9:.2f} GFLOP (student 6N + attention, teacher forward 2N + "
+        f"attention); MFU against {f'{peak / 1e12:.0f} TFLOP/s dense bf16' if peak else 'an unknown peak'}"
+    )
     print(f"{'setting':<16} {'batch':>5} {'tokens/s':>10} {'peak MiB':>9} {'MFU':>6}")
     batches = (1, 2) if args.dry_run else (4, 32)
     for label, overrides in (("eager", {}), ("torch.compile", {"compile": True})):
@@ -430,6 +491,7 @@ def bench_cuda(args) -> None:
 
 def largest_batch(comp: Components) -> str:
     """Double the batch until a step runs out of memory, then bisect between the last two sizes."""
+
     def fits(b: int) -> bool:
         torch.cuda.empty_cache()
         trainer = None
@@ -483,8 +545,10 @@ def main() -> None:
     for name in args.sections:
         if name not in SECTIONS:
             ap.error(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
-    print(f"kdlab benchmark on {device_name(torch.device(args.device))}; torch {torch.__version__}; "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(
+        f"kdlab benchmark on {device_name(torch.device(args.device))}; torch {torch.__version__}; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
+    )
     for name in args.sections or SECTIONS:
         SECTIONS[name](args)
 

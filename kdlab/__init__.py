@@ -1,9 +1,9 @@
 """kdlab: knowledge distillation for causal language models, and a course built on it.
 
-    import kdlab
-    cfg = kdlab.load_config(overrides={"max_steps": 20})
-    state = kdlab.train(cfg)
-    print(kdlab.format_summary(state.history))
+import kdlab
+cfg = kdlab.load_config(overrides={"max_steps": 20})
+state = kdlab.train(cfg)
+print(kdlab.format_summary(state.history))
 """
 
 from .balance import AdaptiveBalancer
@@ -16,10 +16,10 @@ from .data import PackedSplit, load_documents, prepare_austen, prepare_data, tok
 from .early_stopping import EarlyStopping
 from .errors import KDLabError
 from .evaluation import evaluate, format_summary
-from .objective import Loss, Objective, StepCounts
 from .feature_losses import attention_kl, cosine_distance, info_nce, ln_mse, masked_mean_pool
 from .losses import DIVERGENCES, IGNORE_INDEX, kd_loss, kd_loss_topk, lm_loss, next_token_labels, teacher_top_k
 from .models import STUDENT_PRESETS, build_student, load_teacher, load_tokenizer, prepare_teacher
+from .objective import Loss, Objective, StepCounts
 from .precision import Precision, resolve_precision, student_logits, teacher_logits
 from .projection import StudentLogitProjector, align_vocab
 from .router import StudentAwareRouter
@@ -30,18 +30,67 @@ from .trainer import Trainer, TrainState, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "KDConfig", "load_config", "save_config", "KDLabError",
-    "CurriculumScheduler", "Ramp", "EarlyStopping",
-    "kd_loss", "kd_loss_topk", "teacher_top_k", "lm_loss", "next_token_labels", "IGNORE_INDEX", "DIVERGENCES",
-    "TeacherCache", "cache_key", "build_teacher_cache", "open_teacher_cache",
-    "ln_mse", "cosine_distance", "attention_kl", "info_nce", "masked_mean_pool",
-    "Objective", "Loss", "StepCounts", "Term", "TermContext", "Needs", "TERMS", "register_term", "unregister_term",
-    "BatchSource", "PackedBatches", "Callback", "ProgressBar", "BestWeights",
-    "StudentAwareRouter", "AdaptiveBalancer", "align_vocab", "StudentLogitProjector",
-    "Precision", "resolve_precision", "teacher_logits", "student_logits",
-    "PackedSplit", "prepare_austen", "prepare_data", "load_documents", "tokenize_and_pack",
-    "STUDENT_PRESETS", "prepare_teacher", "load_teacher", "load_tokenizer", "build_student",
-    "evaluate", "format_summary",
-    "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-    "Trainer", "TrainState", "train",
+    "KDConfig",
+    "load_config",
+    "save_config",
+    "KDLabError",
+    "CurriculumScheduler",
+    "Ramp",
+    "EarlyStopping",
+    "kd_loss",
+    "kd_loss_topk",
+    "teacher_top_k",
+    "lm_loss",
+    "next_token_labels",
+    "IGNORE_INDEX",
+    "DIVERGENCES",
+    "TeacherCache",
+    "cache_key",
+    "build_teacher_cache",
+    "open_teacher_cache",
+    "ln_mse",
+    "cosine_distance",
+    "attention_kl",
+    "info_nce",
+    "masked_mean_pool",
+    "Objective",
+    "Loss",
+    "StepCounts",
+    "Term",
+    "TermContext",
+    "Needs",
+    "TERMS",
+    "register_term",
+    "unregister_term",
+    "BatchSource",
+    "PackedBatches",
+    "Callback",
+    "ProgressBar",
+    "BestWeights",
+    "StudentAwareRouter",
+    "AdaptiveBalancer",
+    "align_vocab",
+    "StudentLogitProjector",
+    "Precision",
+    "resolve_precision",
+    "teacher_logits",
+    "student_logits",
+    "PackedSplit",
+    "prepare_austen",
+    "prepare_data",
+    "load_documents",
+    "tokenize_and_pack",
+    "STUDENT_PRESETS",
+    "prepare_teacher",
+    "load_teacher",
+    "load_tokenizer",
+    "build_student",
+    "evaluate",
+    "format_summary",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "Trainer",
+    "TrainState",
+    "train",
 ]

@@ -40,8 +40,10 @@ class BatchSource:
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, Any]:
     """A CPU batch moved to `device`, with `no_padding` read on the CPU copy (no device sync later)."""
-    return {**{k: v.to(device, non_blocking=True) for k, v in batch.items()},
-            "no_padding": bool(batch["attention_mask"].all())}
+    return {
+        **{k: v.to(device, non_blocking=True) for k, v in batch.items()},
+        "no_padding": bool(batch["attention_mask"].all()),
+    }
 
 
 class PackedBatches(BatchSource):
@@ -51,8 +53,17 @@ class PackedBatches(BatchSource):
     batch would. A teacher cache (kdlab.teacher_cache) joins the teacher's stored top-k per block.
     """
 
-    def __init__(self, split: PackedSplit, batch_size: int, grad_accum: int = 1, seed: int = 0, rank: int = 0,
-                 world: int = 1, device: torch.device | str = "cpu", teacher_cache=None):
+    def __init__(
+        self,
+        split: PackedSplit,
+        batch_size: int,
+        grad_accum: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | str = "cpu",
+        teacher_cache=None,
+    ):
         self.split, self.batch_size, self.grad_accum, self.seed = split, batch_size, grad_accum, seed
         self.rank, self.world, self.device, self.teacher_cache = rank, world, device, teacher_cache
         self.global_batch = batch_size * world  # sequences per micro-batch, all processes
@@ -61,8 +72,19 @@ class PackedBatches(BatchSource):
         if self.steps_per_epoch == 0:
             raise KDLabError(
                 f"the train split has {len(split)} blocks of {split.input_ids.shape[1]} tokens, fewer than "
-                f"batch_size*grad_accum*processes={self.global_batch * grad_accum}; use more data or a smaller batch")
+                f"batch_size*grad_accum*processes={self.global_batch * grad_accum}; use more data or a smaller batch"
+            )
         self.epoch, self.pos = 0, 0  # the position of the next micro-batch: epoch and batch within it
+
+    @classmethod
+    def for_run(cls, cfg, split: PackedSplit, tokenizer, student, teacher, dist) -> PackedBatches:
+        """The batches a run of `cfg` trains on: this process's share, on the student's device, with
+        the teacher cache of `cfg.teacher_cache` joined when the run reads one."""
+        from .teacher_cache import open_for_run
+
+        device = next(student.parameters()).device
+        cache = open_for_run(cfg, split, tokenizer, student, teacher)
+        return cls(split, cfg.batch_size, cfg.grad_accum, cfg.seed, dist.rank, dist.world, device, cache)
 
     def next_step(self) -> list[dict[str, Any]]:
         batches = []

@@ -21,11 +21,14 @@ independently (the trainer refuses two stateful callbacks with one key).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import best_dir, load_checkpoint, save_best
 from .distributed import barrier
 from .errors import KDLabError
+
+if TYPE_CHECKING:
+    from .config import KDConfig
 
 
 class Callback:
@@ -85,8 +88,14 @@ class ProgressBar(Callback):
     def on_train_begin(self, trainer) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, desc="distilling", unit="step",
-                        dynamic_ncols=True, disable=self.disable or not trainer.dist.is_main)
+        self.bar = tqdm(
+            total=trainer.total_steps,
+            initial=trainer.state.step,
+            desc="distilling",
+            unit="step",
+            dynamic_ncols=True,
+            disable=self.disable or not trainer.dist.is_main,
+        )
 
     def on_step_end(self, trainer, out) -> None:
         if self.bar is not None:  # (steps outside fit() have no bar)
@@ -160,8 +169,10 @@ def check_state_keys(callbacks) -> None:
     keys = [state_key_of(cb) for cb in callbacks if has_state(cb)]
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
-        raise KDLabError(f"two stateful callbacks share the state_key {twice[0]!r}; give each its own "
-                         f"(Callback.state_key), or their checkpointed states would collide")
+        raise KDLabError(
+            f"two stateful callbacks share the state_key {twice[0]!r}; give each its own "
+            f"(Callback.state_key), or their checkpointed states would collide"
+        )
 
 
 def default_callbacks(cfg: KDConfig, given: list) -> list:
@@ -172,8 +183,11 @@ def default_callbacks(cfg: KDConfig, given: list) -> list:
         warmup = cfg.es_warmup_steps if cfg.es_warmup_steps >= 0 else cfg.warmup_steps  # -1: the LR warmup
         from .early_stopping import EarlyStopping  # (it subclasses Callback)
 
-        out.append(EarlyStopping(cfg.es_monitor, cfg.es_patience, cfg.es_min_delta, cfg.es_mode, warmup,
-                                 cfg.es_abort_threshold or None))
+        out.append(
+            EarlyStopping(
+                cfg.es_monitor, cfg.es_patience, cfg.es_min_delta, cfg.es_mode, warmup, cfg.es_abort_threshold or None
+            )
+        )
         if cfg.restore_best:
             out.append(BestWeights(cfg.es_monitor, cfg.es_mode))
     if cfg.log_style == "original-verbose":
@@ -185,4 +199,13 @@ def default_callbacks(cfg: KDConfig, given: list) -> list:
     return out
 
 
-__all__ = ["check_state_keys", "default_callbacks", "Callback", "ProgressBar", "BestWeights", "fire", "has_state", "state_key_of"]
+__all__ = [
+    "check_state_keys",
+    "default_callbacks",
+    "Callback",
+    "ProgressBar",
+    "BestWeights",
+    "fire",
+    "has_state",
+    "state_key_of",
+]

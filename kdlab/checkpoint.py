@@ -44,8 +44,14 @@ def _write_weights(folder: Path, student: torch.nn.Module, heads: torch.nn.Modul
         save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, folder / HEADS_FILE)
 
 
-def save_checkpoint(out_dir: str | Path, step: int, student: torch.nn.Module, heads: torch.nn.Module | None,
-                    state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    student: torch.nn.Module,
+    heads: torch.nn.Module | None,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
@@ -64,7 +70,7 @@ def save_checkpoint(out_dir: str | Path, step: int, student: torch.nn.Module, he
     with open(pointer, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(pointer, root / "latest")
-    for old in sorted(p for p in root.glob("step-*") if p.name != name)[:-(keep - 1) or None]:
+    for old in sorted(p for p in root.glob("step-*") if p.name != name)[: -(keep - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -111,8 +117,9 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
         raise KDLabError(f"checkpoint {path} is corrupt or unreadable: {str(e).splitlines()[0]}") from None
 
 
-def load_checkpoint(path: str | Path, student: torch.nn.Module, heads: torch.nn.Module | None = None,
-                    state: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, student: torch.nn.Module, heads: torch.nn.Module | None = None, state: bool = True
+) -> dict[str, Any]:
     """Load the student's (and heads') weights from `path` in place and return the trainer state."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -124,8 +131,10 @@ def load_checkpoint(path: str | Path, student: torch.nn.Module, heads: torch.nn.
         weights = load_file(path / "model.safetensors", device=device)
         head_weights = load_file(path / HEADS_FILE, device=device) if want_heads else {}
     except FileNotFoundError as e:
-        raise KDLabError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing; it was "
-                         "written by a run with other settings, or damaged") from None
+        raise KDLabError(
+            f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing; it was "
+            "written by a run with other settings, or damaged"
+        ) from None
     except (SafetensorError, RuntimeError, OSError, EOFError) as e:
         raise KDLabError(f"checkpoint {path} is corrupt or unreadable: {str(e).splitlines()[0]}") from None
     if student.config.tie_word_embeddings:
@@ -134,8 +143,9 @@ def load_checkpoint(path: str | Path, student: torch.nn.Module, heads: torch.nn.
         missing, unexpected = student.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shapes differ: another student size
         detail = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e).splitlines()[0])
-        raise KDLabError(f"checkpoint {path} does not fit this student ({detail}); resume with the same student "
-                         "settings") from None
+        raise KDLabError(
+            f"checkpoint {path} does not fit this student ({detail}); resume with the same student settings"
+        ) from None
     missing = [k for k in missing if not (k == "lm_head.weight" and student.config.tie_word_embeddings)]
     if missing or unexpected:
         raise KDLabError(
@@ -146,7 +156,9 @@ def load_checkpoint(path: str | Path, student: torch.nn.Module, heads: torch.nn.
         try:
             heads.load_state_dict(head_weights)
         except RuntimeError as e:
-            raise KDLabError(f"checkpoint {path}: the heads do not fit these settings ({str(e).splitlines()[0]})") from None
+            raise KDLabError(
+                f"checkpoint {path}: the heads do not fit these settings ({str(e).splitlines()[0]})"
+            ) from None
     return read_trainer_state(path) if state else {}
 
 
@@ -155,14 +167,23 @@ def run_state(trainer) -> dict[str, Any]:
     from .callbacks import has_state, state_key_of
 
     s = trainer.state
-    return {"step": s.step, "tokens": s.tokens, "skipped_steps": s.skipped_steps, "bad_in_a_row": s.bad_in_a_row,
-            "history": s.history, "config": trainer.cfg.to_dict(),
-            "objective": trainer.objective.state_dict(), "batches": trainer.batches.state_dict(),
-            "callbacks": {state_key_of(cb): cb.state_dict() for cb in trainer.callbacks if has_state(cb)},
-            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-            "scaler": trainer.scaler.state_dict(), "metrics": trainer.metrics.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "step": s.step,
+        "tokens": s.tokens,
+        "skipped_steps": s.skipped_steps,
+        "bad_in_a_row": s.bad_in_a_row,
+        "history": s.history,
+        "config": trainer.cfg.to_dict(),
+        "objective": trainer.objective.state_dict(),
+        "batches": trainer.batches.state_dict(),
+        "callbacks": {state_key_of(cb): cb.state_dict() for cb in trainer.callbacks if has_state(cb)},
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "metrics": trainer.metrics.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def resume_run(trainer, resumable: set[str]) -> Path:
@@ -173,8 +194,11 @@ def resume_run(trainer, resumable: set[str]) -> Path:
     path = latest_checkpoint(trainer.out_dir)
     ckpt = read_trainer_state(path)  # settings first: nothing is loaded into a run it does not fit
     old = ckpt["config"]
-    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in trainer.cfg.to_dict().items()
-               if k not in resumable and old.get(k) != v]
+    changed = [
+        f"{k}: {old.get(k)!r} -> {v!r}"
+        for k, v in trainer.cfg.to_dict().items()
+        if k not in resumable and old.get(k) != v
+    ]
     if changed:
         raise KDLabError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)})")
     load_checkpoint(path, trainer.student, trainer.objective.heads, state=False)
@@ -189,10 +213,23 @@ def resume_run(trainer, resumable: set[str]) -> Path:
     if ckpt["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
     s = trainer.state
-    s.step, s.tokens, s.skipped_steps, s.bad_in_a_row = ckpt["step"], ckpt["tokens"], ckpt["skipped_steps"], \
-        ckpt["bad_in_a_row"]
+    s.step, s.tokens, s.skipped_steps, s.bad_in_a_row = (
+        ckpt["step"],
+        ckpt["tokens"],
+        ckpt["skipped_steps"],
+        ckpt["bad_in_a_row"],
+    )
     s.history = ckpt["history"]
     return path
 
 
-__all__ = ["run_state", "resume_run", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_trainer_state", "save_best", "best_dir"]
+__all__ = [
+    "run_state",
+    "resume_run",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "read_trainer_state",
+    "save_best",
+    "best_dir",
+]

@@ -38,8 +38,13 @@ class _HelpFormatter(argparse.HelpFormatter):
         return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
-                             subsequent_indent=indent, break_on_hyphens=False)
+        return textwrap.fill(
+            self._whitespace_matcher.sub(" ", text).strip(),
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_on_hyphens=False,
+        )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,8 +57,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 CONFIG_FLAGS_USAGE = "%(prog)s [-h] [--config FILE] [--FIELD VALUE | --[no-]FIELD ...]"
-CONFIG_FLAGS_DESCRIPTION = ("Every config field has a flag: YAML key alpha_kd is --alpha-kd. Precedence: defaults < "
-                            "--config FILE < flags. {a,b} lists a field's allowed values.")
+CONFIG_FLAGS_DESCRIPTION = (
+    "Every config field has a flag: YAML key alpha_kd is --alpha-kd. Precedence: defaults < "
+    "--config FILE < flags. {a,b} lists a field's allowed values."
+)
 
 
 def _metavar(info) -> str:
@@ -122,8 +129,10 @@ def cmd_train(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 1 if state.failed else 130 if state.interrupted else 0
     if state.interrupted:
-        print(f"interrupted at step {state.step} ({state.tokens:,} tokens, {seconds:.0f} s); continue with "
-              f"`kdlab train --out-dir {cfg.out_dir} --resume` and the same settings")
+        print(
+            f"interrupted at step {state.step} ({state.tokens:,} tokens, {seconds:.0f} s); continue with "
+            f"`kdlab train --out-dir {cfg.out_dir} --resume` and the same settings"
+        )
         return 130  # the shell's code for a run stopped by Ctrl-C
     print(format_summary(state.history))
     print(f"done: {state.step} steps, {state.tokens:,} tokens in {seconds:.1f} s; run folder {cfg.out_dir}")
@@ -136,24 +145,31 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import evaluate
     from .components import build_components
+    from .evaluation import evaluate
 
     cfg = _config(args, {"student_init": "random"})  # --student names a trained model folder
     precision, _, teacher, data, student = build_components(cfg)
     splits = ["validation", "test"] if args.split == "both" else [args.split]
     print(f"{'split':10}  {'tokens':>8}  {'student ppl':>11}  {'teacher ppl':>11}  {'KL':>8}  {'top-1':>6}")
     for split in splits:
-        m = evaluate(student, teacher, data[split].eval_batches(cfg.batch_size, cfg.eval_batches), precision,
-                     cfg.loss_chunk_tokens)
-        print(f"{split:10}  {m['tokens']:>8,}  {m['student_ppl']:>11.2f}  {m['teacher_ppl']:>11.2f}  "
-              f"{m['kl']:>8.4f}  {m['top1_agree']:>6.3f}")
+        m = evaluate(
+            student,
+            teacher,
+            data[split].eval_batches(cfg.batch_size, cfg.eval_batches),
+            precision,
+            cfg.loss_chunk_tokens,
+        )
+        print(
+            f"{split:10}  {m['tokens']:>8,}  {m['student_ppl']:>11.2f}  {m['teacher_ppl']:>11.2f}  "
+            f"{m['kl']:>8.4f}  {m['top1_agree']:>6.3f}"
+        )
     return 0
 
 
 def cmd_cache_teacher(args) -> int:
-    from .teacher_cache import build_teacher_cache, cache_key, open_teacher_cache
     from .components import build_components
+    from .teacher_cache import build_teacher_cache, cache_key, open_teacher_cache
 
     cfg = _config(args)
     if not cfg.teacher_cache:
@@ -166,11 +182,20 @@ def cmd_cache_teacher(args) -> int:
     except KDLabError as e:
         if (Path(cfg.teacher_cache) / "meta.json").is_file():
             log.info("rebuilding: %s", e)
-        cache = build_teacher_cache(cfg.teacher_cache, teacher, data["train"], key, device=precision.device,
-                                    # no gradients: batches larger than training's fit
-                                    batch_size=max(8, cfg.batch_size), chunk_tokens=cfg.loss_chunk_tokens)
-    print(f"teacher cache {cfg.teacher_cache}: {key['blocks']} blocks, top-{key['top_k']} at T={key['temperature']:g}, "
-          f"{cache.nbytes / 2**20:,.0f} MiB; train with --teacher-cache {cfg.teacher_cache} --kd-top-k {cfg.kd_top_k}")
+        cache = build_teacher_cache(
+            cfg.teacher_cache,
+            teacher,
+            data["train"],
+            key,
+            device=precision.device,
+            # no gradients: batches larger than training's fit
+            batch_size=max(8, cfg.batch_size),
+            chunk_tokens=cfg.loss_chunk_tokens,
+        )
+    print(
+        f"teacher cache {cfg.teacher_cache}: {key['blocks']} blocks, top-{key['top_k']} at T={key['temperature']:g}, "
+        f"{cache.nbytes / 2**20:,.0f} MiB; train with --teacher-cache {cfg.teacher_cache} --kd-top-k {cfg.kd_top_k}"
+    )
     return 0
 
 
@@ -188,38 +213,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbose", help="warnings only")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("prepare", help="build the corpus, the converted teacher and the token cache",
-                       usage=CONFIG_FLAGS_USAGE,
-                       description="Builds the corpus, the converted teacher and the token cache. "
-                                   + CONFIG_FLAGS_DESCRIPTION)
+    p = sub.add_parser(
+        "prepare",
+        help="build the corpus, the converted teacher and the token cache",
+        usage=CONFIG_FLAGS_USAGE,
+        description="Builds the corpus, the converted teacher and the token cache. " + CONFIG_FLAGS_DESCRIPTION,
+    )
     _add_config_flags(p)
     p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("train", help="distil the teacher into the student", usage=CONFIG_FLAGS_USAGE,
-                       description="Distils the teacher into the student. " + CONFIG_FLAGS_DESCRIPTION)
+    p = sub.add_parser(
+        "train",
+        help="distil the teacher into the student",
+        usage=CONFIG_FLAGS_USAGE,
+        description="Distils the teacher into the student. " + CONFIG_FLAGS_DESCRIPTION,
+    )
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="evaluate a student (e.g. runs/default/final) against the teacher",
-                       usage=CONFIG_FLAGS_USAGE + " [--split {validation,test,both}]",
-                       description="Evaluates a student against the teacher: --student names a trained model folder "
-                                   "(e.g. runs/default/final). " + CONFIG_FLAGS_DESCRIPTION)
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a student (e.g. runs/default/final) against the teacher",
+        usage=CONFIG_FLAGS_USAGE + " [--split {validation,test,both}]",
+        description="Evaluates a student against the teacher: --student names a trained model folder "
+        "(e.g. runs/default/final). " + CONFIG_FLAGS_DESCRIPTION,
+    )
     _add_config_flags(p)
-    p.add_argument("--split", choices=["validation", "test", "both"], default="both",
-                   help="the split(s) to evaluate (default: both)")
+    p.add_argument(
+        "--split",
+        choices=["validation", "test", "both"],
+        default="both",
+        help="the split(s) to evaluate (default: both)",
+    )
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("cache-teacher", help="precompute the teacher's top-k for the training set (--teacher-cache)",
-                       usage=CONFIG_FLAGS_USAGE,
-                       description="Precomputes the teacher's top-k (--kd-top-k) for the training set into "
-                                   "--teacher-cache FOLDER. " + CONFIG_FLAGS_DESCRIPTION)
+    p = sub.add_parser(
+        "cache-teacher",
+        help="precompute the teacher's top-k for the training set (--teacher-cache)",
+        usage=CONFIG_FLAGS_USAGE,
+        description="Precomputes the teacher's top-k (--kd-top-k) for the training set into "
+        "--teacher-cache FOLDER. " + CONFIG_FLAGS_DESCRIPTION,
+    )
     _add_config_flags(p)
     p.set_defaults(func=cmd_cache_teacher)
-    p = sub.add_parser("preflight", help="a participant's check before the course: set-up, step time, notebook times",
-                       description="Checks the set-up (Python, torch, the course's packages, the corpus and teacher "
-                                   "against data/MANIFEST.json, CUDA), times one training step of the course's "
-                                   "default run at each profile's sizes, and prints each notebook's expected time "
-                                   "here from notebooks/timings.json. Exit code 0 when every check passes, 1 when "
-                                   "one fails.")
-    p.add_argument("--profiles", metavar="LIST",
-                   help="comma-separated profiles to time (default: ci,cpu, and gpu with CUDA)")
+    p = sub.add_parser(
+        "preflight",
+        help="a participant's check before the course: set-up, step time, notebook times",
+        description="Checks the set-up (Python, torch, the course's packages, the corpus and teacher "
+        "against data/MANIFEST.json, CUDA), times one training step of the course's "
+        "default run at each profile's sizes, and prints each notebook's expected time "
+        "here from notebooks/timings.json. Exit code 0 when every check passes, 1 when "
+        "one fails.",
+    )
+    p.add_argument(
+        "--profiles", metavar="LIST", help="comma-separated profiles to time (default: ci,cpu, and gpu with CUDA)"
+    )
     p.add_argument("--no-timing", action="store_true", help="set-up checks only (seconds instead of about a minute)")
     p.add_argument("--timings", metavar="FILE", help="the timing table (default: notebooks/timings.json)")
     p.add_argument("--data-dir", metavar="DIR", help="where `kdlab prepare` put the data (default: data/)")

@@ -53,11 +53,14 @@ def quiet_libraries() -> None:
 
 def check_positions(seq_len: int, *models: torch.nn.Module) -> None:
     """A clear error, before any memory is spent, when `seq_len` exceeds a model's positions."""
-    limit = min((m.config.max_position_embeddings for m in models
-                 if getattr(m.config, "max_position_embeddings", None)), default=None)
+    limit = min(
+        (m.config.max_position_embeddings for m in models if getattr(m.config, "max_position_embeddings", None)),
+        default=None,
+    )
     if limit is not None and seq_len > limit:
-        raise KDLabError(f"seq_len={seq_len} is longer than the models' maximum positions ({limit:,}); "
-                         f"use seq_len <= {limit}")
+        raise KDLabError(
+            f"seq_len={seq_len} is longer than the models' maximum positions ({limit:,}); use seq_len <= {limit}"
+        )
 
 
 def build_components(cfg: KDConfig):
@@ -74,9 +77,15 @@ def build_components(cfg: KDConfig):
     if cfg.train_blocks:
         data["train"] = data["train"].head(cfg.train_blocks)
     student = build_student(cfg.student, teacher, cfg.student_init, cfg.data_dir, precision, len(tokenizer))
-    log.info("teacher %s (%.1fM params) -> student %s (%.1fM params, init=%s); %s",
-             cfg.teacher, count_parameters(teacher) / 1e6, cfg.student, count_parameters(student) / 1e6,
-             cfg.student_init, precision.describe())
+    log.info(
+        "teacher %s (%.1fM params) -> student %s (%.1fM params, init=%s); %s",
+        cfg.teacher,
+        count_parameters(teacher) / 1e6,
+        cfg.student,
+        count_parameters(student) / 1e6,
+        cfg.student_init,
+        precision.describe(),
+    )
     log.info("data %s: %s", cfg.data, ", ".join(f"{s} {d.num_tokens:,} tokens" for s, d in data.items()))
     return precision, tokenizer, teacher, data, student
 

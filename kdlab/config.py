@@ -45,17 +45,16 @@ GROUPS: dict[str, str] = {
     "models": "the teacher, the student and how the student starts",
     "loss": "the terms of the objective (kdlab.terms) and their maximum weights",
     "curriculum": "how each loss weight ramps up during training (kdlab.curriculum); each weight above is the "
-                  "maximum its ramp reaches",
+    "maximum its ramp reaches",
     "optimisation": "batches, steps, AdamW and the learning-rate schedule",
     "evaluation, logging, checkpoints": "when to evaluate, log and save, and where the run folder is",
     "early stopping": "stop when validation stops improving (kdlab.early_stopping); patience counts evaluations, "
-                      "not steps",
+    "not steps",
     "runtime": "seed, device, precision and compilation",
 }
 
 
-def setting(default: Any, help: str, *, group: str,
-            choices: tuple[str, ...] | dict[str, Any] | None = None) -> Any:
+def setting(default: Any, help: str, *, group: str, choices: tuple[str, ...] | dict[str, Any] | None = None) -> Any:
     """A KDConfig field with its one-line description, its section and, if it has a fixed set of
     values, the container that lists them (a tuple, or a registry dict whose keys are the values;
     read at check time, so the help and the validation share one source).
@@ -90,122 +89,175 @@ _runtime = _section("runtime")
 @dataclass
 class KDConfig:
     # --- data -------------------------------------------------------------------------------
-    data: str = _data("austen", "corpus: 'austen' (built by `kdlab prepare`), a text file, a folder of them, or an "
-                                "HF dataset name")
+    data: str = _data(
+        "austen", "corpus: 'austen' (built by `kdlab prepare`), a text file, a folder of them, or an HF dataset name"
+    )
     data_dir: str = _data("data", "folder for the corpus, the converted teacher and the token caches")
     seq_len: int = _data(256, "tokens per packed training block (>= 2)")
-    train_blocks: int = _data(0, "train on the first N training blocks only (0 = all): a small corpus, e.g. to see "
-                                 "overfitting")
+    train_blocks: int = _data(
+        0, "train on the first N training blocks only (0 = all): a small corpus, e.g. to see overfitting"
+    )
 
     # --- models -----------------------------------------------------------------------------
     teacher: str = _models("smollm2-135m", "teacher: the built-in smollm2-135m, a local model folder or an HF id")
-    student: str = _models("small", "student: a size preset (kdlab.models.STUDENT_PRESETS: tiny, small, medium), a "
-                                    "local model folder or an HF id")
-    student_init: str = _models("teacher-layers", "how a preset student starts: random weights, or copies of evenly "
-                                                  "spaced teacher layers (a model folder or HF id keeps its own)",
-                                choices=STUDENT_INITS)
+    student: str = _models(
+        "small",
+        "student: a size preset (kdlab.models.STUDENT_PRESETS: tiny, small, medium), a local model folder or an HF id",
+    )
+    student_init: str = _models(
+        "teacher-layers",
+        "how a preset student starts: random weights, or copies of evenly "
+        "spaced teacher layers (a model folder or HF id keeps its own)",
+        choices=STUDENT_INITS,
+    )
 
     # --- loss -------------------------------------------------------------------------------
     alpha_kd: float = _loss(0.5, "weight of the KD term, in [0, 1]: total = alpha_kd * KD + (1 - alpha_kd) * LM")
     temperature: float = _loss(1.0, "KD temperature T (> 0); the KD term is scaled by T^2 (Hinton et al. 2015)")
-    kd_top_k: int = _loss(0, "KD over the full vocabulary (0), or over the teacher's top-k tokens plus one tail "
-                             "bucket (k > 0)")
-    kd_divergence: str = _loss("forward_kl", "KD divergence: forward_kl, reverse_kl (MiniLLM) or jsd (GKD's "
-                                             "generalised JSD)", choices=DIVERGENCES)
+    kd_top_k: int = _loss(
+        0, "KD over the full vocabulary (0), or over the teacher's top-k tokens plus one tail bucket (k > 0)"
+    )
+    kd_divergence: str = _loss(
+        "forward_kl",
+        "KD divergence: forward_kl, reverse_kl (MiniLLM) or jsd (GKD's generalised JSD)",
+        choices=DIVERGENCES,
+    )
     jsd_beta: float = _loss(0.5, "jsd only: the mixture's weight on the teacher, in (0, 1)")
     # intermediate terms (kdlab.terms): at weight 0 a term is not computed, and needs no hidden states/attentions
     w_feature: float = _loss(0.0, "max weight of the router-mixed feature loss per student block (0 = off)")
-    w_attention: float = _loss(0.0, "max weight of the MiniLM attention KL of mapped blocks (0 = off; > 0 switches "
-                                    "both models to eager attention)")
-    w_layerwise: float = _loss(0.0, "max weight of the LN-MSE between projected student blocks and uniformly mapped "
-                                    "teacher blocks (0 = off)")
-    w_contrastive: float = _loss(0.0, "max weight of the InfoNCE between pooled last states across the batch "
-                                      "(0 = off)")
-    feature_loss: str = _loss("ln_mse", "distance of the feature term: ln_mse (scale-free, in [0, 4]) or cosine",
-                              choices=FEATURE_LOSSES)
-    router_experts: int = _loss(4, "feature term: evenly spaced teacher blocks each student block's router chooses "
-                                   "from")
+    w_attention: float = _loss(
+        0.0,
+        "max weight of the MiniLM attention KL of mapped blocks (0 = off; > 0 switches both models to eager attention)",
+    )
+    w_layerwise: float = _loss(
+        0.0, "max weight of the LN-MSE between projected student blocks and uniformly mapped teacher blocks (0 = off)"
+    )
+    w_contrastive: float = _loss(0.0, "max weight of the InfoNCE between pooled last states across the batch (0 = off)")
+    feature_loss: str = _loss(
+        "ln_mse", "distance of the feature term: ln_mse (scale-free, in [0, 4]) or cosine", choices=FEATURE_LOSSES
+    )
+    router_experts: int = _loss(
+        4, "feature term: evenly spaced teacher blocks each student block's router chooses from"
+    )
     router_top_k: int = _loss(2, "feature term: experts mixed per token, in [1, router_experts]")
-    router_balance: float = _loss(0.1, "feature term: weight of the routers' load-balancing term inside it (0.01 "
-                                       "let the routers collapse)")
+    router_balance: float = _loss(
+        0.1, "feature term: weight of the routers' load-balancing term inside it (0.01 let the routers collapse)"
+    )
     contrastive_tau: float = _loss(0.1, "temperature of the contrastive term's InfoNCE (> 0)")
-    term_weights: dict[str, float] = _loss({}, "max weights of registered terms that have no setting of their own "
-                                               "(kdlab.terms.register_term), e.g. {my_term: 0.01}")
+    term_weights: dict[str, float] = _loss(
+        {},
+        "max weights of registered terms that have no setting of their own "
+        "(kdlab.terms.register_term), e.g. {my_term: 0.01}",
+    )
     adaptive_balance: bool = _loss(False, "divide each loss term by an EMA of its magnitude")
     balance_momentum: float = _loss(0.99, "adaptive_balance: momentum of the magnitude EMA, in [0, 1)")
-    grad_share_every: int = _loss(0, "every N steps, log each term's share of the student's grad norm (one extra "
-                                     "backward per term; 0 = off)")
-    logit_projection: str = _loss("align", "vocabularies of different size: align the logits by token id, or learn "
-                                           "a projection (student side)", choices=LOGIT_PROJECTIONS)
-    loss_chunk_tokens: int = _loss(128, "rows of the [tokens x vocab] logits upcast to fp32 at a time (memory vs "
-                                        "speed; 128 is fastest on CPU)")
-    teacher_cache: str = _loss("", "folder of a teacher cache (`kdlab cache-teacher`): KD reads the stored top-k "
-                                   "instead of running the teacher; needs kd_top_k > 0 and no intermediate terms "
-                                   "('' = live teacher)")
+    grad_share_every: int = _loss(
+        0, "every N steps, log each term's share of the student's grad norm (one extra backward per term; 0 = off)"
+    )
+    logit_projection: str = _loss(
+        "align",
+        "vocabularies of different size: align the logits by token id, or learn a projection (student side)",
+        choices=LOGIT_PROJECTIONS,
+    )
+    loss_chunk_tokens: int = _loss(
+        128, "rows of the [tokens x vocab] logits upcast to fp32 at a time (memory vs speed; 128 is fastest on CPU)"
+    )
+    teacher_cache: str = _loss(
+        "",
+        "folder of a teacher cache (`kdlab cache-teacher`): KD reads the stored top-k "
+        "instead of running the teacher; needs kd_top_k > 0 and no intermediate terms "
+        "('' = live teacher)",
+    )
 
     # --- curriculum (kdlab.curriculum): each weight above is the maximum its ramp reaches ---------
-    curriculum: str = _curriculum("original", "weight schedule: original (the write-up's table), original-phases "
-                                              "(its earlier schedule) or constant (every term at full weight from "
-                                              "step 0)", choices=PRESETS)
-    ramps: dict[str, Any] = _curriculum({}, f"per-term overrides of the preset, e.g. {{feature: {{start: 0.1, end: "
-                                            f"0.4, shape: cosine}}}}: start and end are fractions of training, "
-                                            f"shape is {' or '.join(SHAPES)}")
+    curriculum: str = _curriculum(
+        "original",
+        "weight schedule: original (the write-up's table), original-phases "
+        "(its earlier schedule) or constant (every term at full weight from "
+        "step 0)",
+        choices=PRESETS,
+    )
+    ramps: dict[str, Any] = _curriculum(
+        {},
+        f"per-term overrides of the preset, e.g. {{feature: {{start: 0.1, end: "
+        f"0.4, shape: cosine}}}}: start and end are fractions of training, "
+        f"shape is {' or '.join(SHAPES)}",
+    )
 
     # --- optimisation -----------------------------------------------------------------------
     batch_size: int = _optimisation(4, "sequences per micro-batch")
     grad_accum: int = _optimisation(1, "micro-batches per optimizer step")
-    epochs: int = _optimisation(1, "passes over the training set, when max_steps is -1 (giving epochs without "
-                                   "max_steps sets max_steps to -1)")
-    max_steps: int = _optimisation(40, "optimizer steps; > 0 overrides epochs (as in HF TrainingArguments), -1 = "
-                                       "train `epochs` epochs")
+    epochs: int = _optimisation(
+        1, "passes over the training set, when max_steps is -1 (giving epochs without max_steps sets max_steps to -1)"
+    )
+    max_steps: int = _optimisation(
+        40, "optimizer steps; > 0 overrides epochs (as in HF TrainingArguments), -1 = train `epochs` epochs"
+    )
     lr: float = _optimisation(3e-4, "peak learning rate of AdamW")
     weight_decay: float = _optimisation(0.01, "AdamW weight decay (on weight matrices only, not norms or biases)")
     warmup_steps: int = _optimisation(4, "optimizer steps of linear learning-rate warmup")
     lr_scheduler: str = _optimisation("cosine", "learning-rate schedule after the warmup", choices=SCHEDULERS)
     grad_clip: float = _optimisation(1.0, "maximum global grad norm (0 = no clipping)")
-    max_nonfinite_steps: int = _optimisation(5, "stop the run after this many skipped (non-finite loss) steps in a "
-                                                "row")
+    max_nonfinite_steps: int = _optimisation(5, "stop the run after this many skipped (non-finite loss) steps in a row")
 
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = _evaluation(20, "optimizer steps between evaluations (0 = only before and after training)")
     eval_batches: int = _evaluation(4, "micro-batches per evaluation (0 = the whole split)")
     log_every: int = _evaluation(100, "optimizer steps per log line (interval means; no per-step host sync)")
     log_first: int = _evaluation(3, "also log each of the first N steps")
-    log_style: str = _evaluation("concise", "concise, or original-verbose: the original framework's ~36 lines per "
-                                            "step, to measure their cost", choices=LOG_STYLES)
+    log_style: str = _evaluation(
+        "concise",
+        "concise, or original-verbose: the original framework's ~36 lines per step, to measure their cost",
+        choices=LOG_STYLES,
+    )
     save_every: int = _evaluation(20, "optimizer steps between checkpoints (0 = only at the end)")
     keep_checkpoints: int = _evaluation(2, "resumable checkpoints kept in out_dir (the newest)")
-    checkpoints: bool = _evaluation(True, "write resumable checkpoints (off for sweeps and the course; final/ and "
-                                          "best/ are written either way)")
-    out_dir: str = _evaluation("runs/default", "the run folder: config.yaml, metrics.jsonl, checkpoints, final/ and "
-                                               "best/")
+    checkpoints: bool = _evaluation(
+        True, "write resumable checkpoints (off for sweeps and the course; final/ and best/ are written either way)"
+    )
+    out_dir: str = _evaluation(
+        "runs/default", "the run folder: config.yaml, metrics.jsonl, checkpoints, final/ and best/"
+    )
     resume: bool = _evaluation(False, "continue from out_dir's latest checkpoint")
-    overwrite: bool = _evaluation(False, "let a fresh run into a non-empty out_dir delete what is there (without "
-                                         "it: refused)")
+    overwrite: bool = _evaluation(
+        False, "let a fresh run into a non-empty out_dir delete what is there (without it: refused)"
+    )
 
     # --- early stopping (kdlab.early_stopping): patience counts evaluations ----------------------
     early_stopping: bool = _early_stopping(True, "stop when the monitored metric stops improving")
-    es_monitor: str = _early_stopping("val_kl", "metric watched: val_kl (KL(teacher || student), T = 1) or val_ce "
-                                                "(the student's cross-entropy): fixed definitions",
-                                      choices=METRICS)
+    es_monitor: str = _early_stopping(
+        "val_kl",
+        "metric watched: val_kl (KL(teacher || student), T = 1) or val_ce "
+        "(the student's cross-entropy): fixed definitions",
+        choices=METRICS,
+    )
     es_patience: int = _early_stopping(20, "evaluations in a row without improvement before stopping")
     es_min_delta: float = _early_stopping(0.001, "smallest change of the metric that counts as an improvement")
     es_mode: str = _early_stopping("min", "which way is better: min (lower) or max (higher)", choices=MODES)
-    es_warmup_steps: int = _early_stopping(-1, "evaluations before this step never count against patience (-1 = "
-                                               "warmup_steps, the LR warmup)")
-    es_abort_threshold: float = _early_stopping(0.0, "stop at once when the metric passes this value, i.e. the run "
-                                                     "diverged (0 = off)")
+    es_warmup_steps: int = _early_stopping(
+        -1, "evaluations before this step never count against patience (-1 = warmup_steps, the LR warmup)"
+    )
+    es_abort_threshold: float = _early_stopping(
+        0.0, "stop at once when the metric passes this value, i.e. the run diverged (0 = off)"
+    )
     restore_best: bool = _early_stopping(True, "end with the weights of the best evaluation")
 
     # --- runtime ----------------------------------------------------------------------------
     seed: int = _runtime(0, "the RNG seed (initialisation of the student and of the terms' modules, data order)")
     device: str = _runtime("auto", "where to run: auto = cuda if available, else cpu", choices=DEVICES)
-    teacher_dtype: str = _runtime("auto", "teacher weights: auto = float16 on CUDA (the original framework's "
-                                          "set-up), float32 on CPU", choices=DTYPES)
-    autocast_dtype: str = _runtime("auto", "student compute: auto = bfloat16 (else float16) autocast on CUDA, off "
-                                           "on CPU; float32 = off", choices=DTYPES)
-    compile: bool = _runtime(False, "torch.compile the training step's student and teacher forwards (the first "
-                                    "steps compile)")
+    teacher_dtype: str = _runtime(
+        "auto",
+        "teacher weights: auto = float16 on CUDA (the original framework's set-up), float32 on CPU",
+        choices=DTYPES,
+    )
+    autocast_dtype: str = _runtime(
+        "auto",
+        "student compute: auto = bfloat16 (else float16) autocast on CUDA, off on CPU; float32 = off",
+        choices=DTYPES,
+    )
+    compile: bool = _runtime(
+        False, "torch.compile the training step's student and teacher forwards (the first steps compile)"
+    )
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -226,19 +278,30 @@ class KDConfig:
         need(bool(self.student.strip()), "student='' is empty; give a size preset, a local folder or an HF id")
         choice("student_init")
         need(0.0 <= self.alpha_kd <= 1.0, f"alpha_kd={self.alpha_kd} must be in [0, 1]")
-        need(math.isfinite(self.temperature) and self.temperature > 0,
-             f"temperature={self.temperature} must be a positive number (1.0 is the usual choice for LMs)")
+        need(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            f"temperature={self.temperature} must be a positive number (1.0 is the usual choice for LMs)",
+        )
         need(self.kd_top_k >= 0, f"kd_top_k={self.kd_top_k} must be >= 0 (0 = full vocabulary)")
         choice("kd_divergence")
         need(0.0 < self.jsd_beta < 1.0, f"jsd_beta={self.jsd_beta} must be in (0, 1)")
         if self.teacher_cache:
-            need(self.kd_top_k > 0, f"teacher_cache={self.teacher_cache!r} needs kd_top_k > 0 (the cache stores the "
-                                    f"teacher's top-k), but kd_top_k={self.kd_top_k}")
-            active = [f"{n}={getattr(self, n)}" for n in ("w_feature", "w_attention", "w_layerwise", "w_contrastive")
-                      if getattr(self, n) > 0]
-            need(not active, f"teacher_cache={self.teacher_cache!r} holds the teacher's logits only, but "
-                             f"{', '.join(active)} needs its hidden states or attention maps; set those weights to 0 "
-                             f"or teacher_cache=''")
+            need(
+                self.kd_top_k > 0,
+                f"teacher_cache={self.teacher_cache!r} needs kd_top_k > 0 (the cache stores the "
+                f"teacher's top-k), but kd_top_k={self.kd_top_k}",
+            )
+            active = [
+                f"{n}={getattr(self, n)}"
+                for n in ("w_feature", "w_attention", "w_layerwise", "w_contrastive")
+                if getattr(self, n) > 0
+            ]
+            need(
+                not active,
+                f"teacher_cache={self.teacher_cache!r} holds the teacher's logits only, but "
+                f"{', '.join(active)} needs its hidden states or attention maps; set those weights to 0 "
+                f"or teacher_cache=''",
+            )
         for name, value in self.term_weights.items():
             term = TERMS.get(name)
             if term is None:
@@ -246,8 +309,9 @@ class KDConfig:
             elif term.weight is not None:
                 field_name = term.weight if isinstance(term.weight, str) else "alpha_kd"
                 errors.append(f"term_weights: {name!r} has its own setting, {field_name}; set that instead")
-            elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                      and value >= 0):
+            elif not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+            ):
                 errors.append(f"term_weights.{name}={value!r} must be a number >= 0")
         need(self.loss_chunk_tokens >= 1, f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1")
         for name in ("w_feature", "w_attention", "w_layerwise", "w_contrastive", "router_balance"):
@@ -256,10 +320,14 @@ class KDConfig:
         choice("feature_loss")
         choice("logit_projection")
         need(self.router_experts >= 1, f"router_experts={self.router_experts} must be >= 1")
-        need(1 <= self.router_top_k <= self.router_experts,
-             f"router_top_k={self.router_top_k} must be in [1, router_experts={self.router_experts}]")
-        need(math.isfinite(self.contrastive_tau) and self.contrastive_tau > 0,
-             f"contrastive_tau={self.contrastive_tau} must be > 0")
+        need(
+            1 <= self.router_top_k <= self.router_experts,
+            f"router_top_k={self.router_top_k} must be in [1, router_experts={self.router_experts}]",
+        )
+        need(
+            math.isfinite(self.contrastive_tau) and self.contrastive_tau > 0,
+            f"contrastive_tau={self.contrastive_tau} must be > 0",
+        )
         need(0.0 <= self.balance_momentum < 1.0, f"balance_momentum={self.balance_momentum} must be in [0, 1)")
         need(self.grad_share_every >= 0, f"grad_share_every={self.grad_share_every} must be >= 0")
         need(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
@@ -285,14 +353,24 @@ class KDConfig:
         choice("es_monitor")
         choice("es_mode")
         need(self.es_patience >= 1, f"es_patience={self.es_patience} must be >= 1")
-        need(math.isfinite(self.es_min_delta) and self.es_min_delta >= 0, f"es_min_delta={self.es_min_delta} must be >= 0")
+        need(
+            math.isfinite(self.es_min_delta) and self.es_min_delta >= 0,
+            f"es_min_delta={self.es_min_delta} must be >= 0",
+        )
         need(self.es_warmup_steps >= -1, f"es_warmup_steps={self.es_warmup_steps} must be >= 0, or -1 for auto")
-        need(math.isfinite(self.es_abort_threshold) and self.es_abort_threshold >= 0,
-             f"es_abort_threshold={self.es_abort_threshold} must be >= 0 (0 = off)")
+        need(
+            math.isfinite(self.es_abort_threshold) and self.es_abort_threshold >= 0,
+            f"es_abort_threshold={self.es_abort_threshold} must be >= 0 (0 = off)",
+        )
         need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
-        need(self.checkpoints or not self.resume, "resume=true needs checkpoints=true (there is nothing to resume from)")
-        need(not (self.resume and self.overwrite), "resume=true and overwrite=true contradict each other: "
-                                                   "resume continues the run in out_dir, overwrite deletes it")
+        need(
+            self.checkpoints or not self.resume, "resume=true needs checkpoints=true (there is nothing to resume from)"
+        )
+        need(
+            not (self.resume and self.overwrite),
+            "resume=true and overwrite=true contradict each other: "
+            "resume continues the run in out_dir, overwrite deletes it",
+        )
         need(bool(self.out_dir.strip()), "out_dir='' is empty")
         choice("device")
         choice("teacher_dtype")
@@ -336,8 +414,15 @@ def field_choices(name: str) -> tuple[str, ...] | None:
 def field_info(name: str) -> FieldInfo:
     f = _field(name)
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    return FieldInfo(name, "--" + name.replace("_", "-"), _TYPES[name], default, f.metadata["help"],
-                     f.metadata["group"], field_choices(name))
+    return FieldInfo(
+        name,
+        "--" + name.replace("_", "-"),
+        _TYPES[name],
+        default,
+        f.metadata["help"],
+        f.metadata["group"],
+        field_choices(name),
+    )
 
 
 def format_value(value: Any) -> str:
@@ -413,9 +498,7 @@ def parse_value(name: str, text: str) -> Any:
 def config_from_dict(values: dict[str, Any]) -> KDConfig:
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise KDLabError(
-            f"unknown config key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(FIELDS)}"
-        )
+        raise KDLabError(f"unknown config key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(FIELDS)}")
     return KDConfig(**values)
 
 
@@ -445,5 +528,19 @@ def save_config(cfg: KDConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-__all__ = ["KDConfig", "load_config", "save_config", "config_from_dict", "parse_value", "FIELDS", "GROUPS",
-           "FieldInfo", "setting", "field_info", "field_help", "field_choices", "fields_by_group", "format_value"]
+__all__ = [
+    "KDConfig",
+    "load_config",
+    "save_config",
+    "config_from_dict",
+    "parse_value",
+    "FIELDS",
+    "GROUPS",
+    "FieldInfo",
+    "setting",
+    "field_info",
+    "field_help",
+    "field_choices",
+    "fields_by_group",
+    "format_value",
+]

@@ -68,12 +68,16 @@ class Ramp:
 PRESETS: dict[str, dict[str, Ramp]] = {
     "constant": {},
     "original": {
-        "feature": Ramp(0.1, 0.4), "attention": Ramp(0.1, 0.4),
-        "layerwise": Ramp(0.4, 0.7), "contrastive": Ramp(0.7, 1.0),
+        "feature": Ramp(0.1, 0.4),
+        "attention": Ramp(0.1, 0.4),
+        "layerwise": Ramp(0.4, 0.7),
+        "contrastive": Ramp(0.7, 1.0),
     },
     "original-phases": {
-        "feature": Ramp(0.46, 0.7, shape="cosine"), "attention": Ramp(0.46, 0.7, shape="cosine"),
-        "layerwise": Ramp(0.7, 0.85, shape="cosine"), "contrastive": Ramp(0.85, 1.0, shape="cosine"),
+        "feature": Ramp(0.46, 0.7, shape="cosine"),
+        "attention": Ramp(0.46, 0.7, shape="cosine"),
+        "layerwise": Ramp(0.7, 0.85, shape="cosine"),
+        "contrastive": Ramp(0.85, 1.0, shape="cosine"),
     },
 }
 
@@ -93,8 +97,9 @@ def parse_ramps(spec: dict[str, Any]) -> dict[str, Ramp]:
         if unknown:
             raise KDLabError(f"ramps.{name}: unknown key(s) {', '.join(unknown)}; allowed: start, end, shape")
         try:
-            out[name] = Ramp(float(fields.get("start", 0.0)), float(fields.get("end", 0.0)),
-                             shape=str(fields.get("shape", "linear")))
+            out[name] = Ramp(
+                float(fields.get("start", 0.0)), float(fields.get("end", 0.0)), shape=str(fields.get("shape", "linear"))
+            )
         except KDLabError as e:  # (a ValueError too: caught first)
             raise KDLabError(f"ramps.{name}: {e}") from None
         except (TypeError, ValueError):
@@ -113,14 +118,21 @@ class CurriculumScheduler:
         if total_steps < 1:
             raise KDLabError(f"total_steps={total_steps} must be >= 1")
         self.total_steps = total_steps
-        self.ramps = {name: Ramp(r.start, r.end, max_weights.get(name, r.max_weight), r.shape)
-                      for name, r in (ramps or {}).items()}
+        self.ramps = {
+            name: Ramp(r.start, r.end, max_weights.get(name, r.max_weight), r.shape)
+            for name, r in (ramps or {}).items()
+        }
         self.max_weights = dict(max_weights)
         self.last_step = 0
 
     @classmethod
-    def from_preset(cls, name: str, total_steps: int, max_weights: dict[str, float] | None = None,
-                    overrides: dict[str, Ramp] | None = None) -> CurriculumScheduler:
+    def from_preset(
+        cls,
+        name: str,
+        total_steps: int,
+        max_weights: dict[str, float] | None = None,
+        overrides: dict[str, Ramp] | None = None,
+    ) -> CurriculumScheduler:
         if name not in PRESETS:
             raise KDLabError(f"curriculum={name!r} is not allowed; choose one of {', '.join(PRESETS)}")
         weights = max_weights if max_weights is not None else dict.fromkeys((t for t in TERMS if t != "lm"), 1.0)
@@ -129,8 +141,10 @@ class CurriculumScheduler:
     def weights_at(self, step: int) -> dict[str, float]:
         """The weight of each term for the update after `step` optimizer steps (a pure function)."""
         progress = step / self.total_steps
-        return {name: (w if name not in self.ramps else w * self.ramps[name].factor(progress))
-                for name, w in self.max_weights.items()}
+        return {
+            name: (w if name not in self.ramps else w * self.ramps[name].factor(progress))
+            for name, w in self.max_weights.items()
+        }
 
     def last_ramp_end(self) -> int:
         """The first step at which every active term has reached its full weight."""
@@ -145,8 +159,12 @@ class CurriculumScheduler:
         self.last_step += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"total_steps": self.total_steps, "last_step": self.last_step, "max_weights": self.max_weights,
-                "ramps": {k: asdict(r) for k, r in self.ramps.items()}}
+        return {
+            "total_steps": self.total_steps,
+            "last_step": self.last_step,
+            "max_weights": self.max_weights,
+            "ramps": {k: asdict(r) for k, r in self.ramps.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()

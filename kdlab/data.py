@@ -72,10 +72,12 @@ def austen_deb_url(name: str) -> str:
 
 def no_apt_get_message(downloads: Path, expected_name: str) -> str:
     """The one line for a machine without apt-get (macOS, Windows, non-Debian Linux): how to go on."""
-    return (f"the Austen corpus comes from Debian's {AUSTEN_DEB_PACKAGE} package and apt-get is not available here: "
-            f"download {austen_deb_url(expected_name)} into {downloads}/ (its sha256 is in data/MANIFEST.json) "
-            f"and run `kdlab prepare` again, or set KDLAB_CORPUS=<a text file or folder> to run "
-            f"the course on your own text (`kdlab train --data PATH`)")
+    return (
+        f"the Austen corpus comes from Debian's {AUSTEN_DEB_PACKAGE} package and apt-get is not available here: "
+        f"download {austen_deb_url(expected_name)} into {downloads}/ (its sha256 is in data/MANIFEST.json) "
+        f"and run `kdlab prepare` again, or set KDLAB_CORPUS=<a text file or folder> to run "
+        f"the course on your own text (`kdlab train --data PATH`)"
+    )
 
 
 def _download_austen_deb(downloads: Path, expected_name: str) -> Path:
@@ -228,9 +230,7 @@ def load_documents(data: str, data_dir: str | Path):
     if "validation" in loaded and "test" in loaded:
         return datasets.DatasetDict({s: loaded[s].select_columns(["text"]) for s in SPLITS})
     train = loaded["train"].select_columns(["text"])
-    return datasets.DatasetDict(
-        {s: train.select([i for i in range(len(train)) if split_of(i) == s]) for s in SPLITS}
-    )
+    return datasets.DatasetDict({s: train.select([i for i in range(len(train)) if split_of(i) == s]) for s in SPLITS})
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,8 +274,9 @@ def _fingerprint(*parts: str) -> str:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the tokenizer's full definition (a fast tokenizer's JSON, else its vocabulary)."""
-    text = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(
-        tokenizer.get_vocab())
+    text = (
+        tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer.get_vocab())
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -304,14 +305,21 @@ def tokenize_and_pack(documents, tokenizer, seq_len: int) -> dict[str, PackedSpl
         ds = documents[split]
         if len(ds) == 0:
             raise KDLabError(f"the {split} split of the corpus is empty; give more documents (1 in 20 is held out)")
-        ds = ds.map(pack, batched=True, batch_size=1000, remove_columns=ds.column_names,
-                    new_fingerprint=_fingerprint(ds._fingerprint, tok_key, str(seq_len), "pack-v1"),
-                    desc=f"tokenizing {split}")
+        ds = ds.map(
+            pack,
+            batched=True,
+            batch_size=1000,
+            remove_columns=ds.column_names,
+            new_fingerprint=_fingerprint(ds._fingerprint, tok_key, str(seq_len), "pack-v1"),
+            desc=f"tokenizing {split}",
+        )
         cols = ds.with_format("torch")[:]  # the whole split as (n_blocks, seq_len) tensors
         split_data = PackedSplit(cols["input_ids"], cols["attention_mask"])
         if split_data.num_tokens < 2:
-            raise KDLabError(f"the {split} split has no text to learn from (after tokenization it holds "
-                             f"{split_data.num_tokens} tokens)")
+            raise KDLabError(
+                f"the {split} split has no text to learn from (after tokenization it holds "
+                f"{split_data.num_tokens} tokens)"
+            )
         packed[split] = split_data
     return packed
 
@@ -334,5 +342,14 @@ def prepare_data(data: str, data_dir: str | Path, tokenizer, seq_len: int) -> di
     return tokenize_and_pack(load_documents(data, data_dir), tokenizer, seq_len)
 
 
-__all__ = ["PackedSplit", "prepare_austen", "prepare_data", "load_documents", "tokenize_and_pack",
-           "epoch_order", "batches_per_epoch", "split_of", "austen_chapters"]
+__all__ = [
+    "PackedSplit",
+    "prepare_austen",
+    "prepare_data",
+    "load_documents",
+    "tokenize_and_pack",
+    "epoch_order",
+    "batches_per_epoch",
+    "split_of",
+    "austen_chapters",
+]

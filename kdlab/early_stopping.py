@@ -39,8 +39,15 @@ MODES = ("min", "max")
 
 
 class EarlyStopping(Callback):
-    def __init__(self, monitor: str = "val_kl", patience: int = 20, min_delta: float = 0.001, mode: str = "min",
-                 warmup_steps: int = 0, abort_threshold: float | None = None):
+    def __init__(
+        self,
+        monitor: str = "val_kl",
+        patience: int = 20,
+        min_delta: float = 0.001,
+        mode: str = "min",
+        warmup_steps: int = 0,
+        abort_threshold: float | None = None,
+    ):
         if monitor not in METRICS:
             raise KDLabError(f"early-stopping monitor={monitor!r} is not allowed; choose one of {', '.join(METRICS)}")
         if mode not in MODES:
@@ -72,8 +79,11 @@ class EarlyStopping(Callback):
         if self.abort_threshold is not None:
             worse = value > self.abort_threshold if self.mode == "min" else value < self.abort_threshold
             if worse:
-                return self._stop(step, f"{self.monitor}={value:.4f} at step {step} passed the abort "
-                                        f"threshold {self.abort_threshold}", fault=True)
+                return self._stop(
+                    step,
+                    f"{self.monitor}={value:.4f} at step {step} passed the abort threshold {self.abort_threshold}",
+                    fault=True,
+                )
         new_best = self._better(value, self.best, 0.0)
         if new_best:
             self.best, self.best_step = value, step
@@ -82,8 +92,11 @@ class EarlyStopping(Callback):
         elif step >= self.warmup_steps:
             self.wait += 1
         if self.wait >= self.patience:
-            return self._stop(step, f"{self.monitor} did not improve by more than {self.min_delta} for "
-                                    f"{self.patience} evaluations (best {self.best:.4f} at step {self.best_step})")
+            return self._stop(
+                step,
+                f"{self.monitor} did not improve by more than {self.min_delta} for "
+                f"{self.patience} evaluations (best {self.best:.4f} at step {self.best_step})",
+            )
         return "improved" if new_best else "wait"
 
     def _stop(self, step: int, reason: str, fault: bool = False) -> str:
@@ -93,9 +106,14 @@ class EarlyStopping(Callback):
     # ------------------------------------------------------------------ trainer callback
     @property
     def state_key(self) -> str:
-        return self.make_state_key(monitor=self.monitor, mode=self.mode, patience=self.patience,
-                                   min_delta=self.min_delta, warmup_steps=self.warmup_steps,
-                                   abort_threshold=self.abort_threshold)
+        return self.make_state_key(
+            monitor=self.monitor,
+            mode=self.mode,
+            patience=self.patience,
+            min_delta=self.min_delta,
+            warmup_steps=self.warmup_steps,
+            abort_threshold=self.abort_threshold,
+        )
 
     def on_eval(self, trainer, record: dict[str, Any]) -> None:
         if record["split"] != "validation" or "restored_from" in record:
@@ -111,8 +129,15 @@ class EarlyStopping(Callback):
             trainer.state.stop_reason = f"{label}: {self.reason}"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ref": self.ref, "best": self.best, "best_step": self.best_step, "wait": self.wait,
-                "stopped_step": self.stopped_step, "reason": self.reason, "fault": self.fault}
+        return {
+            "ref": self.ref,
+            "best": self.best,
+            "best_step": self.best_step,
+            "wait": self.wait,
+            "stopped_step": self.stopped_step,
+            "reason": self.reason,
+            "fault": self.fault,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ref, self.best, self.best_step, self.wait = state["ref"], state["best"], state["best_step"], state["wait"]

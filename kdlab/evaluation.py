@@ -70,7 +70,6 @@ def evaluate(
     return out
 
 
-
 def format_summary(history: list[dict]) -> str:
     """The end-of-run table: teacher, student before training, student after (from eval records)."""
     evals = [r for r in history if r.get("kind") == "eval"]
@@ -84,10 +83,17 @@ def format_summary(history: list[dict]) -> str:
     def cells(v: dict | None, t: dict | None, who: str) -> list[str]:
         def f(r, key, fmt):
             return format(r[key], fmt) if r is not None and key in r else "-"
+
         if who == "teacher":
             return [f(v, "teacher_ppl", ".2f"), "0", "1", f(t, "teacher_ppl", ".2f"), "0", "1"]
-        return [f(v, "student_ppl", ".2f"), f(v, "kl", ".4f"), f(v, "top1_agree", ".3f"),
-                f(t, "student_ppl", ".2f"), f(t, "kl", ".4f"), f(t, "top1_agree", ".3f")]
+        return [
+            f(v, "student_ppl", ".2f"),
+            f(v, "kl", ".4f"),
+            f(v, "top1_agree", ".3f"),
+            f(t, "student_ppl", ".2f"),
+            f(t, "kl", ".4f"),
+            f(t, "top1_agree", ".3f"),
+        ]
 
     rows = [
         ["teacher", *cells(after, after_test, "teacher")],
@@ -97,7 +103,9 @@ def format_summary(history: list[dict]) -> str:
     head = ["", "val ppl", "val KL", "val top-1", "test ppl", "test KL", "test top-1"]
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    tokens = f"(validation: {after['tokens']:,} tokens" + (f", test: {after_test['tokens']:,} tokens)" if after_test else ")")
+    tokens = f"(validation: {after['tokens']:,} tokens" + (
+        f", test: {after_test['tokens']:,} tokens)" if after_test else ")"
+    )
     return "\n".join([line(head), *(line(r) for r in rows), tokens])
 
 

@@ -108,5 +108,12 @@ def uniform_layer_map(n_student: int, n_teacher: int) -> list[int]:
     return [int((i + 1) * n_teacher / n_student + 0.5) - 1 for i in range(n_student)]  # round half up
 
 
-__all__ = ["ln_mse", "cosine_distance", "FEATURE_LOSSES", "attention_kl", "masked_mean_pool", "info_nce",
-           "uniform_layer_map"]
+__all__ = [
+    "ln_mse",
+    "cosine_distance",
+    "FEATURE_LOSSES",
+    "attention_kl",
+    "masked_mean_pool",
+    "info_nce",
+    "uniform_layer_map",
+]

@@ -6,9 +6,9 @@
     distinct_n(greedy, 2), teacher_nll(teacher, tokenizer, greedy, precision=...)
 
 `generate` is Hugging Face's `model.generate` (KV cache, greedy or nucleus sampling) on all prompts at
-once, padded on the left (the side a decoder-only model continues from), under the run's precision policy (the student's autocast, the
-teacher in its own dtype), with the RNG forked so that sampling never moves the training run's
-random stream. Two measures go beside the text:
+once, padded on the left (the side a decoder-only model continues from), under the run's precision
+policy (the student's autocast, the teacher in its own dtype), with the RNG forked so that sampling
+never moves the training run's random stream. Two measures go beside the text:
 
     distinct-n    unique n-grams / all n-grams over the continuations' token ids (Li et al., 2016):
                   a student stuck in "a a a a" scores near 0, varied text near 1
@@ -41,8 +41,12 @@ def held_out_prompts(data: str, data_dir: str | Path, n: int = 4, words: int = 1
     from .data import load_documents
 
     docs = load_documents(data, data_dir)["test"]["text"]
-    sentences = [s for d in docs for s in re.split(r"(?<=[.!?])\s+", " ".join(d.split()))
-                 if len(s.split()) >= 20 and s[0].isupper() and "--" not in s and not s.isupper()]
+    sentences = [
+        s
+        for d in docs
+        for s in re.split(r"(?<=[.!?])\s+", " ".join(d.split()))
+        if len(s.split()) >= 20 and s[0].isupper() and "--" not in s and not s.isupper()
+    ]
     if len(sentences) < n:
         raise ValueError(f"the test split of {data!r} has {len(sentences)} sentences of 20+ words; need {n}")
     picks = [sentences[round(i * (len(sentences) - 1) / max(1, n - 1))] for i in range(n)] if n > 1 else sentences[:1]
@@ -54,9 +58,17 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, sample: bool = False,
-             temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-             precision: Precision | None = None) -> list[Continuation]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 32,
+    sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    seed: int = 0,
+    precision: Precision | None = None,
+) -> list[Continuation]:
     """Continue each prompt with `model` (greedy, or sampled at `temperature` / `top_p` with `seed`).
 
     The model's training/eval mode is restored afterwards; the global RNG is untouched (forked)."""
@@ -64,8 +76,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, sam
     model.eval()
     device = _device_of(model)
     autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
-    options = dict(do_sample=sample, max_new_tokens=max_new_tokens,
-                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    options = dict(
+        do_sample=sample,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
     if sample:
         options |= dict(temperature=temperature, top_p=top_p, top_k=0)
     else:  # greedy: say so, so a model's generation_config (sampling defaults) does not warn or win
@@ -76,27 +91,26 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, sam
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
             torch.manual_seed(seed)
-            ids = model.generate(**enc, **options)[:, enc["input_ids"].shape[1]:]
+            ids = model.generate(**enc, **options)[:, enc["input_ids"].shape[1] :]
     finally:
         tokenizer.padding_side = pad_side
         model.train(was_training)
     out = []
     for prompt, row in zip(prompts, ids.tolist()):
         if options["pad_token_id"] in row:  # finished early (end of text): what follows is padding
-            row = row[:row.index(options["pad_token_id"])]
+            row = row[: row.index(options["pad_token_id"])]
         out.append(Continuation(prompt, tokenizer.decode(row, skip_special_tokens=True), tuple(row)))
     return out
 
 
 def distinct_n(continuations: list[Continuation], n: int = 2) -> float:
     """Unique n-grams / all n-grams of the continuations' token ids, pooled (0.0 when there are none)."""
-    grams = [c.token_ids[i:i + n] for c in continuations for i in range(len(c.token_ids) - n + 1)]
+    grams = [c.token_ids[i : i + n] for c in continuations for i in range(len(c.token_ids) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
 @torch.no_grad()
-def teacher_nll(teacher, tokenizer, continuations: list[Continuation],
-                precision: Precision | None = None) -> float:
+def teacher_nll(teacher, tokenizer, continuations: list[Continuation], precision: Precision | None = None) -> float:
     """Mean per-token negative log-likelihood (nats) the teacher gives the continuation tokens, each
     conditioned on its prompt and the continuation before it (the prompt's own tokens not counted)."""
     total, count = 0.0, 0
@@ -109,7 +123,7 @@ def teacher_nll(teacher, tokenizer, continuations: list[Continuation],
         with precision.autocast() if precision is not None else contextlib.nullcontext():
             logits = teacher(input_ids=ids).logits[0].float()
         start = len(prompt_ids)
-        logp = logits[start - 1:-1].log_softmax(-1)  # position t-1 predicts token t
+        logp = logits[start - 1 : -1].log_softmax(-1)  # position t-1 predicts token t
         target = ids[0, start:]
         total -= logp.gather(-1, target[:, None]).sum().item()
         count += len(target)

@@ -38,8 +38,9 @@ def _valid_count(mask: torch.Tensor, num_valid: torch.Tensor | int | None) -> to
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
-def _bucket_divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def _bucket_divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reverse KL or generalised JSD between (C, n) log-distributions, and its centred gradient.
 
     Returns (L, H): L is (C,) and H = G - <Q, G> with G = dL/dQ, so that the gradient with respect
@@ -63,8 +64,9 @@ def _bucket_divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str
     return loss, g - torch.linalg.vecdot(q, g).unsqueeze(-1)
 
 
-def _teacher_buckets(t_logits: torch.Tensor, temperature: float, top_k: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _teacher_buckets(
+    t_logits: torch.Tensor, temperature: float, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(C, V) teacher logits -> its top-k log-probabilities at temperature T (C, k) fp32, their
     vocabulary ids (C, k) int64 and the log of the remaining probability mass (C,) fp32."""
     t_logp = F.log_softmax(t_logits / temperature if temperature != 1.0 else t_logits, dim=-1, dtype=torch.float32)
@@ -74,8 +76,14 @@ def _teacher_buckets(t_logits: torch.Tensor, temperature: float, top_k: int
     return t_top, idx, t_tail
 
 
-def _kd_rows(s_logits: torch.Tensor, teacher: tuple[torch.Tensor, ...], temperature: float, top_k: int,
-             divergence: str = "forward_kl", beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def _kd_rows(
+    s_logits: torch.Tensor,
+    teacher: tuple[torch.Tensor, ...],
+    temperature: float,
+    top_k: int,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row divergence and its gradient for one chunk of rows, in fp32.
 
     Args:
@@ -151,8 +159,10 @@ def _apply_grad_out(ctx, grad_out: torch.Tensor) -> torch.Tensor:
     # a backward output of zero would have erased the buffer; losses never receive exactly 0 here
     # (the trainer drops weight-0 terms), so refuse rather than return a wrong gradient
     if not torch.is_nonzero(ctx.applied):
-        raise RuntimeError("the loss's stored gradient was scaled by 0 in an earlier backward; "
-                           "compute the loss again instead of backpropagating through it twice")
+        raise RuntimeError(
+            "the loss's stored gradient was scaled by 0 in an earlier backward; "
+            "compute the loss again instead of backpropagating through it twice"
+        )
     return grad * (grad_out / ctx.applied)
 
 
@@ -165,8 +175,18 @@ class _ChunkedKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_flat, teacher, m_flat, temperature: float, top_k: int, chunk_tokens: int, need_grad: bool,
-                divergence: str, beta: float):
+    def forward(
+        ctx,
+        s_flat,
+        teacher,
+        m_flat,
+        temperature: float,
+        top_k: int,
+        chunk_tokens: int,
+        need_grad: bool,
+        divergence: str,
+        beta: float,
+    ):
         grad = torch.empty_like(s_flat) if need_grad else None  # (N, V)
         total = torch.zeros((), dtype=torch.float32, device=s_flat.device)
         for start in range(0, s_flat.shape[0], chunk_tokens):
@@ -233,13 +253,30 @@ def kd_loss(
             f"{tuple(teacher_logits.shape)} differ; the vocabularies must match"
         )
     V = student_logits.shape[-1]
-    return _chunked_kd(student_logits, (teacher_logits.detach().reshape(-1, V),), mask, num_valid, temperature,
-                       top_k, chunk_tokens, divergence, beta)
+    return _chunked_kd(
+        student_logits,
+        (teacher_logits.detach().reshape(-1, V),),
+        mask,
+        num_valid,
+        temperature,
+        top_k,
+        chunk_tokens,
+        divergence,
+        beta,
+    )
 
 
-def _chunked_kd(student_logits: torch.Tensor, teacher: tuple[torch.Tensor, ...], mask: torch.Tensor,
-                num_valid, temperature: float, top_k: int, chunk_tokens: int, divergence: str,
-                beta: float) -> torch.Tensor:
+def _chunked_kd(
+    student_logits: torch.Tensor,
+    teacher: tuple[torch.Tensor, ...],
+    mask: torch.Tensor,
+    num_valid,
+    temperature: float,
+    top_k: int,
+    chunk_tokens: int,
+    divergence: str,
+    beta: float,
+) -> torch.Tensor:
     """The per-token mean of `_ChunkedKD` over (B, T, V) student logits and a teacher flattened to
     (N, ...) rows: full logits (kd_loss) or top-k buckets (kd_loss_topk)."""
     total = _ChunkedKD.apply(
@@ -257,8 +294,9 @@ def _chunked_kd(student_logits: torch.Tensor, teacher: tuple[torch.Tensor, ...],
 
 
 @torch.no_grad()
-def teacher_top_k(teacher_logits: torch.Tensor, top_k: int, *, temperature: float = 1.0, chunk_tokens: int = 128
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def teacher_top_k(
+    teacher_logits: torch.Tensor, top_k: int, *, temperature: float = 1.0, chunk_tokens: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher reduced to what top-k KD reads: (..., V) logits -> top-k log-probabilities at
     temperature T (..., k) fp32, their vocabulary ids (..., k) int64, and the log of the remaining
     mass (...) fp32, chunk by chunk (no full fp32 copy). `kd_loss_topk` takes these three."""
@@ -266,8 +304,10 @@ def teacher_top_k(teacher_logits: torch.Tensor, top_k: int, *, temperature: floa
     if not 0 < top_k < V:
         raise ValueError(f"top_k={top_k} must be in [1, {V - 1}] for a vocabulary of {V}")
     flat = teacher_logits.reshape(-1, V)
-    parts = [_teacher_buckets(flat[i : i + chunk_tokens], float(temperature), top_k)
-             for i in range(0, flat.shape[0], chunk_tokens)]
+    parts = [
+        _teacher_buckets(flat[i : i + chunk_tokens], float(temperature), top_k)
+        for i in range(0, flat.shape[0], chunk_tokens)
+    ]
     lead = teacher_logits.shape[:-1]
     top, idx, tail = (torch.cat(x) for x in zip(*parts))
     return top.view(*lead, top_k), idx.view(*lead, top_k), tail.view(lead)
@@ -300,11 +340,16 @@ def kd_loss_topk(
     """
     _check_divergence(divergence, beta)
     k = teacher_top_logp.shape[-1]
-    if teacher_top_logp.shape[:-1] != student_logits.shape[:-1] or teacher_top_ids.shape != teacher_top_logp.shape \
-            or teacher_tail_logp.shape != student_logits.shape[:-1]:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} do not match the teacher's top-k "
-                         f"{tuple(teacher_top_logp.shape)}, ids {tuple(teacher_top_ids.shape)} and tail "
-                         f"{tuple(teacher_tail_logp.shape)}")
+    if (
+        teacher_top_logp.shape[:-1] != student_logits.shape[:-1]
+        or teacher_top_ids.shape != teacher_top_logp.shape
+        or teacher_tail_logp.shape != student_logits.shape[:-1]
+    ):
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} do not match the teacher's top-k "
+            f"{tuple(teacher_top_logp.shape)}, ids {tuple(teacher_top_ids.shape)} and tail "
+            f"{tuple(teacher_tail_logp.shape)}"
+        )
     teacher = (teacher_top_logp.reshape(-1, k), teacher_top_ids.reshape(-1, k), teacher_tail_logp.reshape(-1))
     return _chunked_kd(student_logits, teacher, mask, num_valid, temperature, k, chunk_tokens, divergence, beta)
 
@@ -389,5 +434,13 @@ def lm_loss(
     return total / _valid_count(targets != IGNORE_INDEX, num_valid)
 
 
-__all__ = ["DIVERGENCES", "IGNORE_INDEX", "next_token_labels", "kd_loss", "kd_loss_topk", "teacher_top_k",
-           "kd_loss_reference", "lm_loss"]
+__all__ = [
+    "DIVERGENCES",
+    "IGNORE_INDEX",
+    "next_token_labels",
+    "kd_loss",
+    "kd_loss_topk",
+    "teacher_top_k",
+    "kd_loss_reference",
+    "lm_loss",
+]

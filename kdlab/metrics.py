@@ -75,8 +75,14 @@ class IntervalMetrics:
         tensors = [*self.sums.values(), *extra.values(), self.bad_run, self.max_run]
         values = torch.stack([torch.as_tensor(v, dtype=torch.float32).to("cpu") for v in tensors]).tolist()
         n_sums = len(self.sums)
-        out = Interval(dict(zip(self.sums, values[:n_sums])), dict(zip(extra, values[n_sums:-2])), self.steps,
-                       self.elapsed(), int(values[-2]), int(values[-1]))
+        out = Interval(
+            dict(zip(self.sums, values[:n_sums])),
+            dict(zip(extra, values[n_sums:-2])),
+            self.steps,
+            self.elapsed(),
+            int(values[-2]),
+            int(values[-1]),
+        )
         self.sums, self.steps, self.started = {}, 0, time.perf_counter()
         self.max_run = torch.zeros_like(self.max_run)
         return out
@@ -94,8 +100,13 @@ class IntervalMetrics:
 
     def state_dict(self) -> dict[str, Any]:
         """The unfinished interval, so a resumed run logs the same means (and tokens/s)."""
-        return {"interval": {k: v.detach().cpu() for k, v in self.sums.items()}, "interval_steps": self.steps,
-                "interval_elapsed": self.elapsed(), "bad_run": self.bad_run.cpu(), "max_run": self.max_run.cpu()}
+        return {
+            "interval": {k: v.detach().cpu() for k, v in self.sums.items()},
+            "interval_steps": self.steps,
+            "interval_elapsed": self.elapsed(),
+            "bad_run": self.bad_run.cpu(),
+            "max_run": self.max_run.cpu(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums = {k: v.to(self.device) for k, v in state["interval"].items()}
@@ -104,15 +115,32 @@ class IntervalMetrics:
         self.bad_run, self.max_run = state["bad_run"].to(self.device), state["max_run"].to(self.device)
 
 
-def train_record(interval: Interval, means: dict[str, float], *, step: int, fields: dict[str, Any],
-                 weights: dict[str, float], lr: float, skipped_steps: int, device: torch.device | None = None
-                 ) -> dict[str, Any]:
+def train_record(
+    interval: Interval,
+    means: dict[str, float],
+    *,
+    step: int,
+    fields: dict[str, Any],
+    weights: dict[str, float],
+    lr: float,
+    skipped_steps: int,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     """One train record: the interval's means, weights, learning rate, speed and diagnostics."""
-    record = {"kind": "train", "step": step, **fields, "steps": interval.steps,
-              **{k: v for k, v in means.items() if not k.startswith("w/")},
-              "weighted": {k[2:]: v for k, v in means.items() if k.startswith("w/")},
-              "weights": weights, "lr": lr, "tokens_per_s": interval.sums["tokens"] / max(interval.seconds, 1e-9),
-              "interval_s": interval.seconds, "skipped_steps": skipped_steps, "skipped_in_interval": interval.skipped}
+    record = {
+        "kind": "train",
+        "step": step,
+        **fields,
+        "steps": interval.steps,
+        **{k: v for k, v in means.items() if not k.startswith("w/")},
+        "weighted": {k[2:]: v for k, v in means.items() if k.startswith("w/")},
+        "weights": weights,
+        "lr": lr,
+        "tokens_per_s": interval.sums["tokens"] / max(interval.seconds, 1e-9),
+        "interval_s": interval.seconds,
+        "skipped_steps": skipped_steps,
+        "skipped_in_interval": interval.skipped,
+    }
     if device is not None and device.type == "cuda":  # the allocator's own counter: no device sync
         record["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     extra = interval.extra
@@ -121,39 +149,65 @@ def train_record(interval: Interval, means: dict[str, float], *, step: int, fiel
         record["grad_share"] = shares
     layers = sorted({int(k[6:].split("/")[0]) for k in extra if k.startswith("router")})
     if layers:
-        record["router"] = [{"entropy": extra[f"router{i}/entropy"],
-                             "utilisation": [v for k, v in extra.items() if k.startswith(f"router{i}/util")]}
-                            for i in layers]
+        record["router"] = [
+            {
+                "entropy": extra[f"router{i}/entropy"],
+                "utilisation": [v for k, v in extra.items() if k.startswith(f"router{i}/util")],
+            }
+            for i in layers
+        ]
     return record
 
 
 def log_run_start(trainer) -> None:
     """The run's first lines: steps, epochs, tokens per step, and the curriculum's ramps."""
     cfg, per_epoch, dist = trainer.cfg, trainer.batches.steps_per_epoch, trainer.dist
-    log.info("training %d optimizer steps (%s%s), %d tokens per step%s, out_dir=%s", trainer.total_steps,
-             "max_steps" if cfg.max_steps > 0 else f"epochs={cfg.epochs}",
-             f"; {trainer.total_steps / per_epoch:.2f} epochs of {per_epoch} steps" if per_epoch else "",
-             cfg.batch_size * dist.world * cfg.grad_accum * cfg.seq_len,
-             f" over {dist.world} processes" if dist.enabled else "", trainer.out_dir)
+    log.info(
+        "training %d optimizer steps (%s%s), %d tokens per step%s, out_dir=%s",
+        trainer.total_steps,
+        "max_steps" if cfg.max_steps > 0 else f"epochs={cfg.epochs}",
+        f"; {trainer.total_steps / per_epoch:.2f} epochs of {per_epoch} steps" if per_epoch else "",
+        cfg.batch_size * dist.world * cfg.grad_accum * cfg.seq_len,
+        f" over {dist.world} processes" if dist.enabled else "",
+        trainer.out_dir,
+    )
     curriculum = trainer.objective.curriculum
     if curriculum.ramps and any(n not in ("kd", "lm") for n in trainer.objective.active):
-        log.info("curriculum %s: %s", cfg.curriculum, "; ".join(
-            f"{k} {r.start:.0%}-{r.end:.0%} {r.shape}" for k, r in curriculum.ramps.items()
-            if k in curriculum.max_weights))
+        log.info(
+            "curriculum %s: %s",
+            cfg.curriculum,
+            "; ".join(
+                f"{k} {r.start:.0%}-{r.end:.0%} {r.shape}"
+                for k, r in curriculum.ramps.items()
+                if k in curriculum.max_weights
+            ),
+        )
 
 
 def log_train_record(record: dict[str, Any], total_steps: int, terms: tuple[str, ...]) -> None:
     """The record's log line(s): loss, each term, lr, grad norm, speed, and the diagnostics."""
     values = " | ".join(f"{k} {record[k]:.4f}" for k in terms if k in record)
     active = {k: w for k, w in record["weights"].items() if k not in ("kd", "lm")}
-    log.info("step %d/%d | loss %.4f | %s | lr %.2e | grad-norm %.3f | %.0f tok/s%s%s",
-             record["step"], total_steps, record["loss"], values, record["lr"], record["grad_norm"],
-             record["tokens_per_s"], f" | skipped {record['skipped_steps']}" if record["skipped_steps"] else "",
-             (" | weights " + " ".join(f"{k} {w:.3f}" for k, w in active.items())) if active else "")
+    log.info(
+        "step %d/%d | loss %.4f | %s | lr %.2e | grad-norm %.3f | %.0f tok/s%s%s",
+        record["step"],
+        total_steps,
+        record["loss"],
+        values,
+        record["lr"],
+        record["grad_norm"],
+        record["tokens_per_s"],
+        f" | skipped {record['skipped_steps']}" if record["skipped_steps"] else "",
+        (" | weights " + " ".join(f"{k} {w:.3f}" for k, w in active.items())) if active else "",
+    )
     if "router" in record:
-        log.info("  router utilisation: %s", "; ".join(
-            "layer %d [%s] H=%.2f" % (i, " ".join(f"{u:.2f}" for u in r["utilisation"]), r["entropy"])
-            for i, r in enumerate(record["router"])))
+        log.info(
+            "  router utilisation: %s",
+            "; ".join(
+                f"layer {i} [{' '.join(f'{u:.2f}' for u in r['utilisation'])}] H={r['entropy']:.2f}"
+                for i, r in enumerate(record["router"])
+            ),
+        )
     if "grad_share" in record:
         log.info("  grad-norm share: %s", ", ".join(f"{k} {v:.2f}" for k, v in record["grad_share"].items()))
 

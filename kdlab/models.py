@@ -30,12 +30,15 @@ BUILTIN_TEACHERS = {"smollm2-135m": "teacher/smollm2-135m"}
 # Size presets. "tiny" is for tests; "small" and "medium" share the teacher's width so they can
 # start from a subset of its layers (SmolLM2-135M: hidden 576, 9 heads, 3 KV heads, MLP 1536).
 STUDENT_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128),
-    "small": dict(hidden_size=576, num_hidden_layers=4, num_attention_heads=9, num_key_value_heads=3,
-                  intermediate_size=1536),
-    "medium": dict(hidden_size=576, num_hidden_layers=8, num_attention_heads=9, num_key_value_heads=3,
-                   intermediate_size=1536),
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+    ),
+    "small": dict(
+        hidden_size=576, num_hidden_layers=4, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
+    ),
+    "medium": dict(
+        hidden_size=576, num_hidden_layers=8, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
+    ),
 }
 
 
@@ -102,7 +105,9 @@ def _from_pretrained(cls, name: str, role: str, **kwargs):
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KDLabError(f"could not load {role} {name!r}: not a local model folder, and the hub said: {first}") from None
+        raise KDLabError(
+            f"could not load {role} {name!r}: not a local model folder, and the hub said: {first}"
+        ) from None
 
 
 def load_tokenizer(teacher: str, data_dir: str | Path):
@@ -118,8 +123,9 @@ def load_teacher(name: str, data_dir: str | Path, precision: Precision) -> torch
     """The frozen teacher, in the policy's teacher dtype, on its device, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, resolve_model(name, data_dir, "teacher"), "teacher",
-                             dtype=precision.teacher_dtype)
+    model = _from_pretrained(
+        AutoModelForCausalLM, resolve_model(name, data_dir, "teacher"), "teacher", dtype=precision.teacher_dtype
+    )
     return model.to(precision.device).eval().requires_grad_(False)
 
 
@@ -130,8 +136,14 @@ def _layer_map(n_student: int, n_teacher: int) -> list[int]:
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
 
-def build_student(spec: str, teacher: torch.nn.Module, init: str, data_dir: str | Path,
-                  precision: Precision, tokenizer_size: int | None = None) -> torch.nn.Module:
+def build_student(
+    spec: str,
+    teacher: torch.nn.Module,
+    init: str,
+    data_dir: str | Path,
+    precision: Precision,
+    tokenizer_size: int | None = None,
+) -> torch.nn.Module:
     """A student for the teacher's tokenizer. Its weights are fp32 whatever the teacher's dtype.
 
     Presets share the teacher's vocabulary; a pretrained student may have a different (padded)
@@ -142,8 +154,18 @@ def build_student(spec: str, teacher: torch.nn.Module, init: str, data_dir: str 
     tcfg = teacher.config
     if spec in STUDENT_PRESETS:
         preset = STUDENT_PRESETS[spec]
-        base = {k: getattr(tcfg, k) for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id",
-                                               "max_position_embeddings", "rms_norm_eps") if hasattr(tcfg, k)}
+        base = {
+            k: getattr(tcfg, k)
+            for k in (
+                "vocab_size",
+                "bos_token_id",
+                "eos_token_id",
+                "pad_token_id",
+                "max_position_embeddings",
+                "rms_norm_eps",
+            )
+            if hasattr(tcfg, k)
+        }
         rope = getattr(tcfg, "rope_parameters", None) or {"rope_theta": getattr(tcfg, "rope_theta", 10000.0)}
         cfg = LlamaConfig(**base, **preset, tie_word_embeddings=True, rope_parameters=rope)
         student = LlamaForCausalLM(cfg).float()
@@ -152,8 +174,9 @@ def build_student(spec: str, teacher: torch.nn.Module, init: str, data_dir: str 
     else:
         if init == "teacher-layers":
             log.info("student %r is a pretrained model; student_init=teacher-layers applies to presets only", spec)
-        student = _from_pretrained(AutoModelForCausalLM, resolve_model(spec, data_dir, "student"), "student",
-                                   dtype=torch.float32)
+        student = _from_pretrained(
+            AutoModelForCausalLM, resolve_model(spec, data_dir, "student"), "student", dtype=torch.float32
+        )
     if tokenizer_size is not None and student.config.vocab_size < tokenizer_size:
         raise KDLabError(
             f"student vocabulary ({student.config.vocab_size}) is smaller than the teacher tokenizer's "
@@ -189,5 +212,12 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["STUDENT_PRESETS", "prepare_teacher", "load_teacher", "load_tokenizer", "build_student",
-           "resolve_model", "count_parameters"]
+__all__ = [
+    "STUDENT_PRESETS",
+    "prepare_teacher",
+    "load_teacher",
+    "load_tokenizer",
+    "build_student",
+    "resolve_model",
+    "count_parameters",
+]

@@ -51,8 +51,9 @@ class StepCounts:
     def of(cls, batches: list[dict[str, torch.Tensor]], world: int = 1, reduce=None) -> StepCounts:
         """Counts of this process's `batches`; `reduce` (an in-place all-reduce sum) makes them global."""
         targets = [next_token_labels(b["labels"]) for b in batches]
-        counts = torch.stack([sum((t != IGNORE_INDEX).sum() for t in targets),
-                              sum(b["attention_mask"].sum() for b in batches)]).float()
+        counts = torch.stack(
+            [sum((t != IGNORE_INDEX).sum() for t in targets), sum(b["attention_mask"].sum() for b in batches)]
+        ).float()
         if reduce is not None:
             counts = reduce(counts)
         return cls(counts[0], counts[1], len(batches), world)
@@ -66,8 +67,9 @@ class Loss:
 
 
 class Objective:
-    def __init__(self, cfg, student: nn.Module, teacher: nn.Module, total_steps: int,
-                 terms: dict[str, Term] | None = None):
+    def __init__(
+        self, cfg, student: nn.Module, teacher: nn.Module, total_steps: int, terms: dict[str, Term] | None = None
+    ):
         self.cfg = cfg
         registry = TERMS if terms is None else terms
         self.max_weights = {name: t.max_weight(cfg) for name, t in registry.items()}
@@ -79,9 +81,11 @@ class Objective:
         self.heads = nn.ModuleDict({n: m for n, m in built.items() if m is not None})
         self.heads.to(next(student.parameters()).device)
         on = [self.terms[n] for n in self.active]
-        self.needs = Needs(teacher=any(t.needs.teacher for t in on),
-                           hidden_states=any(t.needs.hidden_states for t in on),
-                           attentions=any(t.needs.attentions for t in on))
+        self.needs = Needs(
+            teacher=any(t.needs.teacher for t in on),
+            hidden_states=any(t.needs.hidden_states for t in on),
+            attentions=any(t.needs.attentions for t in on),
+        )
         # the curriculum ramps kd and lm (always listed) and every other active term
         ramped = {n: self.max_weights[n] for n in registry if n in ("kd", "lm") or n in self.active}
         self.curriculum = CurriculumScheduler.from_preset(cfg.curriculum, total_steps, ramped, parse_ramps(cfg.ramps))
@@ -107,8 +111,16 @@ class Objective:
     def step(self) -> None:
         self.curriculum.step()
 
-    def loss(self, student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor], precision: Precision,
-             counts: StepCounts | None = None, weights: dict[str, float] | None = None, reduce=None) -> Loss:
+    def loss(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        batch: dict[str, torch.Tensor],
+        precision: Precision,
+        counts: StepCounts | None = None,
+        weights: dict[str, float] | None = None,
+        reduce=None,
+    ) -> Loss:
         """Forwards and terms of one micro-batch. `counts`: of the whole step (default: this batch
         alone); `weights`: default this step's; `reduce`: the all-reduce the balancer needs under DDP."""
         counts = counts if counts is not None else StepCounts.of([batch])
@@ -121,8 +133,15 @@ class Objective:
                 t_out = teacher_outputs(teacher, batch, need.hidden_states, need.attentions)
         return self.terms_of(s_out, t_out, batch, counts, weights, reduce)
 
-    def terms_of(self, s_out, t_out, batch: dict[str, torch.Tensor], counts: StepCounts,
-                 weights: dict[str, float] | None = None, reduce=None) -> Loss:
+    def terms_of(
+        self,
+        s_out,
+        t_out,
+        batch: dict[str, torch.Tensor],
+        counts: StepCounts,
+        weights: dict[str, float] | None = None,
+        reduce=None,
+    ) -> Loss:
         """The terms, weighted terms and total from the models' outputs of one micro-batch."""
         targets = next_token_labels(batch["labels"])
         mask = targets != IGNORE_INDEX
@@ -130,13 +149,23 @@ class Objective:
         per_batch = 1.0 / (counts.micro_batches * counts.world)  # a per-batch statistic: mean over batches
         values: dict[str, torch.Tensor] = {}
         for name, term in self.terms.items():
-            ctx = TermContext(self.cfg, batch, s_out, t_out, targets, mask, counts.num_valid,
-                              self.heads[name] if name in self.heads else None, self.match_logits)
+            ctx = TermContext(
+                self.cfg,
+                batch,
+                s_out,
+                t_out,
+                targets,
+                mask,
+                counts.num_valid,
+                self.heads[name] if name in self.heads else None,
+                self.match_logits,
+            )
             # a term at weight 0 is only logged: no graph for it
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.max_weights[name] > 0), phase(f"loss: {name}"):
                 value = term.compute(ctx)
-            values[name] = value * share if term.reduce == "tokens" else value * per_batch \
-                if term.reduce == "batch" else value
+            values[name] = (
+                value * share if term.reduce == "tokens" else value * per_batch if term.reduce == "batch" else value
+            )
         scaled = self.balancer(values, reduce) if self.balancer is not None else values
         weights = self.weights() if weights is None else weights
         weighted = {k: weights[k] * v for k, v in scaled.items() if weights.get(k, 0.0) > 0}
@@ -154,7 +183,8 @@ class Objective:
             if value.requires_grad:
                 grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
                 norms[name] = torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads if g is not None]))
+                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads if g is not None])
+                )
         total = sum(norms.values())
         self.last_shares = {k: v / total for k, v in norms.items()}
         return self.last_shares
@@ -177,8 +207,10 @@ class Objective:
 
     def state_dict(self) -> dict:
         """Curriculum and balancer (the heads' weights are checkpointed with the student's)."""
-        return {"curriculum": self.curriculum.state_dict(),
-                "balancer": self.balancer.state_dict() if self.balancer is not None else {}}
+        return {
+            "curriculum": self.curriculum.state_dict(),
+            "balancer": self.balancer.state_dict() if self.balancer is not None else {},
+        }
 
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
         self.curriculum.load_state_dict(state["curriculum"])

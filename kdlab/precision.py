@@ -86,19 +86,33 @@ def _attention_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: torch.nn.Module, batch: dict[str, torch.Tensor], hidden_states: bool = False,
-                    attentions: bool = False):
+def teacher_outputs(
+    teacher: torch.nn.Module, batch: dict[str, torch.Tensor], hidden_states: bool = False, attentions: bool = False
+):
     """The frozen teacher's HF output (logits (B, T, V) in the teacher's dtype; optionally more)."""
-    return teacher(input_ids=batch["input_ids"], attention_mask=_attention_mask(batch),
-                   output_hidden_states=hidden_states, output_attentions=attentions)
+    return teacher(
+        input_ids=batch["input_ids"],
+        attention_mask=_attention_mask(batch),
+        output_hidden_states=hidden_states,
+        output_attentions=attentions,
+    )
 
 
-def student_outputs(student: torch.nn.Module, batch: dict[str, torch.Tensor], precision: Precision,
-                    hidden_states: bool = False, attentions: bool = False):
+def student_outputs(
+    student: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    precision: Precision,
+    hidden_states: bool = False,
+    attentions: bool = False,
+):
     """The student's HF output under the policy's autocast (grad enabled if the caller allows)."""
     with precision.autocast():
-        return student(input_ids=batch["input_ids"], attention_mask=_attention_mask(batch),
-                       output_hidden_states=hidden_states, output_attentions=attentions)
+        return student(
+            input_ids=batch["input_ids"],
+            attention_mask=_attention_mask(batch),
+            output_hidden_states=hidden_states,
+            output_attentions=attentions,
+        )
 
 
 def teacher_logits(teacher: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -34,8 +34,12 @@ from .errors import KDLabError
 MIN_PYTHON = (3, 10)
 MIN_TORCH = (2, 4)
 # what the notebooks import beyond kdlab's own dependencies: (module, distribution)
-COURSE_PACKAGES = [("ipywidgets", "ipywidgets"), ("matplotlib", "matplotlib"), ("jupyterlab", "jupyterlab"),
-                   ("nbval", "nbval")]
+COURSE_PACKAGES = [
+    ("ipywidgets", "ipywidgets"),
+    ("matplotlib", "matplotlib"),
+    ("jupyterlab", "jupyterlab"),
+    ("nbval", "nbval"),
+]
 TRAINING_PROFILES = ("ci", "cpu", "gpu")  # the profiles that train (not `reference`, which replays)
 REPLAY_PROFILES = ("reference",)  # timed as measured: their time does not depend on the step time
 CORPUS_ENV = "KDLAB_CORPUS"  # = kdlab.course.CORPUS_VAR; not imported from there: kdlab.course imports torch
@@ -64,8 +68,11 @@ def check_python(version_info=sys.version_info) -> Check:
     need = ".".join(map(str, MIN_PYTHON))
     if tuple(version_info[:2]) >= MIN_PYTHON:
         return True, f"python {v} (>= {need})"
-    return False, f"python {v}: the course needs Python >= {need}; create the environment with a newer one " \
-                  f"(PYTHON=python3.11 make setup)"
+    return (
+        False,
+        f"python {v}: the course needs Python >= {need}; create the environment with a newer one "
+        f"(PYTHON=python3.11 make setup)",
+    )
 
 
 def check_torch() -> Check:
@@ -83,8 +90,9 @@ def check_package(module: str, dist: str | None = None, importer: Callable = imp
     try:
         importer(module)
     except Exception as e:  # noqa: BLE001
-        return False, (f"{module}: not importable ({type(e).__name__}); {SETUP_HINT} "
-                       f"(or pip install -e \".[dev,notebooks]\")")
+        return False, (
+            f'{module}: not importable ({type(e).__name__}); {SETUP_HINT} (or pip install -e ".[dev,notebooks]")'
+        )
     try:
         version = importlib.metadata.version(dist or module)
     except importlib.metadata.PackageNotFoundError:
@@ -100,8 +108,11 @@ def check_corpus(data_dir: str | Path) -> Check:
     if own:
         missing = [p for p in own.split(",") if not Path(p).expanduser().exists()]
         if missing:
-            return False, f"corpus: {CORPUS_ENV}={own!r} but {missing[0]!r} does not exist; give a text file or a " \
-                          f"folder of .txt files, or unset {CORPUS_ENV} for the Austen corpus"
+            return (
+                False,
+                f"corpus: {CORPUS_ENV}={own!r} but {missing[0]!r} does not exist; give a text file or a "
+                f"folder of .txt files, or unset {CORPUS_ENV} for the Austen corpus",
+            )
         return True, f"corpus: {CORPUS_ENV}={own} (your own text; the Austen corpus is not needed)"
     folder = Path(data_dir) / "austen"
     try:
@@ -109,8 +120,11 @@ def check_corpus(data_dir: str | Path) -> Check:
         for name, sha in splits.items():
             path = folder / name
             if not path.is_file():
-                return False, f"corpus: {path} is missing; {SETUP_HINT} (or `kdlab prepare`), or set " \
-                              f"{CORPUS_ENV}=<a text file or folder> to use your own text"
+                return (
+                    False,
+                    f"corpus: {path} is missing; {SETUP_HINT} (or `kdlab prepare`), or set "
+                    f"{CORPUS_ENV}=<a text file or folder> to use your own text",
+                )
             verify(path, sha, f"the Austen split {name}")
     except KDLabError as e:
         return False, f"corpus: {e}"
@@ -131,8 +145,10 @@ def check_teacher(data_dir: str | Path) -> Check:
         gguf = load_manifest()["teacher"]["gguf"]["file"]
         record = json.loads(stamp.read_text())
         if record.get("source") != gguf:
-            return False, (f"teacher: {folder} was converted from {record.get('source')!r}, but data/MANIFEST.json "
-                           f"names {gguf!r}; delete {folder} and {fix}")
+            return False, (
+                f"teacher: {folder} was converted from {record.get('source')!r}, but data/MANIFEST.json "
+                f"names {gguf!r}; delete {folder} and {fix}"
+            )
         verify(folder / "model.safetensors", record["model.safetensors"], "the converted teacher's weights")
     except KDLabError as e:
         return False, f"teacher: {e}"
@@ -187,8 +203,14 @@ def time_step(name: str, timed_steps: int = 2) -> float:
     from .trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix=f"kdlab-preflight-{name}-") as out:
-        cfg = profile(name).config(f"preflight/{name}", max_steps=timed_steps + 1, eval_every=0, checkpoints=False,
-                                   early_stopping=False, out_dir=out)
+        cfg = profile(name).config(
+            f"preflight/{name}",
+            max_steps=timed_steps + 1,
+            eval_every=0,
+            checkpoints=False,
+            early_stopping=False,
+            out_dir=out,
+        )
         trainer = Trainer.from_config(cfg)
         cuda = trainer.precision.device.type == "cuda"
         trainer.step()  # warm-up: allocator, kernels, first batches
@@ -221,8 +243,9 @@ def load_timings(path: str | Path) -> dict:
     try:
         table = json.loads(path.read_text())
     except FileNotFoundError:
-        raise KDLabError(f"{path} is missing; it is part of the repository (git checkout notebooks/timings.json)") \
-            from None
+        raise KDLabError(
+            f"{path} is missing; it is part of the repository (git checkout notebooks/timings.json)"
+        ) from None
     except ValueError as e:
         raise KDLabError(f"{path} is not valid JSON ({e})") from None
     for key in ("machine", "step_seconds", "notebooks"):
@@ -305,8 +328,13 @@ def table_profiles(table: dict) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def run(profiles: list[str] | None = None, timings: str | Path | None = None, data_dir: str | Path | None = None,
-        timing: bool = True, out=print) -> int:
+def run(
+    profiles: list[str] | None = None,
+    timings: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    timing: bool = True,
+    out=print,
+) -> int:
     """The whole pre-flight check; returns the exit code (0 all passed, 1 a check failed)."""
     from .course import PROFILES, repo_root
 
@@ -357,19 +385,26 @@ def run(profiles: list[str] | None = None, timings: str | Path | None = None, da
                     failed += 1
                     continue
                 ref = ref_step.get(name)
-                vs = (f" (reference machine {ref:.2f} s: {local[name] / ref:.2f}x)" if ref
-                      else " (reference machine: not measured)")
+                vs = (
+                    f" (reference machine {ref:.2f} s: {local[name] / ref:.2f}x)"
+                    if ref
+                    else " (reference machine: not measured)"
+                )
                 out(format_check((True, f"{what}: {local[name]:.2f} s per step{vs}")))
         finally:
             kdlab_log.setLevel(level)
 
     if table is not None:
         out("")
-        out("expected time of each notebook here: the time measured on the reference machine x this machine's "
-            "step time / the reference machine's")
-        out(f"  (reference machine: {table['machine']}"
+        out(
+            "expected time of each notebook here: the time measured on the reference machine x this machine's "
+            "step time / the reference machine's"
+        )
+        out(
+            f"  (reference machine: {table['machine']}"
             + (f", at commit {str(table['measured_at_commit'])[:12]}" if table.get("measured_at_commit") else "")
-            + "; `reference` replays recorded runs, so its times are not scaled)")
+            + "; `reference` replays recorded runs, so its times are not scaled)"
+        )
         for line in format_expected(expected_seconds(table, local), table_profiles(table)):
             out(line)
     out("")
@@ -377,6 +412,17 @@ def run(profiles: list[str] | None = None, timings: str | Path | None = None, da
     return 1 if failed else 0
 
 
-__all__ = ["COURSE_PACKAGES", "TRAINING_PROFILES", "affordable_profiles", "check_corpus", "check_package",
-           "check_teacher", "expected_seconds", "format_expected", "load_timings", "run", "setup_checks",
-           "time_step"]
+__all__ = [
+    "COURSE_PACKAGES",
+    "TRAINING_PROFILES",
+    "affordable_profiles",
+    "check_corpus",
+    "check_package",
+    "check_teacher",
+    "expected_seconds",
+    "format_expected",
+    "load_timings",
+    "run",
+    "setup_checks",
+    "time_step",
+]

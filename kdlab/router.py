@@ -43,8 +43,9 @@ class StudentAwareRouter(nn.Module):
         self.gate = nn.Linear(student_dim, n_experts)
         self.proj = nn.Linear(student_dim, teacher_dim, bias=False)
 
-    def forward(self, student_hidden: torch.Tensor, expert_hiddens: Sequence[torch.Tensor],
-                mask: torch.Tensor) -> RouterOutput:
+    def forward(
+        self, student_hidden: torch.Tensor, expert_hiddens: Sequence[torch.Tensor], mask: torch.Tensor
+    ) -> RouterOutput:
         """student_hidden (B, T, D_s); expert_hiddens E x (B, T, D_t) without grad; mask (B, T) bool."""
         x = student_hidden.to(self.proj.weight.dtype)  # fp32 weights whatever the input's dtype
         probs = F.softmax(self.gate(x).float(), dim=-1)  # (B, T, E)

@@ -26,8 +26,9 @@ from .distributed import DistInfo, barrier
 from .errors import KDLabError
 
 
-def open_run_folder(cfg: KDConfig, dist: DistInfo, resume: Callable[[], None],
-                    history: Callable[[], list[dict]]) -> Path:
+def open_run_folder(
+    cfg: KDConfig, dist: DistInfo, resume: Callable[[], None], history: Callable[[], list[dict]]
+) -> Path:
     """Check and prepare `cfg.out_dir`, call `resume()` when resuming, and (re)write metrics.jsonl
     from `history()`: a resumed run drops the records written after its checkpoint. Returns the
     metrics file."""
@@ -35,8 +36,10 @@ def open_run_folder(cfg: KDConfig, dist: DistInfo, resume: Callable[[], None],
     if not cfg.resume and out.is_dir() and any(out.iterdir()):
         if not cfg.overwrite:
             held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
-            raise KDLabError(f"out_dir={str(out)!r} already holds a run ({held}); continue it with --resume, "
-                             f"replace it with --overwrite, or choose another --out-dir")
+            raise KDLabError(
+                f"out_dir={str(out)!r} already holds a run ({held}); continue it with --resume, "
+                f"replace it with --overwrite, or choose another --out-dir"
+            )
         barrier(dist)  # every process has looked before rank 0 deletes
         if dist.is_main:
             shutil.rmtree(out)

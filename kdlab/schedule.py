@@ -30,7 +30,9 @@ def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     if kind not in SCHEDULERS:
         raise ValueError(f"lr_scheduler={kind!r}; choose one of {', '.join(SCHEDULERS)}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, kind, warmup, total))

@@ -95,9 +95,11 @@ class TeacherCache:
     def batch(self, blocks: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
         """{"t_top": (B, T, k) fp16, "t_ids": (B, T, k) int64, "t_tail": (B, T) fp32} on the CPU."""
         idx = np.asarray(blocks, dtype=np.int64)
-        return {"t_top": torch.from_numpy(self.top_logp[idx]),
-                "t_ids": torch.from_numpy(self.top_ids[idx].astype(np.int64)),
-                "t_tail": torch.from_numpy(self.tail_logp[idx])}
+        return {
+            "t_top": torch.from_numpy(self.top_logp[idx]),
+            "t_ids": torch.from_numpy(self.top_ids[idx].astype(np.int64)),
+            "t_tail": torch.from_numpy(self.tail_logp[idx]),
+        }
 
     @property
     def nbytes(self) -> int:
@@ -111,7 +113,9 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
         if old == v:
             continue
         if k.endswith("_sha256"):
-            out.append(f"{k.removesuffix('_sha256')} hash: cache {old[:12] + '...' if old else 'none'}, run {v[:12]}...")
+            out.append(
+                f"{k.removesuffix('_sha256')} hash: cache {old[:12] + '...' if old else 'none'}, run {v[:12]}..."
+            )
         else:
             out.append(f"{k}: cache {'none' if old is None else repr(old)}, run {v!r}")
     return out
@@ -127,21 +131,32 @@ def open_teacher_cache(path: str | Path, key: dict, verify_files: bool = True) -
     meta = json.loads(meta_file.read_text())
     diff = _differences(meta.get("key", {}), key)
     if diff:
-        raise KDLabError(f"teacher_cache={str(path)!r} was built for another run ({'; '.join(diff)}); "
-                         f"refusing to train on it; rebuild it {how}")
+        raise KDLabError(
+            f"teacher_cache={str(path)!r} was built for another run ({'; '.join(diff)}); "
+            f"refusing to train on it; rebuild it {how}"
+        )
     if verify_files:
         for name in FILES:
             f = path / name
             if not f.is_file() or sha256_file(f) != meta["files"][name]:
-                raise KDLabError(f"teacher cache file {f} is missing or corrupt (sha256 differs from meta.json); "
-                                 f"rebuild it {how}")
+                raise KDLabError(
+                    f"teacher cache file {f} is missing or corrupt (sha256 differs from meta.json); rebuild it {how}"
+                )
     arrays = [np.load(path / name, mmap_mode="r") for name in FILES]
     return TeacherCache(path, meta, *arrays)
 
 
 @torch.no_grad()
-def build_teacher_cache(path: str | Path, teacher: torch.nn.Module, split: PackedSplit, key: dict, *,
-                        device: torch.device, batch_size: int = 8, chunk_tokens: int = 128) -> TeacherCache:
+def build_teacher_cache(
+    path: str | Path,
+    teacher: torch.nn.Module,
+    split: PackedSplit,
+    key: dict,
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    chunk_tokens: int = 128,
+) -> TeacherCache:
     """Run the teacher once over every block of `split` and store its top-k (see the module doc)."""
     from tqdm.auto import tqdm
 
@@ -168,21 +183,32 @@ def build_teacher_cache(path: str | Path, teacher: torch.nn.Module, split: Packe
     for a in (top_logp, top_ids, tail_logp):
         a.flush()
     del top_logp, top_ids, tail_logp
-    meta = {"key": key, "files": {f: sha256_file(tmp / f) for f in FILES},
-            "dtypes": {"top_logp": "float16", "top_ids": np.dtype(ids_dtype).name, "tail_logp": "float32"},
-            "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
-            "build_seconds": round(time.perf_counter() - t0, 1)}
+    meta = {
+        "key": key,
+        "files": {f: sha256_file(tmp / f) for f in FILES},
+        "dtypes": {"top_logp": "float16", "top_ids": np.dtype(ids_dtype).name, "tail_logp": "float32"},
+        "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
+        "build_seconds": round(time.perf_counter() - t0, 1),
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     cache = open_teacher_cache(path, key, verify_files=False)
-    log.info("teacher cache %s: %d blocks x %d positions x top-%d, %.0f MiB, built in %.0f s", path, n, seq_len, k,
-             cache.nbytes / 2**20, meta["build_seconds"])
+    log.info(
+        "teacher cache %s: %d blocks x %d positions x top-%d, %.0f MiB, built in %.0f s",
+        path,
+        n,
+        seq_len,
+        k,
+        cache.nbytes / 2**20,
+        meta["build_seconds"],
+    )
     return cache
 
 
-def open_for_run(cfg, split: PackedSplit, tokenizer, student: torch.nn.Module, teacher: torch.nn.Module
-                 ) -> TeacherCache | None:
+def open_for_run(
+    cfg, split: PackedSplit, tokenizer, student: torch.nn.Module, teacher: torch.nn.Module
+) -> TeacherCache | None:
     """The cache `cfg.teacher_cache` for a run training on `split`, checked against the run's key
     (None when the run reads no cache: teacher_cache='' or no KD term)."""
     if not (cfg.teacher_cache and cfg.alpha_kd > 0):
@@ -192,13 +218,26 @@ def open_for_run(cfg, split: PackedSplit, tokenizer, student: torch.nn.Module, t
     s_vocab = student.get_output_embeddings().weight.shape[0]
     t_vocab = teacher.get_output_embeddings().weight.shape[0]
     if s_vocab != t_vocab:
-        raise KDLabError(f"teacher_cache needs the student's vocabulary to be the teacher's ({s_vocab} vs "
-                         f"{t_vocab}); train with teacher_cache=''")
+        raise KDLabError(
+            f"teacher_cache needs the student's vocabulary to be the teacher's ({s_vocab} vs "
+            f"{t_vocab}); train with teacher_cache=''"
+        )
     key = cache_key(split, tokenizer, teacher, cfg.kd_top_k, cfg.temperature)
     cache = open_teacher_cache(cfg.teacher_cache, key)
-    log.info("teacher cache %s: top-%d of %d blocks; training steps skip the teacher's forward",
-             cfg.teacher_cache, key["top_k"], key["blocks"])
+    log.info(
+        "teacher cache %s: top-%d of %d blocks; training steps skip the teacher's forward",
+        cfg.teacher_cache,
+        key["top_k"],
+        key["blocks"],
+    )
     return cache
 
 
-__all__ = ["open_for_run", "TeacherCache", "cache_key", "open_teacher_cache", "build_teacher_cache", "teacher_fingerprint"]
+__all__ = [
+    "open_for_run",
+    "TeacherCache",
+    "cache_key",
+    "open_teacher_cache",
+    "build_teacher_cache",
+    "teacher_fingerprint",
+]

@@ -145,8 +145,13 @@ def _lm(ctx: TermContext) -> torch.Tensor:
 
 def _kd(ctx: TermContext) -> torch.Tensor:
     cfg, b = ctx.cfg, ctx.batch
-    common = dict(temperature=cfg.temperature, chunk_tokens=cfg.loss_chunk_tokens, num_valid=ctx.num_valid,
-                  divergence=cfg.kd_divergence, beta=cfg.jsd_beta)
+    common = dict(
+        temperature=cfg.temperature,
+        chunk_tokens=cfg.loss_chunk_tokens,
+        num_valid=ctx.num_valid,
+        divergence=cfg.kd_divergence,
+        beta=cfg.jsd_beta,
+    )
     if "t_top" in b:  # the teacher's stored top-k, joined to the batch by the batch source
         return kd_loss_topk(ctx.student.logits, b["t_top"], b["t_ids"], b["t_tail"], ctx.mask, **common)
     s, t = ctx.match_logits(ctx.student.logits, ctx.teacher.logits)
@@ -158,13 +163,16 @@ def _kd_module(cfg, student, teacher) -> nn.Module | None:
     if s == t or cfg.logit_projection != "learned":
         return None  # same vocabulary, or padded ones aligned by id (kdlab.projection.align_vocab)
     if s * t > 50_000_000:
-        raise KDLabError(f"logit_projection='learned' between vocabularies of {s} and {t} would train {s * t:,} "
-                         f"parameters; use logit_projection=align for padded vocabularies")
+        raise KDLabError(
+            f"logit_projection='learned' between vocabularies of {s} and {t} would train {s * t:,} "
+            f"parameters; use logit_projection=align for padded vocabularies"
+        )
     return StudentLogitProjector(s, t)
 
 
-def match_logits(module: nn.Module | None, s_logits: torch.Tensor, t_logits: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def match_logits(
+    module: nn.Module | None, s_logits: torch.Tensor, t_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher logits over one vocabulary: the learned student-side projection, or by id."""
     if s_logits.shape[-1] == t_logits.shape[-1]:
         return s_logits, t_logits
@@ -180,8 +188,10 @@ class FeatureRouters(nn.Module):
         super().__init__()
         n_exp = min(cfg.router_experts, t_layers)
         self.experts = uniform_layer_map(n_exp, t_layers)
-        self.routers = nn.ModuleList(StudentAwareRouter(s_dim, t_dim, n_exp, min(cfg.router_top_k, n_exp),
-                                                        cfg.feature_loss) for _ in range(s_layers))
+        self.routers = nn.ModuleList(
+            StudentAwareRouter(s_dim, t_dim, n_exp, min(cfg.router_top_k, n_exp), cfg.feature_loss)
+            for _ in range(s_layers)
+        )
         self.balance = cfg.router_balance
         self.last_stats: list[dict[str, torch.Tensor]] = []  # per block: utilisation, entropy, balance
 
@@ -191,8 +201,9 @@ class FeatureRouters(nn.Module):
         for layer, router in enumerate(self.routers):
             out = router(s_out.hidden_states[layer + 1], experts, mask)
             values.append(out.loss + self.balance * out.balance)
-            self.last_stats.append({"utilisation": out.utilisation, "entropy": out.entropy,
-                                    "balance": out.balance.detach()})
+            self.last_stats.append(
+                {"utilisation": out.utilisation, "entropy": out.entropy, "balance": out.balance.detach()}
+            )
         return torch.stack(values).mean()
 
 
@@ -208,16 +219,19 @@ def _feature(ctx: TermContext) -> torch.Tensor:
 def _attention(ctx: TermContext) -> torch.Tensor:
     s, t = ctx.student.attentions, ctx.teacher.attentions
     mask = ctx.batch["attention_mask"].bool()
-    return torch.stack([attention_kl(s[i], t[j], mask)
-                        for i, j in enumerate(uniform_layer_map(len(s), len(t)))]).mean()
+    return torch.stack([attention_kl(s[i], t[j], mask) for i, j in enumerate(uniform_layer_map(len(s), len(t)))]).mean()
 
 
 def _layerwise(ctx: TermContext) -> torch.Tensor:
     s, t = ctx.student.hidden_states, ctx.teacher.hidden_states
     mask = ctx.batch["attention_mask"].bool()
     layer_map = uniform_layer_map(len(s) - 1, len(t) - 1)
-    return torch.stack([ln_mse(proj(s[i + 1].to(proj.weight.dtype)), t[j + 1], mask)
-                        for i, (proj, j) in enumerate(zip(ctx.module, layer_map))]).mean()
+    return torch.stack(
+        [
+            ln_mse(proj(s[i + 1].to(proj.weight.dtype)), t[j + 1], mask)
+            for i, (proj, j) in enumerate(zip(ctx.module, layer_map))
+        ]
+    ).mean()
 
 
 def _contrastive(ctx: TermContext) -> torch.Tensor:
@@ -233,23 +247,69 @@ def _no_bias_linear(d_in: int, d_out: int) -> nn.Linear:
 
 HIDDEN = Needs(hidden_states=True)
 for _term in (
-    Term("lm", _lm, "global", Needs(teacher=False), lambda cfg: 1.0 - cfg.alpha_kd, always=True, doc="next-token cross-entropy on the text"),
+    Term(
+        "lm",
+        _lm,
+        "global",
+        Needs(teacher=False),
+        lambda cfg: 1.0 - cfg.alpha_kd,
+        always=True,
+        doc="next-token cross-entropy on the text",
+    ),
     Term("kd", _kd, "global", Needs(), "alpha_kd", _kd_module, doc="teacher->student divergence of the logits"),
-    Term("feature", _feature, "tokens", HIDDEN, "w_feature",
-         lambda cfg, s, t: FeatureRouters(cfg, *_shape(s, t)), doc="router-mixed feature loss per student block"),
-    Term("attention", _attention, "tokens", Needs(attentions=True), "w_attention",
-         doc="MiniLM attention KL of mapped blocks"),
-    Term("layerwise", _layerwise, "tokens", HIDDEN, "w_layerwise",
-         lambda cfg, s, t: nn.ModuleList(_no_bias_linear(_shape(s, t)[2], _shape(s, t)[3])
-                                         for _ in range(_shape(s, t)[0])),
-         doc="LN-MSE of projected student blocks vs mapped teacher blocks"),
-    Term("contrastive", _contrastive, "batch", HIDDEN, "w_contrastive",
-         lambda cfg, s, t: _no_bias_linear(_shape(s, t)[2], _shape(s, t)[3]),
-         doc="InfoNCE of pooled last states across the batch"),
+    Term(
+        "feature",
+        _feature,
+        "tokens",
+        HIDDEN,
+        "w_feature",
+        lambda cfg, s, t: FeatureRouters(cfg, *_shape(s, t)),
+        doc="router-mixed feature loss per student block",
+    ),
+    Term(
+        "attention",
+        _attention,
+        "tokens",
+        Needs(attentions=True),
+        "w_attention",
+        doc="MiniLM attention KL of mapped blocks",
+    ),
+    Term(
+        "layerwise",
+        _layerwise,
+        "tokens",
+        HIDDEN,
+        "w_layerwise",
+        lambda cfg, s, t: nn.ModuleList(
+            _no_bias_linear(_shape(s, t)[2], _shape(s, t)[3]) for _ in range(_shape(s, t)[0])
+        ),
+        doc="LN-MSE of projected student blocks vs mapped teacher blocks",
+    ),
+    Term(
+        "contrastive",
+        _contrastive,
+        "batch",
+        HIDDEN,
+        "w_contrastive",
+        lambda cfg, s, t: _no_bias_linear(_shape(s, t)[2], _shape(s, t)[3]),
+        doc="InfoNCE of pooled last states across the batch",
+    ),
 ):
     register_term(_term)
 BUILTIN = tuple(TERMS)
 INTERMEDIATE = BUILTIN[2:]  # the terms beyond KD and LM: need hidden states or attention maps
 
-__all__ = ["Term", "TermContext", "Needs", "TERMS", "register_term", "unregister_term", "term_names",
-           "match_logits", "FeatureRouters", "CACHED_TEACHER_KEYS", "BUILTIN", "INTERMEDIATE"]
+__all__ = [
+    "Term",
+    "TermContext",
+    "Needs",
+    "TERMS",
+    "register_term",
+    "unregister_term",
+    "term_names",
+    "match_logits",
+    "FeatureRouters",
+    "CACHED_TEACHER_KEYS",
+    "BUILTIN",
+    "INTERMEDIATE",
+]

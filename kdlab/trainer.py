@@ -46,13 +46,14 @@ from .objective import Objective, StepCounts, phase
 from .precision import Precision
 from .run_folder import open_run_folder, save_final
 from .schedule import lr_scheduler
-from .teacher_cache import open_for_run
 
 log = logging.getLogger("kdlab")
 
 # fields that may differ between a run and its resumption without changing what is trained
-RESUMABLE_CHANGES = {"resume", "overwrite", "out_dir", "log_every", "log_first", "log_style", "eval_every",
-                     "eval_batches", "save_every", "keep_checkpoints", "checkpoints", "compile"}
+RESUMABLE_CHANGES = frozenset(
+    "resume overwrite out_dir log_every log_first log_style eval_every eval_batches save_every keep_checkpoints "
+    "checkpoints compile".split()
+)
 
 
 @dataclass
@@ -73,9 +74,19 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: KDConfig, student: torch.nn.Module, teacher: torch.nn.Module,
-                 data: dict[str, PackedSplit], precision: Precision, tokenizer=None, callbacks=(), *,
-                 batches: BatchSource | None = None, objective: Objective | None = None):
+    def __init__(
+        self,
+        cfg: KDConfig,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module,
+        data: dict[str, PackedSplit],
+        precision: Precision,
+        tokenizer=None,
+        callbacks=(),
+        *,
+        batches: BatchSource | None = None,
+        objective: Objective | None = None,
+    ):
         self.cfg, self.student, self.teacher, self.data = cfg, student, teacher, data
         self.precision, self.tokenizer, self.log = precision, tokenizer, log
         self.dist: DistInfo = init_from_env(precision.device.type)
@@ -83,9 +94,7 @@ class Trainer:
         if not self.dist.is_main:  # only rank 0 talks
             log.setLevel(logging.WARNING)
         check_positions(cfg.seq_len, teacher, student)
-        self.batches = batches or PackedBatches(data["train"], cfg.batch_size, cfg.grad_accum, cfg.seed,
-                                                self.dist.rank, self.dist.world, precision.device,
-                                                open_for_run(cfg, data["train"], tokenizer, student, teacher))
+        self.batches = batches or PackedBatches.for_run(cfg, data["train"], tokenizer, student, teacher, self.dist)
         if cfg.max_steps <= 0 and not self.batches.steps_per_epoch:
             raise KDLabError("max_steps=-1 (train `epochs`) needs a batch source with epochs; set max_steps")
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.batches.steps_per_epoch
@@ -106,8 +115,10 @@ class Trainer:
         # AdamW with decay on matrices only (not norms/biases), as in nanoGPT. Fused (CPU and CUDA):
         # one kernel, and it takes `found_inf`, which skips a step on the device without a host sync.
         self.trainable = [p for p in student.parameters() if p.requires_grad] + list(self.objective.heads.parameters())
-        groups = [{"params": [p for p in self.trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in self.trainable if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in self.trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in self.trainable if p.dim() < 2], "weight_decay": 0.0},
+        ]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
         self.scheduler = lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
         self.scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.needs_grad_scaler)
@@ -155,8 +166,11 @@ class Trainer:
                     # part of the global mean, so undo the average to get their sum
                     with phase("backward"):
                         self.scaler.scale(loss.total * info.world).backward()
-            for name, value in {"loss": loss.total, **loss.terms, **{f"w/{k}": v for k, v in loss.weighted.items()}
-                                }.items():
+            for name, value in {
+                "loss": loss.total,
+                **loss.terms,
+                **{f"w/{k}": v for k, v in loss.weighted.items()},
+            }.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
         for p in obj.heads.parameters():  # the heads are outside DDP: sum their gradients by hand
             if info.enabled and p.grad is not None:
@@ -179,9 +193,13 @@ class Trainer:
         ok = 1.0 - found
         # which terms were non-finite (summed over the interval they name the culprit)
         nonfinite = {f"nonfinite/{k}": (~torch.isfinite(v)).float() for k, v in sums.items() if k in obj.terms}
-        return {**{k: torch.nan_to_num(v * ok) for k, v in sums.items()},
-                "grad_norm": torch.nan_to_num(grad_norm.detach().float() * ok), "tokens": counts.num_valid * ok,
-                "skipped": found, **nonfinite}
+        return {
+            **{k: torch.nan_to_num(v * ok) for k, v in sums.items()},
+            "grad_norm": torch.nan_to_num(grad_norm.detach().float() * ok),
+            "tokens": counts.num_valid * ok,
+            "skipped": found,
+            **nonfinite,
+        }
 
     def step(self) -> None:
         """One iteration of fit()'s loop: the next batches, `train_step`, then the log line, the
@@ -226,9 +244,16 @@ class Trainer:
         s.skipped_steps, s.bad_in_a_row = s.skipped_steps + iv.skipped, iv.bad_run
         s.tokens += int(iv.sums["tokens"])
         if iv.skipped:
-            culprits = ", ".join(f"{k[10:]} in {int(v)}" for k, v in iv.sums.items() if k.startswith("nonfinite/") and v)
-            log.warning("step %d: %d of the last %d steps skipped for a non-finite loss or gradient (%s)",
-                        s.step, iv.skipped, iv.steps, culprits or "gradients")
+            culprits = ", ".join(
+                f"{k[10:]} in {int(v)}" for k, v in iv.sums.items() if k.startswith("nonfinite/") and v
+            )
+            log.warning(
+                "step %d: %d of the last %d steps skipped for a non-finite loss or gradient (%s)",
+                s.step,
+                iv.skipped,
+                iv.steps,
+                culprits or "gradients",
+            )
         if iv.max_run >= self.cfg.max_nonfinite_steps:
             s.should_stop, s.failed = True, True
             s.stop_reason = f"{iv.max_run} non-finite steps in a row (max_nonfinite_steps)"
@@ -236,9 +261,16 @@ class Trainer:
         self._agree_on_stop()
         if iv.trained == 0:
             return  # nothing trained in this interval: no means to report
-        record = train_record(iv, self.metrics.means(iv), step=s.step, fields=self.batches.log_fields(),
-                              weights=obj.curriculum.weights_at(s.step - 1), lr=self.scheduler.get_last_lr()[0],
-                              skipped_steps=s.skipped_steps, device=self.precision.device)
+        record = train_record(
+            iv,
+            self.metrics.means(iv),
+            step=s.step,
+            fields=self.batches.log_fields(),
+            weights=obj.curriculum.weights_at(s.step - 1),
+            lr=self.scheduler.get_last_lr()[0],
+            skipped_steps=s.skipped_steps,
+            device=self.precision.device,
+        )
         self._record(record)
         log_train_record(record, self.total_steps, tuple(sorted(obj.terms, key=lambda k: k != "kd")))
 
@@ -248,13 +280,20 @@ class Trainer:
         # every process evaluates the same global batches, so a torchrun run evaluates what one
         # process with the same global batch would
         batches = self.data[split].eval_batches(self.cfg.batch_size * self.dist.world, self.cfg.eval_batches)
-        metrics = evaluate(self.student, self.teacher, batches, self.precision, self.cfg.loss_chunk_tokens,
-                           self.objective.match_logits)
+        metrics = evaluate(
+            self.student, self.teacher, batches, self.precision, self.cfg.loss_chunk_tokens, self.objective.match_logits
+        )
         record = {"kind": "eval", "split": split, "step": self.state.step, **metrics, **extra}
         self._record(record)
-        log.info("eval %-10s step %d | student ppl %.2f | teacher ppl %.2f | KL %.4f | top-1 agree %.3f",
-                 split, self.state.step, metrics["student_ppl"], metrics["teacher_ppl"], metrics["kl"],
-                 metrics["top1_agree"])
+        log.info(
+            "eval %-10s step %d | student ppl %.2f | teacher ppl %.2f | KL %.4f | top-1 agree %.3f",
+            split,
+            self.state.step,
+            metrics["student_ppl"],
+            metrics["teacher_ppl"],
+            metrics["kl"],
+            metrics["top1_agree"],
+        )
         return record
 
     # ------------------------------------------------------------------ checkpoints
@@ -264,14 +303,21 @@ class Trainer:
             return None
         path = None
         if self.dist.is_main:
-            path = save_checkpoint(self.out_dir, self.state.step, self.student, self.objective.heads,
-                                   run_state(self), keep=self.cfg.keep_checkpoints)
+            path = save_checkpoint(
+                self.out_dir,
+                self.state.step,
+                self.student,
+                self.objective.heads,
+                run_state(self),
+                keep=self.cfg.keep_checkpoints,
+            )
         barrier(self.dist)
         return path
 
     def _resume(self) -> None:
-        log.info("resumed from %s (step %d of %d)", resume_run(self, RESUMABLE_CHANGES), self.state.step,
-                 self.total_steps)
+        log.info(
+            "resumed from %s (step %d of %d)", resume_run(self, RESUMABLE_CHANGES), self.state.step, self.total_steps
+        )
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -301,8 +347,13 @@ class Trainer:
                 if self.metrics.steps:  # the steps since the last log line, so the history is complete
                     self._log_interval()
                 path = self.save()
-                log.warning("interrupted at step %d; %s", s.step, f"checkpoint {path}; continue with --resume"
-                            if path else "no checkpoint written (checkpoints=false)")
+                log.warning(
+                    "interrupted at step %d; %s",
+                    s.step,
+                    f"checkpoint {path}; continue with --resume"
+                    if path
+                    else "no checkpoint written (checkpoints=false)",
+                )
             fire(self.callbacks, "on_train_end", self)
             self._metrics_file = None
         return s

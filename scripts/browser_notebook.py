@@ -55,11 +55,25 @@ def start_lab(root_dir: Path, port: int, env: dict[str, str], log_path: Path) ->
     tests/test_browser.py."""
     with open(log_path, "w") as log:  # the child keeps its own handle
         return subprocess.Popen(
-            [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-             f"--ServerApp.port={port}", "--ServerApp.token=", "--ServerApp.password=",
-             "--ServerApp.disable_check_xsrf=True", "--LabApp.expose_app_in_browser=True",
-             f"--ServerApp.root_dir={root_dir}", *(["--allow-root"] if os.geteuid() == 0 else [])],
-            env=env, stdout=subprocess.DEVNULL, stderr=log)
+            [
+                sys.executable,
+                "-m",
+                "jupyter",
+                "lab",
+                "--no-browser",
+                "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.port={port}",
+                "--ServerApp.token=",
+                "--ServerApp.password=",
+                "--ServerApp.disable_check_xsrf=True",
+                "--LabApp.expose_app_in_browser=True",
+                f"--ServerApp.root_dir={root_dir}",
+                *(["--allow-root"] if os.geteuid() == 0 else []),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
 
 
 def open_and_run_all(playwright, chromium: str, port: int, notebook: str, width: int, dialog_timeout_ms: int = 10_000):
@@ -81,8 +95,11 @@ def open_and_run_all(playwright, chromium: str, port: int, notebook: str, width:
         pass
     # ... and if it (or any other toast) shows up later, keep it out of the screenshots
     page.add_style_tag(content=".Toastify { display: none !important; }")
-    page.wait_for_function("() => { const k = window.jupyterapp.shell.currentWidget?.sessionContext?.session"
-                           "?.kernel; return k && k.status === 'idle'; }", timeout=90_000)
+    page.wait_for_function(
+        "() => { const k = window.jupyterapp.shell.currentWidget?.sessionContext?.session"
+        "?.kernel; return k && k.status === 'idle'; }",
+        timeout=90_000,
+    )
     page.evaluate(_TRACK_LIVE_PLOT)
     page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")
     return browser, page
@@ -112,8 +129,11 @@ FINAL_FIGURE = ".kdlab-liveplot-cell .jp-OutputArea-output[data-mime-type='image
 def live_plot_frame(page) -> tuple[str, str]:
     """(src of the live plot's current image, its status line), empty strings before it exists; after
     training, (src of the final figure that replaced it, "")."""
-    src = page.evaluate("(final) => { const i = document.querySelector('.kdlab-plot img') || "
-                        "[...document.querySelectorAll(final)].pop(); return i ? i.src : ''; }", FINAL_FIGURE)
+    src = page.evaluate(
+        "(final) => { const i = document.querySelector('.kdlab-plot img') || "
+        "[...document.querySelectorAll(final)].pop(); return i ? i.src : ''; }",
+        FINAL_FIGURE,
+    )
     status = page.evaluate("() => { const h = document.querySelector('.kdlab-status'); return h ? h.innerText : ''; }")
     return src, status
 
@@ -129,7 +149,8 @@ def run_state(page) -> dict:
         "() => { const nb = window.jupyterapp.shell.currentWidget; const k = nb?.sessionContext?.session?.kernel;"
         " const cells = nb.content.widgets.filter(c => c.model.type === 'code');"
         " return {idle: k && k.status === 'idle', done: cells.every(c => c.model.executionCount !== null),"
-        " errors: cells.filter(c => c.model.outputs.toJSON().some(o => o.output_type === 'error')).length}; }")
+        " errors: cells.filter(c => c.model.outputs.toJSON().some(o => o.output_type === 'error')).length}; }"
+    )
 
 
 def wait_run_done(page, timeout: float, settle_s: float = 5.0) -> dict:
@@ -168,8 +189,9 @@ def move_temperature_slider(page, out: Path, stem: str, presses: int = 10, timeo
         page.keyboard.press("ArrowRight")
         time.sleep(0.05)
     page.wait_for_function(f"() => ({_SLIDER_STATS})().startsWith({target!r})", timeout=timeout_ms)
-    page.wait_for_function(f"(src) => {{ const s = ({_SLIDER_IMG})(); return s && s !== src; }}", arg=before["src"],
-                           timeout=timeout_ms)
+    page.wait_for_function(
+        f"(src) => {{ const s = ({_SLIDER_IMG})(); return s && s !== src; }}", arg=before["src"], timeout=timeout_ms
+    )
     time.sleep(1.0)  # the last redraw (the stats line and the image are set together, by one update)
     after = {"src": page.evaluate(_SLIDER_IMG), "stats": page.evaluate(_SLIDER_STATS)}
     explorer.screenshot(path=str(shots[1]))
@@ -238,14 +260,18 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"{args.notebook}: run all cells in {wall:.0f} s (server start included: {time.time() - t_start:.0f} s); "
-          f"{len(srcs)} distinct live-plot frames; errors shown: {state['errors']}; last status: {status!r}")
+    print(
+        f"{args.notebook}: run all cells in {wall:.0f} s (server start included: {time.time() - t_start:.0f} s); "
+        f"{len(srcs)} distinct live-plot frames; errors shown: {state['errors']}; last status: {status!r}"
+    )
     trained = [p for p in (ROOT / "runs" / "course").rglob("metrics.jsonl") if written.get(p) != p.stat().st_mtime]
     if replays:
         print(f"reference profile: {len(trained)} training logs written during the run (0 = nothing trained)")
     if slider:
-        print(f"temperature slider: {slider['before']['stats']!r} -> {slider['after']['stats']!r}; figure changed: "
-              f"{slider['before']['src'] != slider['after']['src']}")
+        print(
+            f"temperature slider: {slider['before']['stats']!r} -> {slider['after']['stats']!r}; figure changed: "
+            f"{slider['before']['src'] != slider['after']['src']}"
+        )
     print("screenshots:", ", ".join(str(p.relative_to(ROOT)) for p in sorted(out.glob(f"{stem}-*.png"))))
     if not state["done"]:
         sys.exit("browser_notebook: not every cell ran (timeout?)")
@@ -253,8 +279,9 @@ def main() -> None:
         sys.exit(f"browser_notebook: the reference profile trained (it wrote {trained[0].relative_to(ROOT)})")
     if trains and len(srcs) < 2:
         sys.exit("browser_notebook: the live plot never appeared or never changed")
-    if slider and (slider["before"]["src"] == slider["after"]["src"]
-                   or not slider["after"]["stats"].startswith(slider["target"])):
+    if slider and (
+        slider["before"]["src"] == slider["after"]["src"] or not slider["after"]["stats"].startswith(slider["target"])
+    ):
         sys.exit("browser_notebook: moving the temperature slider did not redraw its figure")
     if state["errors"]:
         sys.exit("browser_notebook: a cell raised an error (see the page screenshot)")

@@ -23,8 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {  # name: extra flags
     "default (B4 T256, fp16 teacher, bf16 autocast)": [],
     "B16 T1024": ["--batch-size", "16", "--seq-len", "1024"],
-    "all terms, B8 T256": ["--batch-size", "8", "--w-feature", "0.5", "--w-attention", "0.5", "--w-layerwise", "0.5",
-                           "--w-contrastive", "0.1", "--curriculum", "constant"],
+    "all terms, B8 T256": [
+        "--batch-size",
+        "8",
+        "--w-feature",
+        "0.5",
+        "--w-attention",
+        "0.5",
+        "--w-layerwise",
+        "0.5",
+        "--w-contrastive",
+        "0.1",
+        "--curriculum",
+        "constant",
+    ],
     "fp16 autocast + GradScaler": ["--autocast-dtype", "float16"],
     "top-k 256 KD": ["--kd-top-k", "256"],
 }
@@ -57,12 +69,35 @@ def main() -> None:
     print(f"{'setting':50} {'tokens/s':>10} {'peak MiB':>9} {'s/step':>7} {'skipped':>7}")
     for i, (label, flags) in enumerate(SETTINGS.items()):
         run = out / f"run{i}"
-        cmd = [sys.executable, "-m", "kdlab", "-q", "train", "--teacher", str(teacher), "--max-steps", str(args.steps),
-               "--log-every", "10", "--log-first", "0", "--eval-every", "0", "--save-every", "0",
-               "--eval-batches", "2", "--out-dir", str(run), *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kdlab",
+            "-q",
+            "train",
+            "--teacher",
+            str(teacher),
+            "--max-steps",
+            str(args.steps),
+            "--log-every",
+            "10",
+            "--log-first",
+            "0",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "0",
+            "--eval-batches",
+            "2",
+            "--out-dir",
+            str(run),
+            *flags,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
         if proc.returncode != 0:
-            print(f"{label:50} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            print(
+                f"{label:50} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+            )
             continue
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         last = [r for r in recs if r["kind"] == "train"][-1]

@@ -35,10 +35,14 @@ def main() -> None:
     total = time.perf_counter() - t0
     loop = sum(r["interval_s"] for r in state.history if r["kind"] == "train")
     print(kdlab.format_summary(state.history))
-    print(f"log_every {cfg.log_every}: {sum(r['kind'] == 'train' for r in state.history)} train records, "
-          f"{sum(r['kind'] == 'eval' for r in state.history)} evaluations, {lp.renders} redraws")
-    print(f"live plot: {lp.busy_s:.2f} s in its callbacks = {100 * lp.busy_s / total:.2f}% of the run's "
-          f"{total:.1f} s ({100 * lp.busy_s / loop:.2f}% of the {loop:.1f} s training loop)")
+    print(
+        f"log_every {cfg.log_every}: {sum(r['kind'] == 'train' for r in state.history)} train records, "
+        f"{sum(r['kind'] == 'eval' for r in state.history)} evaluations, {lp.renders} redraws"
+    )
+    print(
+        f"live plot: {lp.busy_s:.2f} s in its callbacks = {100 * lp.busy_s / total:.2f}% of the run's "
+        f"{total:.1f} s ({100 * lp.busy_s / loop:.2f}% of the {loop:.1f} s training loop)"
+    )
 
 
 if __name__ == "__main__":

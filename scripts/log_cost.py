@@ -35,9 +35,18 @@ def tiny_teacher(path: Path) -> Path:
 
     torch.manual_seed(1234)
     tok = AutoTokenizer.from_pretrained(ROOT / "data" / "teacher" / "smollm2-135m")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -57,8 +66,16 @@ def main() -> None:
     out = ROOT / args.out
     if args.arch == "tiny":
         teacher = tiny_teacher(out / "teacher")
-        model = ["--teacher", str(teacher), "--student", "tiny", "--student-init", "random",
-                 "--seq-len", str(args.seq_len or 64)]
+        model = [
+            "--teacher",
+            str(teacher),
+            "--student",
+            "tiny",
+            "--student-init",
+            "random",
+            "--seq-len",
+            str(args.seq_len or 64),
+        ]
     else:
         sys.path.insert(0, str(ROOT / "scripts"))
         from cuda_bench import random_teacher
@@ -71,9 +88,31 @@ def main() -> None:
     env = {**os.environ, "TQDM_DISABLE": "1"}
 
     def run(style: str, steps: int, folder: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "kdlab", "train", *model, "--batch-size", str(args.batch_size), "--max-steps", str(steps),
-               "--warmup-steps", "10", "--eval-every", "0", "--eval-batches", "1", "--save-every", "0",
-               "--device", args.device, "--log-style", style, "--out-dir", str(out / folder)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kdlab",
+            "train",
+            *model,
+            "--batch-size",
+            str(args.batch_size),
+            "--max-steps",
+            str(steps),
+            "--warmup-steps",
+            "10",
+            "--eval-every",
+            "0",
+            "--eval-batches",
+            "1",
+            "--save-every",
+            "0",
+            "--device",
+            args.device,
+            "--log-style",
+            style,
+            "--out-dir",
+            str(out / folder),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if proc.returncode != 0:
             sys.exit(f"log_cost: {style} run failed:\n{proc.stderr[-3000:]}")
@@ -100,15 +139,23 @@ def main() -> None:
 
         extra = f" ({torch.cuda.get_device_name()})"
     print(f"{args.steps} steps, arch {args.arch}, batch {args.batch_size} x {model[-1]} tokens, device {device}{extra}")
-    print(f"{'run':3} {'log style':14} {'lines':>7} {'bytes':>9} {'lines/step':>10} {'loop s':>8} {'ms/step':>8} "
-          f"{'wall s':>7}")
+    print(
+        f"{'run':3} {'log style':14} {'lines':>7} {'bytes':>9} {'lines/step':>10} {'loop s':>8} {'ms/step':>8} "
+        f"{'wall s':>7}"
+    )
     for i, (style, lines, nbytes, loop, wall) in enumerate(runs):
-        print(f"{i:<3} {style:14} {lines:>7,} {nbytes:>9,} {lines / args.steps:>10.1f} {loop:>8.2f} "
-              f"{1000 * loop / args.steps:>8.1f} {wall:>7.1f}")
+        print(
+            f"{i:<3} {style:14} {lines:>7,} {nbytes:>9,} {lines / args.steps:>10.1f} {loop:>8.2f} "
+            f"{1000 * loop / args.steps:>8.1f} {wall:>7.1f}"
+        )
     mean = {s: sum(r[3] for r in runs if r[0] == s) / args.repeats for s in ("concise", "original-verbose")}
     spread = {s: [round(r[3], 2) for r in runs if r[0] == s] for s in mean}
-    print(f"loop time, mean of {args.repeats}: concise {mean['concise']:.2f} s {spread['concise']}, original-verbose "
-          f"{mean['original-verbose']:.2f} s {spread['original-verbose']}; ratio {mean['original-verbose'] / mean['concise']:.3f}")
+    print(
+        f"loop time, mean of {args.repeats}: concise {mean['concise']:.2f} s {spread['concise']}, original-verbose "
+        f"{mean['original-verbose']:.2f} s {spread['original-verbose']}; "
+        f"ratio {mean['original-verbose'] / mean['concise']:.3f}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -44,18 +44,24 @@ ARMS: dict[str, tuple[dict, str]] = {
     "temperature-2": (dict(early_stopping=False, temperature=2.0), "07 capstone"),
     "temperature-3": (dict(early_stopping=False, temperature=3.0), "07 capstone"),
     "adaptive-balance": (dict(early_stopping=False, adaptive_balance=True), "07 capstone"),
-    "all-terms": (dict(early_stopping=False, log_every=1, **ALL_TERMS),
-                  "04 curriculum (seed), 06 early stopping (the original framework's monitor), 07 capstone (all fixes)"),
+    "all-terms": (
+        dict(early_stopping=False, log_every=1, **ALL_TERMS),
+        "04 curriculum (seed), 06 early stopping (the original framework's monitor), 07 capstone (all fixes)",
+    ),
     "all-terms-phases": (dict(early_stopping=False, curriculum="original-phases", **ALL_TERMS), "04 curriculum"),
-    "feature-attention": (dict(early_stopping=False, w_feature=0.5, w_attention=0.5, curriculum="constant",
-                               grad_share_every=10), "03 loss normalisation (gradient shares)"),
+    "feature-attention": (
+        dict(early_stopping=False, w_feature=0.5, w_attention=0.5, curriculum="constant", grad_share_every=10),
+        "03 loss normalisation (gradient shares)",
+    ),
     # kdlab's stopper where stopping matters: the all-terms run on a corpus of 8 blocks (train_blocks=8,
     # two steps per epoch) at lr 1e-3, so the student memorises them and validation KL reaches a best
     # and then rises (overfitting). At lr 1e-2 on the whole corpus validation KL still improved at step
     # 120 (measured: 2.482), so nothing longer than the ci run had a best to find; checks every 2 steps,
     # patience 3, the default warmup
-    "early-stopping": (dict(early_stopping=True, lr=1e-3, train_blocks=8, es_patience=3, eval_every=2, log_every=1,
-                            **ALL_TERMS), "06 early stopping (kdlab's rule)"),
+    "early-stopping": (
+        dict(early_stopping=True, lr=1e-3, train_blocks=8, es_patience=3, eval_every=2, log_every=1, **ALL_TERMS),
+        "06 early stopping (kdlab's rule)",
+    ),
 }
 OUT = ROOT / kdlab.course.REFERENCE_DIR
 N_PROMPTS, NEW_TOKENS = 4, 32
@@ -64,8 +70,9 @@ N_PROMPTS, NEW_TOKENS = 4, 32
 def commit() -> str:
     try:
         head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.check_output(["git", "diff", "--name-only", "HEAD", "--", "kdlab"], cwd=ROOT,
-                                        text=True).split()
+        dirty = subprocess.check_output(
+            ["git", "diff", "--name-only", "HEAD", "--", "kdlab"], cwd=ROOT, text=True
+        ).split()
         return head + (f" (+ uncommitted: {', '.join(dirty)})" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -74,10 +81,14 @@ def commit() -> str:
 def samples_of(model, trainer, prompts) -> dict:
     greedy = generate(model, trainer.tokenizer, prompts, NEW_TOKENS, precision=trainer.precision)
     sampled = generate(model, trainer.tokenizer, prompts, NEW_TOKENS, sample=True, seed=0, precision=trainer.precision)
-    return {"greedy": [c.text for c in greedy], "sampled": [c.text for c in sampled],
-            "distinct_2": distinct_n(greedy, 2), "distinct_2_sampled": distinct_n(sampled, 2),
-            "teacher_nll": teacher_nll(trainer.teacher, trainer.tokenizer, greedy, trainer.precision),
-            "teacher_nll_sampled": teacher_nll(trainer.teacher, trainer.tokenizer, sampled, trainer.precision)}
+    return {
+        "greedy": [c.text for c in greedy],
+        "sampled": [c.text for c in sampled],
+        "distinct_2": distinct_n(greedy, 2),
+        "distinct_2_sampled": distinct_n(sampled, 2),
+        "teacher_nll": teacher_nll(trainer.teacher, trainer.tokenizer, greedy, trainer.precision),
+        "teacher_nll_sampled": teacher_nll(trainer.teacher, trainer.tokenizer, sampled, trainer.precision),
+    }
 
 
 def write(folder: Path, files: dict[str, str]) -> None:
@@ -99,8 +110,12 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--force", action="store_true", help="rerun arms already written")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads (0 = torch's default); 1 lets two processes share a 2-core machine")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0 = torch's default); 1 lets two processes share a 2-core machine",
+    )
     args = ap.parse_args()
     bad = [a for a in args.arms if a not in ARMS]
     if bad:
@@ -110,9 +125,15 @@ def main() -> None:
     kdlab.course.quiet()
     code = commit()  # the code this process imported, not what the tree holds when an arm ends
     P = kdlab.course.profile("ci")  # paths only: every size comes from the flags
-    sizes = dict(max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                 eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=5,
-                 warmup_steps=max(1, args.steps // 10))
+    sizes = dict(
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        log_every=5,
+        warmup_steps=max(1, args.steps // 10),
+    )
     prompts = None
     for arm in args.arms:
         settings, used_by = ARMS[arm]
@@ -129,26 +150,49 @@ def main() -> None:
         if prompts is None:
             prompts = held_out_prompts(cfg.data, cfg.data_dir, N_PROMPTS)
         if not (OUT / "_before" / "samples.json").is_file():
-            before = {"prompts": prompts, "teacher": samples_of(trainer.teacher, trainer, prompts),
-                      "student": samples_of(trainer.student, trainer, prompts)}
+            before = {
+                "prompts": prompts,
+                "teacher": samples_of(trainer.teacher, trainer, prompts),
+                "student": samples_of(trainer.student, trainer, prompts),
+            }
             write(OUT / "_before", {"samples.json": json.dumps(before, indent=1) + "\n"})
         t0 = time.perf_counter()
         state = trainer.fit()
         seconds = time.perf_counter() - t0
         samples = {"prompts": prompts, **samples_of(trainer.student, trainer, prompts)}
-        meta = {"arm": arm, "used_by": used_by, "device": kdlab.course.describe_machine(), "commit": code,
-                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "seconds": round(seconds, 1), "steps": state.step, "batch_size": cfg.batch_size,
-                "seq_len": cfg.seq_len, "tokens": state.tokens, "stop_reason": state.stop_reason,
-                "skipped_steps": state.skipped_steps, "overrides": overrides,
-                "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "data_dir")}}
+        meta = {
+            "arm": arm,
+            "used_by": used_by,
+            "device": kdlab.course.describe_machine(),
+            "commit": code,
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "seconds": round(seconds, 1),
+            "steps": state.step,
+            "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len,
+            "tokens": state.tokens,
+            "stop_reason": state.stop_reason,
+            "skipped_steps": state.skipped_steps,
+            "overrides": overrides,
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "data_dir")},
+        }
         records = (Path(cfg.out_dir) / "metrics.jsonl").read_text()
-        write(folder, {"metrics.jsonl": records, "samples.json": json.dumps(samples, indent=1) + "\n",
-                       "meta.json": json.dumps(meta, indent=1) + "\n"})
+        write(
+            folder,
+            {
+                "metrics.jsonl": records,
+                "samples.json": json.dumps(samples, indent=1) + "\n",
+                "meta.json": json.dumps(meta, indent=1) + "\n",
+            },
+        )
         val = state.evals("validation")[-1]
-        print(f"{arm}: {state.step} steps in {seconds:.0f} s; val KL {val['kl']:.4f}, ppl {val['student_ppl']:.1f}; "
-              f"distinct-2 {samples['distinct_2']:.3f}, teacher NLL {samples['teacher_nll']:.3f}"
-              + (f"; {state.stop_reason}" if state.stop_reason else ""), flush=True)
+        print(
+            f"{arm}: {state.step} steps in {seconds:.0f} s; val KL {val['kl']:.4f}, ppl {val['student_ppl']:.1f}; "
+            f"distinct-2 {samples['distinct_2']:.3f}, teacher NLL {samples['teacher_nll']:.3f}"
+            + (f"; {state.stop_reason}" if state.stop_reason else ""),
+            flush=True,
+        )
         shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the weights stay out of the repository
 
 

@@ -27,8 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 sys.path.insert(0, str(ROOT))
 
-ENV = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false"}  # as notebooks/conftest.py sets them for nbval
+ENV = {
+    "TQDM_DISABLE": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}  # as notebooks/conftest.py sets them for nbval
 
 
 NOTES = {  # what each notebook's Time line adds to the measured figures
@@ -57,9 +61,15 @@ def time_lines(table: dict) -> None:
         end = text.find("\n\n", start)
         figures = " · ".join(f"`{p}` {row[p]} s" for p in ("ci", "reference", "cpu", "gpu") if row.get(p))
         missing = [f"`{p}`" for p in ("cpu", "gpu") if not row.get(p)]
-        line = (f"**Time.** Measured with *Run All* in a fresh kernel on {machine_}: {figures}"
-                + (f"; {' and '.join(missing)} not measured (`kdlab preflight` estimates them for your machine)"
-                   if missing else "") + f". {NOTES.get(name, '')[:1].upper()}{NOTES.get(name, '')[1:]}".rstrip())
+        line = (
+            f"**Time.** Measured with *Run All* in a fresh kernel on {machine_}: {figures}"
+            + (
+                f"; {' and '.join(missing)} not measured (`kdlab preflight` estimates them for your machine)"
+                if missing
+                else ""
+            )
+            + f". {NOTES.get(name, '')[:1].upper()}{NOTES.get(name, '')[1:]}".rstrip()
+        )
         text = text[:start] + line + (text[end:] if end >= 0 else "")
         lines = text.split("\n")
         cell["source"] = [ln + "\n" for ln in lines[:-1]] + [lines[-1]]
@@ -104,8 +114,13 @@ def main() -> None:
         nb = nbformat.read(path, as_version=4)
         t0 = time.perf_counter()
         try:
-            NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}},
-                           store_widget_state=False).execute()  # the figures are stored as images
+            NotebookClient(
+                nb,
+                timeout=1800,
+                kernel_name="python3",
+                resources={"metadata": {"path": str(NOTEBOOKS)}},
+                store_widget_state=False,
+            ).execute()  # the figures are stored as images
         except CellExecutionError as e:
             failed.append(name)
             print(f"{name}: FAILED: {str(e).strip().splitlines()[-1]}", flush=True)
@@ -117,8 +132,10 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, out)
         print(f"{name}: {seconds[name]} s", flush=True)
-    print(f"all {len(seconds)}: {sum(seconds.values())} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""),
-          flush=True)
+    print(
+        f"all {len(seconds)}: {sum(seconds.values())} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""),
+        flush=True,
+    )
     if args.no_record:
         sys.exit(1 if failed else 0)
     table_path = NOTEBOOKS / "timings.json"
@@ -133,7 +150,8 @@ def main() -> None:
         table["notebooks"].setdefault(name, {})[args.profile] = s
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     table.setdefault("measured_at", {})[args.profile] = (head.stdout.strip() or "unknown") + time.strftime(
-        ", %Y-%m-%d", time.gmtime())
+        ", %Y-%m-%d", time.gmtime()
+    )
     table_path.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n")
     if failed:  # the notebooks that ran are recorded; the failed ones keep their earlier figures
         sys.exit(1)

@@ -44,9 +44,18 @@ def tiny_teacher(tmp_path_factory, tokenizer_dir) -> Path:
 
     torch.manual_seed(1234)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     path = tmp_path_factory.mktemp("tiny-teacher")
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -57,8 +66,20 @@ def tiny_teacher(tmp_path_factory, tokenizer_dir) -> Path:
 def tiny_overrides(tiny_teacher, austen_ready, tmp_path) -> dict:
     """Config overrides for a few-second CPU run: tiny teacher and student, short blocks."""
     return {
-        "teacher": str(tiny_teacher), "student": "tiny", "student_init": "random",
-        "data": "austen", "data_dir": str(austen_ready), "seq_len": 32, "batch_size": 2,
-        "max_steps": 6, "warmup_steps": 1, "lr": 1e-3, "eval_every": 3, "eval_batches": 2,
-        "log_every": 2, "save_every": 3, "out_dir": str(tmp_path / "run"), "device": "cpu",
+        "teacher": str(tiny_teacher),
+        "student": "tiny",
+        "student_init": "random",
+        "data": "austen",
+        "data_dir": str(austen_ready),
+        "seq_len": 32,
+        "batch_size": 2,
+        "max_steps": 6,
+        "warmup_steps": 1,
+        "lr": 1e-3,
+        "eval_every": 3,
+        "eval_batches": 2,
+        "log_every": 2,
+        "save_every": 3,
+        "out_dir": str(tmp_path / "run"),
+        "device": "cpu",
     }

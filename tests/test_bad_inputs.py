@@ -21,8 +21,22 @@ DOC = ROOT / "docs" / "bad-inputs.md"
 
 
 def _tiny(env) -> list[str]:
-    return ["--teacher", str(env["teacher"]), "--student", "tiny", "--student-init", "random", "--seq-len", "32",
-            "--batch-size", "2", "--eval-batches", "1", "--device", "cpu"]
+    return [
+        "--teacher",
+        str(env["teacher"]),
+        "--student",
+        "tiny",
+        "--student-init",
+        "random",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "1",
+        "--device",
+        "cpu",
+    ]
 
 
 # (kind, what the user did, argv builder); the message is whatever kdlab prints
@@ -31,10 +45,16 @@ CASES = [
     ("config", "weight out of range: `--alpha-kd 1.5`", lambda e: ["train", "--alpha-kd", "1.5"]),
     ("config", "unknown choice: `--kd-divergence tvd`", lambda e: ["train", "--kd-divergence", "tvd"]),
     ("config", "unknown curriculum preset: `--curriculum linear`", lambda e: ["train", "--curriculum", "linear"]),
-    ("config", "ramp that ends before it starts: `--ramps '{feature: {start: 0.5, end: 0.2}}'`",
-     lambda e: ["train", "--ramps", "{feature: {start: 0.5, end: 0.2}}"]),
-    ("config", "early stopping on the weighted total: `--es-monitor val_loss`",
-     lambda e: ["train", "--es-monitor", "val_loss"]),
+    (
+        "config",
+        "ramp that ends before it starts: `--ramps '{feature: {start: 0.5, end: 0.2}}'`",
+        lambda e: ["train", "--ramps", "{feature: {start: 0.5, end: 0.2}}"],
+    ),
+    (
+        "config",
+        "early stopping on the weighted total: `--es-monitor val_loss`",
+        lambda e: ["train", "--es-monitor", "val_loss"],
+    ),
     ("config", "patience 0: `--es-patience 0`", lambda e: ["train", "--es-patience", "0"]),
     ("config", "wrong type: `--batch-size two`", lambda e: ["train", "--batch-size", "two"]),
     ("config", "unknown log style: `--log-style verbose`", lambda e: ["train", "--log-style", "verbose"]),
@@ -43,39 +63,88 @@ CASES = [
     ("config", "YAML that is a list, not a mapping", lambda e: ["train", "--config", str(e["list.yaml"])]),
     ("cli", "misspelt flag: `--lerning-rate 1`", lambda e: ["train", "--lerning-rate", "1"]),
     ("cli", "misspelt command: `kdlab trian`", lambda e: ["trian"]),
-    ("cli", "unknown profile to time: `kdlab preflight --profiles huge`", lambda e: ["preflight", "--profiles", "huge"]),
+    (
+        "cli",
+        "unknown profile to time: `kdlab preflight --profiles huge`",
+        lambda e: ["preflight", "--profiles", "huge"],
+    ),
     ("model", "teacher folder that does not exist", lambda e: ["train", "--teacher", str(e["tmp"] / "no-teacher")]),
     ("model", "folder that is not a model (no config.json)", lambda e: ["train", "--teacher", str(e["tmp"])]),
     ("model", "`--device cuda` on a machine without CUDA", lambda e: ["train", "--device", "cuda"]),
     ("data", "data file that does not exist", lambda e: ["train", *_tiny(e), "--data", str(e["tmp"] / "nope.txt")]),
-    ("data", "empty corpus", lambda e: ["train", *_tiny(e), "--data", str(e["empty.txt"]),
-                                        "--data-dir", str(e["tmp"] / "d1")]),
-    ("data", "corpus too small for the batch: `--batch-size 100000`",
-     lambda e: ["train", *_tiny(e), "--batch-size", "100000"]),
+    (
+        "data",
+        "empty corpus",
+        lambda e: ["train", *_tiny(e), "--data", str(e["empty.txt"]), "--data-dir", str(e["tmp"] / "d1")],
+    ),
+    (
+        "data",
+        "corpus too small for the batch: `--batch-size 100000`",
+        lambda e: ["train", *_tiny(e), "--batch-size", "100000"],
+    ),
     ("config", "cached teacher without top-k KD: `--teacher-cache c`", lambda e: ["train", "--teacher-cache", "c"]),
-    ("config", "cached teacher with an intermediate term: `--teacher-cache c --kd-top-k 256 --w-feature 0.5`",
-     lambda e: ["train", "--teacher-cache", "c", "--kd-top-k", "256", "--w-feature", "0.5"]),
+    (
+        "config",
+        "cached teacher with an intermediate term: `--teacher-cache c --kd-top-k 256 --w-feature 0.5`",
+        lambda e: ["train", "--teacher-cache", "c", "--kd-top-k", "256", "--w-feature", "0.5"],
+    ),
     ("cache", "`kdlab cache-teacher` without `--teacher-cache`", lambda e: ["cache-teacher"]),
-    ("cache", "`--teacher-cache` folder that holds no cache",
-     lambda e: ["train", *_tiny(e), "--kd-top-k", "16", "--teacher-cache", str(e["tmp"] / "no-cache")]),
-    ("checkpoint", "`--resume` with nothing to resume", lambda e: ["train", *_tiny(e), "--resume",
-                                                                  "--out-dir", str(e["tmp"] / "fresh")]),
-    ("checkpoint", "`--resume` with other settings (`--lr 0.1`)",
-     lambda e: ["train", *_tiny(e), "--max-steps", "2", "--lr", "0.1", "--resume", "--out-dir", str(e["run"])]),
-    ("checkpoint", "`--resume` from a corrupt checkpoint (truncated model.safetensors)",
-     lambda e: ["train", *_tiny(e), "--max-steps", "2", "--resume", "--out-dir", str(e["corrupt"])]),
-    ("checkpoint", "`--resume` where `latest` names a folder that is gone",
-     lambda e: ["train", *_tiny(e), "--max-steps", "2", "--resume", "--out-dir", str(e["dangling"])]),
-    ("checkpoint", "`--resume` with another student (`--student small`)",
-     lambda e: ["train", *_tiny(e), "--max-steps", "2", "--student", "small", "--resume",
-                "--out-dir", str(e["run"])]),
-    ("run folder", "a new run into a folder that holds a run (no `--resume`)",
-     lambda e: ["train", *_tiny(e), "--max-steps", "3", "--out-dir", str(e["run"])]),
+    (
+        "cache",
+        "`--teacher-cache` folder that holds no cache",
+        lambda e: ["train", *_tiny(e), "--kd-top-k", "16", "--teacher-cache", str(e["tmp"] / "no-cache")],
+    ),
+    (
+        "checkpoint",
+        "`--resume` with nothing to resume",
+        lambda e: ["train", *_tiny(e), "--resume", "--out-dir", str(e["tmp"] / "fresh")],
+    ),
+    (
+        "checkpoint",
+        "`--resume` with other settings (`--lr 0.1`)",
+        lambda e: ["train", *_tiny(e), "--max-steps", "2", "--lr", "0.1", "--resume", "--out-dir", str(e["run"])],
+    ),
+    (
+        "checkpoint",
+        "`--resume` from a corrupt checkpoint (truncated model.safetensors)",
+        lambda e: ["train", *_tiny(e), "--max-steps", "2", "--resume", "--out-dir", str(e["corrupt"])],
+    ),
+    (
+        "checkpoint",
+        "`--resume` where `latest` names a folder that is gone",
+        lambda e: ["train", *_tiny(e), "--max-steps", "2", "--resume", "--out-dir", str(e["dangling"])],
+    ),
+    (
+        "checkpoint",
+        "`--resume` with another student (`--student small`)",
+        lambda e: [
+            "train",
+            *_tiny(e),
+            "--max-steps",
+            "2",
+            "--student",
+            "small",
+            "--resume",
+            "--out-dir",
+            str(e["run"]),
+        ],
+    ),
+    (
+        "run folder",
+        "a new run into a folder that holds a run (no `--resume`)",
+        lambda e: ["train", *_tiny(e), "--max-steps", "3", "--out-dir", str(e["run"])],
+    ),
     ("config", "`--resume --overwrite`", lambda e: ["train", "--resume", "--overwrite"]),
-    ("model", "sequence longer than the models' positions: `--seq-len 100000`",
-     lambda e: ["train", *_tiny(e), "--seq-len", "100000"]),
-    ("config", "weight for a term that is not registered: `--term-weights '{kl_rev: 1}'`",
-     lambda e: ["train", "--term-weights", "{kl_rev: 1}"]),
+    (
+        "model",
+        "sequence longer than the models' positions: `--seq-len 100000`",
+        lambda e: ["train", *_tiny(e), "--seq-len", "100000"],
+    ),
+    (
+        "config",
+        "weight for a term that is not registered: `--term-weights '{kl_rev: 1}'`",
+        lambda e: ["train", "--term-weights", "{kl_rev: 1}"],
+    ),
 ]
 
 
@@ -89,8 +158,22 @@ def env(tmp_path_factory, tiny_teacher, austen_ready):
     e.update({k: tmp / k for k in ("typo.yaml", "list.yaml", "empty.txt")})
     # a real run with checkpoints, then damaged copies of it
     run = tmp / "run"
-    tiny = ["--teacher", str(tiny_teacher), "--student", "tiny", "--student-init", "random", "--seq-len", "32",
-            "--batch-size", "2", "--eval-batches", "1", "--device", "cpu"]
+    tiny = [
+        "--teacher",
+        str(tiny_teacher),
+        "--student",
+        "tiny",
+        "--student-init",
+        "random",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert main(["-q", "train", *tiny, "--max-steps", "2", "--out-dir", str(run)]) == 0
     e["run"] = run
     shutil.copytree(run, tmp / "corrupt")
@@ -127,8 +210,9 @@ def test_bad_inputs_get_one_line_and_exit_2_and_the_doc_says_so(env, capsys):
         if len(message) > 230:
             message = message[:227] + "..."
         rows.append(f"| {len(rows) + 1} | {kind} | {what} | {code} | `{message}` |")
-    table = "\n".join(["| # | kind | input | exit | what kdlab prints (stderr, one line) |",
-                       "|---|---|---|---|---|", *rows])
+    table = "\n".join(
+        ["| # | kind | input | exit | what kdlab prints (stderr, one line) |", "|---|---|---|---|---|", *rows]
+    )
     doc = DOC.read_text() if DOC.exists() else ""
     begin, end = "<!-- table: generated by tests/test_bad_inputs.py -->", "<!-- end of table -->"
     if os.environ.get("KDLAB_UPDATE_DOCS"):

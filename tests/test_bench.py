@@ -22,8 +22,17 @@ def test_model_flops_follow_the_textbook_count(bench):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     V, d, L, ff, H, kv = 1000, 64, 3, 96, 4, 2
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=d, num_hidden_layers=L, intermediate_size=ff,
-                                         num_attention_heads=H, num_key_value_heads=kv, tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            hidden_size=d,
+            num_hidden_layers=L,
+            intermediate_size=ff,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            tie_word_embeddings=True,
+        )
+    )
     head = d // H
     per_layer = d * H * head + 2 * d * kv * head + H * head * d + 3 * d * ff + 2 * d  # q, k+v, o, MLP, 2 norms
     n = L * per_layer + d + V * d  # + final norm + the (tied) output projection, counted once

@@ -45,17 +45,21 @@ STEPS = 30
 
 def _notebook(overrides: dict) -> dict:
     cells = [
-        "import kdlab, kdlab.course.widgets\n"
-        f"cfg = kdlab.load_config(overrides={overrides!r})",
+        f"import kdlab, kdlab.course.widgets\ncfg = kdlab.load_config(overrides={overrides!r})",
         # a 5-second run: redraw often (the default throttle keeps redraws under 3% of a long run)
         "lp = kdlab.course.widgets.LivePlot(min_interval_s=0.3, max_overhead=0.5)\n"
         "state = kdlab.train(cfg, callbacks=[lp])\n"
         "print('renders', lp.renders, 'step', state.step)",
     ]
-    return {"nbformat": 4, "nbformat_minor": 5,
-            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-            "cells": [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "execution_count": None, "outputs": [],
-                       "source": src} for i, src in enumerate(cells)]}
+    return {
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "cells": [
+            {"cell_type": "code", "id": f"c{i}", "metadata": {}, "execution_count": None, "outputs": [], "source": src}
+            for i, src in enumerate(cells)
+        ],
+    }
 
 
 def test_live_plot_updates_in_jupyterlab(tmp_path, tiny_teacher, austen_ready):
@@ -63,14 +67,30 @@ def test_live_plot_updates_in_jupyterlab(tmp_path, tiny_teacher, austen_ready):
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is missing: run `make setup` (or set KDLAB_SKIP_BROWSER=1)"
-    overrides = {"teacher": str(tiny_teacher), "student": "tiny", "student_init": "random", "data": "austen",
-                 "data_dir": str(austen_ready), "seq_len": 32, "batch_size": 2, "max_steps": STEPS, "log_every": 1,
-                 "eval_every": 5, "eval_batches": 1, "save_every": 0, "out_dir": str(tmp_path / "run"),
-                 "device": "cpu"}
+    overrides = {
+        "teacher": str(tiny_teacher),
+        "student": "tiny",
+        "student_init": "random",
+        "data": "austen",
+        "data_dir": str(austen_ready),
+        "seq_len": 32,
+        "batch_size": 2,
+        "max_steps": STEPS,
+        "log_every": 1,
+        "eval_every": 5,
+        "eval_batches": 1,
+        "save_every": 0,
+        "out_dir": str(tmp_path / "run"),
+        "device": "cpu",
+    }
     (tmp_path / "live.ipynb").write_text(json.dumps(_notebook(overrides)))
     port = free_port()
-    env = {**os.environ, "TQDM_DISABLE": "1", "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt")}
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt"),
+    }
     server = start_lab(tmp_path, port, env, tmp_path / "jupyter.log")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
@@ -88,8 +108,10 @@ def test_live_plot_updates_in_jupyterlab(tmp_path, tiny_teacher, austen_ready):
                         path = ARTIFACTS / f"live-plot-{len(shots) + 1}.png"
                         page.screenshot(path=str(path))
                         shots.append(path)
-                done = page.evaluate("() => [...document.querySelectorAll('.jp-OutputArea-output pre')]"
-                                     ".some(p => p.innerText.includes('renders'))")
+                done = page.evaluate(
+                    "() => [...document.querySelectorAll('.jp-OutputArea-output pre')]"
+                    ".some(p => p.innerText.includes('renders'))"
+                )
                 if done:  # the cell printed its last line: the final frame is in
                     break
                 time.sleep(0.1)
@@ -123,8 +145,13 @@ def test_concepts_temperature_slider_in_jupyterlab(tmp_path, tokenizer_dir, aust
     root.mkdir()
     shutil.copy(ROOT / "notebooks" / "01_concepts.ipynb", root)
     port = free_port()
-    env = {**os.environ, "KDLAB_PROFILE": "ci", "TQDM_DISABLE": "1", "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt")}
+    env = {
+        **os.environ,
+        "KDLAB_PROFILE": "ci",
+        "TQDM_DISABLE": "1",
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "jcfg"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "jrt"),
+    }
     server = start_lab(root, port, env, tmp_path / "jupyter.log")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     moved = None

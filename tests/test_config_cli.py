@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import subprocess
 import sys
@@ -36,20 +38,23 @@ def test_yaml_then_overrides_take_precedence(tmp_path):
     assert isinstance(cfg.temperature, float)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"temperature": -1.0}, r"temperature=-1.0 must be a positive number"),
-    ({"alpha_kd": 1.5}, r"alpha_kd=1.5 must be in \[0, 1\]"),
-    ({"device": "tpu"}, r"device='tpu' is not allowed; choose one of auto, cpu, cuda"),
-    ({"teacher_dtype": "fp8"}, r"teacher_dtype='fp8' is not allowed; choose one of auto, float32"),
-    ({"student_init": "copy"}, r"student_init='copy' is not allowed; choose one of random, teacher-layers"),
-    ({"batch_size": 0}, r"batch_size=0 must be >= 1"),
-    ({"kd_divergence": "tvd"}, r"kd_divergence='tvd' is not allowed; choose one of forward_kl, reverse_kl, jsd"),
-    ({"jsd_beta": 0.0}, r"jsd_beta=0.0 must be in \(0, 1\)"),
-    ({"max_steps": 0}, r"max_steps=0 must be >= 1, or -1"),
-    ({"batch_size": "two"}, r"batch_size='two' must be of type int"),
-    ({"resume": "maybe"}, r"resume='maybe' must be true or false"),
-    ({"alpha_dk": 0.0}, r"unknown config key\(s\) 'alpha_dk'; allowed keys: data, data_dir"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"temperature": -1.0}, r"temperature=-1.0 must be a positive number"),
+        ({"alpha_kd": 1.5}, r"alpha_kd=1.5 must be in \[0, 1\]"),
+        ({"device": "tpu"}, r"device='tpu' is not allowed; choose one of auto, cpu, cuda"),
+        ({"teacher_dtype": "fp8"}, r"teacher_dtype='fp8' is not allowed; choose one of auto, float32"),
+        ({"student_init": "copy"}, r"student_init='copy' is not allowed; choose one of random, teacher-layers"),
+        ({"batch_size": 0}, r"batch_size=0 must be >= 1"),
+        ({"kd_divergence": "tvd"}, r"kd_divergence='tvd' is not allowed; choose one of forward_kl, reverse_kl, jsd"),
+        ({"jsd_beta": 0.0}, r"jsd_beta=0.0 must be in \(0, 1\)"),
+        ({"max_steps": 0}, r"max_steps=0 must be >= 1, or -1"),
+        ({"batch_size": "two"}, r"batch_size='two' must be of type int"),
+        ({"resume": "maybe"}, r"resume='maybe' must be true or false"),
+        ({"alpha_dk": 0.0}, r"unknown config key\(s\) 'alpha_dk'; allowed keys: data, data_dir"),
+    ],
+)
 def test_bad_values_name_the_value_and_the_allowed_ones(values, message):
     with pytest.raises(kdlab.KDLabError, match=message):
         kdlab.load_config(overrides=values)
@@ -97,8 +102,9 @@ def test_every_field_has_a_one_line_description_and_a_group():
 
 
 def test_field_help_for_docs():
-    assert field_help("lr_scheduler") == ("learning-rate schedule after the warmup "
-                                          "(one of cosine, linear, constant; default: cosine)")
+    assert field_help("lr_scheduler") == (
+        "learning-rate schedule after the warmup (one of cosine, linear, constant; default: cosine)"
+    )
     assert field_help("teacher_cache").endswith("(default: '')")
     assert field_help("resume").endswith("(default: false)")
     with pytest.raises(kdlab.KDLabError, match="unknown config key 'lerning_rate'"):
@@ -167,11 +173,18 @@ def test_fields_with_a_fixed_set_of_values_list_them(monkeypatch, capsys):
     from kdlab.losses import DIVERGENCES
 
     expected = {
-        "student_init": kdlab.config.STUDENT_INITS, "kd_divergence": DIVERGENCES,
-        "feature_loss": tuple(FEATURE_LOSSES), "logit_projection": kdlab.config.LOGIT_PROJECTIONS,
-        "curriculum": tuple(PRESETS), "lr_scheduler": kdlab.config.SCHEDULERS, "log_style": kdlab.config.LOG_STYLES,
-        "es_monitor": tuple(METRICS), "es_mode": MODES, "device": kdlab.config.DEVICES,
-        "teacher_dtype": kdlab.config.DTYPES, "autocast_dtype": kdlab.config.DTYPES,
+        "student_init": kdlab.config.STUDENT_INITS,
+        "kd_divergence": DIVERGENCES,
+        "feature_loss": tuple(FEATURE_LOSSES),
+        "logit_projection": kdlab.config.LOGIT_PROJECTIONS,
+        "curriculum": tuple(PRESETS),
+        "lr_scheduler": kdlab.config.SCHEDULERS,
+        "log_style": kdlab.config.LOG_STYLES,
+        "es_monitor": tuple(METRICS),
+        "es_mode": MODES,
+        "device": kdlab.config.DEVICES,
+        "teacher_dtype": kdlab.config.DTYPES,
+        "autocast_dtype": kdlab.config.DTYPES,
     }
     assert {name: field_choices(name) for name in FIELDS if field_choices(name)} == expected
     entries = _help_entries(_help(monkeypatch, capsys))
@@ -202,9 +215,20 @@ def test_choices_are_read_when_checked():  # a registry that grows (e.g. a new p
         del PRESETS["test-only"]
 
 
-def _run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "kdlab", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+def _run_cli(*args):
+    """`kdlab ARGS` in this process (seconds faster than a new interpreter); test_cli_unknown_flag runs
+    the real `python -m kdlab` entry point once."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+
+
+def _run_python_m_kdlab(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "kdlab", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def _assert_one_line_error(result, pattern):
@@ -216,40 +240,69 @@ def _assert_one_line_error(result, pattern):
 
 
 def test_cli_missing_teacher_path(tmp_path):
-    _assert_one_line_error(_run_cli("train", "--teacher", str(tmp_path / "no-such-teacher")),
-                           r"^kdlab: error: teacher path '.*no-such-teacher' does not exist")
+    _assert_one_line_error(
+        _run_cli("train", "--teacher", str(tmp_path / "no-such-teacher")),
+        r"^kdlab: error: teacher path '.*no-such-teacher' does not exist",
+    )
 
 
 def test_cli_unknown_config_key(tmp_path):
     (tmp_path / "run.yaml").write_text("batch_size: 2\nlearning_rate: 0.1\n")
-    _assert_one_line_error(_run_cli("train", "--config", str(tmp_path / "run.yaml")),
-                           r"^kdlab: error: unknown config key\(s\) 'learning_rate'; allowed keys: ")
+    _assert_one_line_error(
+        _run_cli("train", "--config", str(tmp_path / "run.yaml")),
+        r"^kdlab: error: unknown config key\(s\) 'learning_rate'; allowed keys: ",
+    )
 
 
 def test_cli_negative_temperature():
-    _assert_one_line_error(_run_cli("train", "--temperature", "-2"),
-                           r"^kdlab: error: temperature=-2.0 must be a positive number")
+    _assert_one_line_error(
+        _run_cli("train", "--temperature", "-2"), r"^kdlab: error: temperature=-2.0 must be a positive number"
+    )
 
 
 def test_cli_unknown_flag():
-    _assert_one_line_error(_run_cli("train", "--lerning-rate", "1"),
-                           r"^kdlab: error: unrecognized arguments: --lerning-rate 1")
+    _assert_one_line_error(
+        _run_python_m_kdlab("train", "--lerning-rate", "1"),
+        r"^kdlab: error: unrecognized arguments: --lerning-rate 1",
+    )
 
 
 def test_cli_empty_corpus(tmp_path, tiny_teacher):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     _assert_one_line_error(
-        _run_cli("train", "--teacher", str(tiny_teacher), "--student", "tiny", "--student-init", "random",
-                 "--data", str(empty), "--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "run")),
-        r"^kdlab: error: the train split of the corpus is empty")
+        _run_cli(
+            "train",
+            "--teacher",
+            str(tiny_teacher),
+            "--student",
+            "tiny",
+            "--student-init",
+            "random",
+            "--data",
+            str(empty),
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--out-dir",
+            str(tmp_path / "run"),
+        ),
+        r"^kdlab: error: the train split of the corpus is empty",
+    )
 
 
 def test_cli_missing_data_file(tmp_path, tiny_teacher):
     _assert_one_line_error(
-        _run_cli("train", "--teacher", str(tiny_teacher), "--data", str(tmp_path / "nope.txt"),
-                 "--data-dir", str(tmp_path / "d")),
-        r"^kdlab: error: data file '.*nope.txt' does not exist")
+        _run_cli(
+            "train",
+            "--teacher",
+            str(tiny_teacher),
+            "--data",
+            str(tmp_path / "nope.txt"),
+            "--data-dir",
+            str(tmp_path / "d"),
+        ),
+        r"^kdlab: error: data file '.*nope.txt' does not exist",
+    )
 
 
 def test_main_returns_2_for_user_errors_in_process(capsys):
@@ -265,13 +318,18 @@ def test_environment_yml_matches_pyproject():
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = _requirement_names(project["dependencies"] + project["optional-dependencies"]["dev"]
-                                + project["optional-dependencies"]["notebooks"])
+    wanted = _requirement_names(
+        project["dependencies"]
+        + project["optional-dependencies"]["dev"]
+        + project["optional-dependencies"]["notebooks"]
+    )
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda = [d for d in env["dependencies"] if isinstance(d, str)]
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    listed = _requirement_names([c.replace("pytorch", "torch") for c in conda if not c.startswith(("python", "pip"))]
-                                + [p for p in pip if not p.startswith("-e")])
+    listed = _requirement_names(
+        [c.replace("pytorch", "torch") for c in conda if not c.startswith(("python", "pip"))]
+        + [p for p in pip if not p.startswith("-e")]
+    )
     assert set(listed) == set(wanted), set(listed) ^ set(wanted)
     for name, spec in wanted.items():  # same version bounds, conda's "=" spelling aside
         assert listed[name].replace(" ", "").replace("pytorch", "torch") == spec.replace(" ", ""), name

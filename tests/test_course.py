@@ -21,8 +21,16 @@ from kdlab.course import PROFILES, profile
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-LESSONS = ["00_quickstart", "01_concepts", "02_dtype_mismatch", "03_loss_normalization", "04_curriculum", "05_logging",
-           "06_early_stopping", "07_capstone"]
+LESSONS = [
+    "00_quickstart",
+    "01_concepts",
+    "02_dtype_mismatch",
+    "03_loss_normalization",
+    "04_curriculum",
+    "05_logging",
+    "06_early_stopping",
+    "07_capstone",
+]
 MACHINE_PATHS = re.compile(r"(/work/|/tmp/|/home/|/root/|/Users/|\.venv/|site-packages)")
 
 
@@ -64,8 +72,15 @@ def test_profiles_keep_the_same_code_path():
     # only sizes differ between profiles: the same pair, data and losses
     fields = {f for p in PROFILES.values() for f in p.config("x").to_dict()}
     differing = {f for f in fields if len({repr(getattr(p.config("x"), f)) for p in PROFILES.values()}) > 1}
-    assert differing <= {"batch_size", "seq_len", "max_steps", "eval_every", "eval_batches", "log_every",
-                         "warmup_steps"}
+    assert differing <= {
+        "batch_size",
+        "seq_len",
+        "max_steps",
+        "eval_every",
+        "eval_batches",
+        "log_every",
+        "warmup_steps",
+    }
 
 
 def _cells(name):
@@ -98,7 +113,8 @@ def test_stored_outputs_are_from_a_run_small_and_clean(name):
         for o in c["outputs"]:
             assert o["output_type"] != "error", f"{name}: a stored error output"
             blob = json.dumps({k: v for k, v in o.items() if k != "data"}) + json.dumps(
-                {k: v for k, v in o.get("data", {}).items() if not k.startswith("image/")})
+                {k: v for k, v in o.get("data", {}).items() if not k.startswith("image/")}
+            )
             assert not MACHINE_PATHS.search(blob), f"{name}: machine path in {MACHINE_PATHS.search(blob)[0]!r}"
     checked = [c for c in code if "NBVAL_CHECK_OUTPUT" in "".join(c["source"])]
     assert checked and all(c["outputs"] for c in checked), "deterministic cells are checked, with outputs"
@@ -130,9 +146,11 @@ def test_no_stale_progress_bars_or_widget_fallbacks(name):
 def test_every_lesson_ends_with_a_verdict_table_and_levelled_exercises(name):
     cells = _cells(name)
     assert "| claim | measured | holds |" in _outputs_text(cells) + "\n".join(
-        "".join(c["source"]) for c in cells if c["cell_type"] == "markdown"), f"{name}: no verdict table"
-    exercises = "\n".join("".join(c["source"]) for c in cells
-                          if c["cell_type"] == "markdown" and "## Exercises" in "".join(c["source"]))
+        "".join(c["source"]) for c in cells if c["cell_type"] == "markdown"
+    ), f"{name}: no verdict table"
+    exercises = "\n".join(
+        "".join(c["source"]) for c in cells if c["cell_type"] == "markdown" and "## Exercises" in "".join(c["source"])
+    )
     items = re.findall(r"^\d+\. .*", exercises.split("## Exercises", 1)[1], flags=re.M)
     assert items and all(LEVEL.search(i) for i in items), f"{name}: every exercise needs a level and minutes"
 
@@ -159,7 +177,7 @@ def test_figures_are_stored_at_100_dpi_or_more(name):
             assert width >= 400, f"{name}: a {width}-pixel-wide figure"
             if b"pHYs" in raw:
                 i = raw.index(b"pHYs") + 4
-                ppm = struct.unpack(">I", raw[i:i + 4])[0]
+                ppm = struct.unpack(">I", raw[i : i + 4])[0]
                 assert ppm * 0.0254 >= 99.5, f"{name}: a figure at {ppm * 0.0254:.0f} dpi"
 
 
@@ -197,8 +215,18 @@ def test_every_reference_arm_a_notebook_names_exists():
 
 def test_reference_profile_replays_through_the_callbacks(tiny_overrides, tmp_path, monkeypatch):
     # a reference run made by a real (tiny) training run, then replayed by a fresh trainer
-    made = kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "eval_every": 1, "log_every": 1,
-                                                    "es_patience": 1, "es_min_delta": 10.0, "es_warmup_steps": 0}))
+    made = kdlab.train(
+        kdlab.load_config(
+            overrides={
+                **tiny_overrides,
+                "eval_every": 1,
+                "log_every": 1,
+                "es_patience": 1,
+                "es_min_delta": 10.0,
+                "es_warmup_steps": 0,
+            }
+        )
+    )
     arm = tmp_path / "notebooks" / "reference" / "tiny"
     arm.mkdir(parents=True)
     (arm / "metrics.jsonl").write_text((Path(tiny_overrides["out_dir"]) / "metrics.jsonl").read_text())
@@ -228,8 +256,14 @@ def test_reference_profile_replays_through_the_callbacks(tiny_overrides, tmp_pat
     P = profile()
     assert P.replays
     seen = Seen()
-    over = {**tiny_overrides, "out_dir": str(tmp_path / "replay"), "eval_every": 1, "es_patience": 1,
-            "es_min_delta": 10.0, "es_warmup_steps": 0}
+    over = {
+        **tiny_overrides,
+        "out_dir": str(tmp_path / "replay"),
+        "eval_every": 1,
+        "es_patience": 1,
+        "es_min_delta": 10.0,
+        "es_warmup_steps": 0,
+    }
     trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over), callbacks=[seen])
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     state = P.fit(trainer, "tiny")
@@ -238,8 +272,9 @@ def test_reference_profile_replays_through_the_callbacks(tiny_overrides, tmp_pat
     assert made.stop_reason.startswith("early stopping") and state.stop_reason.startswith("early stopping")
     assert trainer.callback(kdlab.EarlyStopping).stopped_step == made.step
     assert seen.events[0] == "begin" and seen.events[-1] == "end"
-    assert [e for e in seen.events if isinstance(e, tuple) and e[0] == "log"] == \
-        [("log", r["step"]) for r in state.history if r["kind"] == "train"]
+    assert [e for e in seen.events if isinstance(e, tuple) and e[0] == "log"] == [
+        ("log", r["step"]) for r in state.history if r["kind"] == "train"
+    ]
     assert all(torch_equal(before[k], v) for k, v in trainer.student.state_dict().items()), "nothing trained"
     assert not (tmp_path / "replay" / "best").exists(), "a replay saves no weights"
     with pytest.raises(kdlab.KDLabError, match="no reference run 'nope'.*there are: tiny"):

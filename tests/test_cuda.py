@@ -18,8 +18,16 @@ def cuda_overrides(tiny_overrides):
 
 @pytest.mark.parametrize("autocast", ["bfloat16", "float16"])
 def test_cuda_run_with_an_fp16_teacher_trains_and_keeps_fp32_weights(cuda_overrides, autocast):
-    cfg = kdlab.load_config(overrides={**cuda_overrides, "autocast_dtype": autocast, "lr": 3e-3,
-                                        "w_feature": 0.5, "w_attention": 0.5, "curriculum": "constant"})
+    cfg = kdlab.load_config(
+        overrides={
+            **cuda_overrides,
+            "autocast_dtype": autocast,
+            "lr": 3e-3,
+            "w_feature": 0.5,
+            "w_attention": 0.5,
+            "curriculum": "constant",
+        }
+    )
     trainer = kdlab.Trainer.from_config(cfg)
     assert next(trainer.teacher.parameters()).dtype == torch.float16  # the original framework's set-up
     assert trainer.scaler.is_enabled() == (autocast == "float16")
@@ -34,9 +42,17 @@ def test_cuda_run_with_an_fp16_teacher_trains_and_keeps_fp32_weights(cuda_overri
 
 def test_no_host_sync_inside_a_cuda_training_step(cuda_overrides):
     """torch's sync debug mode raises on any operation that waits for the GPU."""
-    cfg = kdlab.load_config(overrides={**cuda_overrides, "w_feature": 1.0, "w_layerwise": 1.0,
-                                        "w_contrastive": 0.5, "adaptive_balance": True, "grad_accum": 2,
-                                        "curriculum": "constant"})
+    cfg = kdlab.load_config(
+        overrides={
+            **cuda_overrides,
+            "w_feature": 1.0,
+            "w_layerwise": 1.0,
+            "w_contrastive": 0.5,
+            "adaptive_balance": True,
+            "grad_accum": 2,
+            "curriculum": "constant",
+        }
+    )
     trainer = kdlab.Trainer.from_config(cfg)
     batches = [trainer.batches.next_step() for _ in range(3)]
     trainer.train_step(batches[0])  # lazy initialisations (cuBLAS handles, optimizer state)

@@ -1,4 +1,5 @@
-"""The loss-weight curriculum: the original framework's table, ramp shapes, presets, state, and the trainer's use of it."""
+"""The loss-weight curriculum: the original framework's table, ramp shapes, presets, state, and the trainer's
+use of it."""
 
 from __future__ import annotations
 
@@ -68,12 +69,21 @@ def test_state_dict_round_trip_and_mismatch():
         CurriculumScheduler.from_preset("original", 200).load_state_dict(a.state_dict())
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"feature": {"start": 0.5, "end": 0.2}}, r"ramps.feature: ramp start=0.5, end=0.2: need 0 <= start <= end <= 1"),
-    ({"feature": {"start": 0.1, "end": 0.4, "shape": "step"}}, r"shape='step' is not allowed; choose one of linear, cosine"),
-    ({"featur": {"start": 0.1}}, r"unknown term 'featur'; choose from lm, kd, feature"),
-    ({"feature": {"begin": 0.1}}, r"unknown key\(s\) begin; allowed: start, end, shape"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            {"feature": {"start": 0.5, "end": 0.2}},
+            r"ramps.feature: ramp start=0.5, end=0.2: need 0 <= start <= end <= 1",
+        ),
+        (
+            {"feature": {"start": 0.1, "end": 0.4, "shape": "step"}},
+            r"shape='step' is not allowed; choose one of linear, cosine",
+        ),
+        ({"featur": {"start": 0.1}}, r"unknown term 'featur'; choose from lm, kd, feature"),
+        ({"feature": {"begin": 0.1}}, r"unknown key\(s\) begin; allowed: start, end, shape"),
+    ],
+)
 def test_bad_ramps_are_clear_errors(spec, message):
     with pytest.raises(kdlab.KDLabError, match=message):
         parse_ramps(spec)
@@ -82,7 +92,9 @@ def test_bad_ramps_are_clear_errors(spec, message):
 
 
 def test_unknown_preset_names_the_allowed_ones():
-    with pytest.raises(kdlab.KDLabError, match="curriculum='linear' is not allowed; choose one of constant, original, original-phases"):
+    with pytest.raises(
+        kdlab.KDLabError, match="curriculum='linear' is not allowed; choose one of constant, original, original-phases"
+    ):
         kdlab.load_config(overrides={"curriculum": "linear"})
     assert set(PRESETS) == {"constant", "original", "original-phases"}
 
@@ -93,11 +105,23 @@ def test_module_doctest_table():
 
 
 def test_trainer_logs_the_curriculum_weights_it_trains_with(tiny_overrides):
-    over = {**tiny_overrides, "w_feature": 1.0, "w_layerwise": 0.5, "max_steps": 10, "log_every": 1,
-            "eval_every": 0, "save_every": 0, "ramps": {"layerwise": {"start": 0.2, "end": 0.6, "shape": "cosine"}}}
+    over = {
+        **tiny_overrides,
+        "w_feature": 1.0,
+        "w_layerwise": 0.5,
+        "max_steps": 10,
+        "log_every": 1,
+        "eval_every": 0,
+        "save_every": 0,
+        "ramps": {"layerwise": {"start": 0.2, "end": 0.6, "shape": "cosine"}},
+    }
     state = kdlab.train(kdlab.load_config(overrides=over))
-    sched = CurriculumScheduler.from_preset("original", 10, {"kd": 0.5, "lm": 0.5, "feature": 1.0, "layerwise": 0.5},
-                                            {"layerwise": Ramp(0.2, 0.6, shape="cosine")})
+    sched = CurriculumScheduler.from_preset(
+        "original",
+        10,
+        {"kd": 0.5, "lm": 0.5, "feature": 1.0, "layerwise": 0.5},
+        {"layerwise": Ramp(0.2, 0.6, shape="cosine")},
+    )
     train = [r for r in state.history if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 11))
     for r in train:  # the record of step s holds the weights of the update that produced step s

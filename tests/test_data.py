@@ -31,8 +31,14 @@ def test_austen_splits_are_whole_disjoint_chapters_and_match_the_manifest(austen
     assert len(chapters["train"]) == 243 and len(chapters["validation"]) == 13 and len(chapters["test"]) == 13
     assert not (chapters["train"] & chapters["validation"]) and not (chapters["train"] & chapters["test"])
     assert not (chapters["validation"] & chapters["test"])
-    assert {b for b, _ in chapters["train"]} == {"emma", "mansfieldpark", "northangerabbey", "persuasion",
-                                                  "prideprejudice", "sensesensibility"}
+    assert {b for b, _ in chapters["train"]} == {
+        "emma",
+        "mansfieldpark",
+        "northangerabbey",
+        "persuasion",
+        "prideprejudice",
+        "sensesensibility",
+    }
 
 
 def test_corrupt_split_file_is_rebuilt_or_refused(austen_ready, tmp_path):
@@ -60,11 +66,15 @@ def test_packing_pads_the_tail_and_masks_it(tokenizer_dir, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     text = "It is a truth universally acknowledged. " * 3
-    docs = datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": [text, "Short one."]})
-                                 for s in ("train", "validation", "test")})
+    docs = datasets.DatasetDict(
+        {s: datasets.Dataset.from_dict({"text": [text, "Short one."]}) for s in ("train", "validation", "test")}
+    )
     packed = tokenize_and_pack(docs, tok, seq_len=16)["train"]
-    n_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) + len(tok("Short one.", add_special_tokens=False)
-                                                                           ["input_ids"]) + 2  # two EOS
+    n_tokens = (
+        len(tok(text, add_special_tokens=False)["input_ids"])
+        + len(tok("Short one.", add_special_tokens=False)["input_ids"])
+        + 2
+    )  # two EOS
     assert packed.num_tokens == n_tokens
     assert len(packed) == -(-n_tokens // 16)
     last = packed.batch([len(packed) - 1])

@@ -77,11 +77,14 @@ def test_state_dict_resumes_the_same_decisions():
     assert second.state_dict() == whole.state_dict()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"monitor": "val_loss"}, "monitor='val_loss' is not allowed; choose one of val_kl, val_ce"),
-    ({"mode": "up"}, "mode='up' is not allowed; choose one of min, max"),
-    ({"patience": 0}, "patience=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"monitor": "val_loss"}, "monitor='val_loss' is not allowed; choose one of val_kl, val_ce"),
+        ({"mode": "up"}, "mode='up' is not allowed; choose one of min, max"),
+        ({"patience": 0}, "patience=0 must be >= 1"),
+    ],
+)
 def test_bad_settings(kwargs, message):
     with pytest.raises(kdlab.KDLabError, match=message):
         EarlyStopping(**kwargs)
@@ -113,8 +116,16 @@ class _Wreck:
 
 
 def test_run_stops_on_patience_and_restores_the_best_weights(tiny_overrides, tmp_path):
-    over = {**tiny_overrides, "max_steps": 12, "eval_every": 1, "log_every": 1, "save_every": 0,
-            "es_patience": 2, "es_warmup_steps": 0, "es_min_delta": 0.0}
+    over = {
+        **tiny_overrides,
+        "max_steps": 12,
+        "eval_every": 1,
+        "log_every": 1,
+        "save_every": 0,
+        "es_patience": 2,
+        "es_warmup_steps": 0,
+        "es_min_delta": 0.0,
+    }
     state = kdlab.train(kdlab.load_config(overrides=over), callbacks=[_Wreck(at=3)])
     val = state.evals("validation")
     assert state.step == 4 and not state.failed  # the evaluations at steps 3 and 4 are worse than step 2's

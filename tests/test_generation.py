@@ -91,8 +91,11 @@ def test_teacher_nll_equals_cross_entropy_on_the_continuation(tiny):
 def test_held_out_prompts_come_from_the_test_split(tmp_path):
     from kdlab.data import load_documents
 
-    text = "\n\n".join(f"Paragraph {i} begins here and it goes on for quite a while with many words in it, "
-                       f"twenty at the very least, so that it counts as a sentence number {i}." for i in range(3000))
+    text = "\n\n".join(
+        f"Paragraph {i} begins here and it goes on for quite a while with many words in it, "
+        f"twenty at the very least, so that it counts as a sentence number {i}."
+        for i in range(3000)
+    )
     f = tmp_path / "corpus.txt"
     f.write_text(text)
     prompts = held_out_prompts(str(f), tmp_path, n=3, words=5)

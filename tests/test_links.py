@@ -40,18 +40,26 @@ ALLOWED = {"tests/test_course.py": "MACHINE_PATHS = re.compile("}
 SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1")
-INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*(<[^>\n]*>|[^)\s]+)(?:\s+(?:\"[^\"]*\"|'[^']*'|\([^)]*\)))?\s*\)")
+INLINE_LINK = re.compile(
+    r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*(<[^>\n]*>|[^)\s]+)(?:\s+(?:\"[^\"]*\"|'[^']*'|\([^)]*\)))?\s*\)"
+)
 REF_DEF = re.compile(r"^ {0,3}\[[^\]\n]+\]:\s*(<[^>\n]*>|\S+)", re.M)
 HTML_ATTR = re.compile(r"<(?:img|a|source|video|audio|iframe)\b[^>]*?\b(?:src|href)\s*=\s*([\"'])(.*?)\1", re.I | re.S)
 
 
 # ------------------------------------------------------------------------------------------- the files
 
+
 @pytest.fixture(scope="module")
 def files() -> list[str]:
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=ROOT, capture_output=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
     except (OSError, subprocess.SubprocessError) as e:
         pytest.skip(f"git is not available here: {e}")
     names = sorted({n for n in out.decode("utf-8", "surrogateescape").split("\0") if n})
@@ -89,6 +97,7 @@ def _problem(base_dir: str, target: str, known: set[str]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------- markdown
+
 
 def markdown_links(text: str) -> list[tuple[int, str]]:
     """(line, target) of every relative link in markdown `text` (code blocks and code spans ignored)."""
@@ -155,6 +164,7 @@ def test_markdown_links_resolve(files, known):
 
 # ------------------------------------------------------------------------------------------ python
 
+
 def _python_text(source: str) -> list[tuple[int, str]]:
     """(first line, text) of every comment and every string statement (docstrings) of a module."""
     out = []
@@ -169,8 +179,7 @@ def _python_text(source: str) -> list[tuple[int, str]]:
     except SyntaxError:
         return out
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-                and isinstance(node.value.value, str)):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             out.append((node.lineno, node.value.value))
     return out
 
@@ -181,7 +190,7 @@ def python_paths(text: str, top_level: list[str]) -> list[tuple[int, str]]:
     pattern = re.compile(rf"(?<![\w./~-])((?:\.\./)+[\w.-]+(?:/[\w.-]+)*/?|(?:{tops})/(?:[\w.-]+(?:/[\w.-]+)*/?)?)")
     out = []
     for m in pattern.finditer(text):
-        nxt = text[m.end():m.end() + 1]
+        nxt = text[m.end() : m.end() + 1]
         if nxt and nxt in "*<{[$%":
             continue  # a pattern, not a path
         path = m.group(1).rstrip(".,:;")
@@ -193,8 +202,14 @@ def python_paths(text: str, top_level: list[str]) -> list[tuple[int, str]]:
 def _ignored(paths: set[str]) -> set[str]:
     if not paths:
         return set()
-    res = subprocess.run(["git", "check-ignore", "--stdin"], cwd=ROOT, input="\n".join(sorted(paths)) + "\n",
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["git", "check-ignore", "--stdin"],
+        cwd=ROOT,
+        input="\n".join(sorted(paths)) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return {p.strip() for p in res.stdout.splitlines() if p.strip()}
 
 
@@ -212,13 +227,17 @@ def test_python_paths_resolve(files, known):
                 if rel is None or (rel != "" and rel.rstrip("/") not in known):
                     candidates.append((f, start + offset, path, rel))
     ignored = _ignored({rel.rstrip("/") for *_, rel in candidates if rel})
-    bad = [f"{f}, line {line}: path {path}: "
-           + ("points outside the repository" if rel is None else f"{rel} is not a file or folder in the repository")
-           for f, line, path, rel in candidates if rel is None or rel.rstrip("/") not in ignored]
+    bad = [
+        f"{f}, line {line}: path {path}: "
+        + ("points outside the repository" if rel is None else f"{rel} is not a file or folder in the repository")
+        for f, line, path, rel in candidates
+        if rel is None or rel.rstrip("/") not in ignored
+    ]
     assert not bad, "paths in docstrings or comments that do not exist:\n" + "\n".join(bad)
 
 
 # ------------------------------------------------------------------------------- machine-only paths
+
 
 def test_no_file_points_at_machine_only_paths(files):
     bad = []
@@ -230,7 +249,7 @@ def test_no_file_points_at_machine_only_paths(files):
             while start != -1:
                 line_start = data.rfind(b"\n", 0, start) + 1
                 line_end = data.find(b"\n", start)
-                line = data[line_start:line_end if line_end != -1 else len(data)].decode("utf-8", "replace")
+                line = data[line_start : line_end if line_end != -1 else len(data)].decode("utf-8", "replace")
                 if not (f in ALLOWED and ALLOWED[f] in line):
                     lineno = data.count(b"\n", 0, start) + 1
                     bad.append(f"{f}, line {lineno}: mentions {needle!r}: {line.strip()[:120]}")
@@ -240,19 +259,28 @@ def test_no_file_points_at_machine_only_paths(files):
 
 # ------------------------------------------------------------------------------- the checkers' rules
 
+
 def test_markdown_link_extraction_rules():
-    text = "\n".join([
-        "See [the guide](docs/guide.md#part) and ![a figure](images/a%20b.png \"title\").",
-        "[external](https://example.org) [mail](mailto:a@b.c) [anchor](#results) [wrapped",
-        "text](../up.md)",
-        "`[in code](no.md)` and <img alt=\"x\" src=\"pic.png\"> and <a href='dir/'>x</a>",
-        "```python",
-        "x = f[0](y)  # [not a link](nope.md)",
-        "```",
-        "[ref]: other.md",
-    ])
-    assert markdown_links(text) == [(1, "docs/guide.md"), (1, "images/a b.png"), (3, "../up.md"),
-                                    (4, "pic.png"), (4, "dir/"), (8, "other.md")]
+    text = "\n".join(
+        [
+            'See [the guide](docs/guide.md#part) and ![a figure](images/a%20b.png "title").',
+            "[external](https://example.org) [mail](mailto:a@b.c) [anchor](#results) [wrapped",
+            "text](../up.md)",
+            '`[in code](no.md)` and <img alt="x" src="pic.png"> and <a href=\'dir/\'>x</a>',
+            "```python",
+            "x = f[0](y)  # [not a link](nope.md)",
+            "```",
+            "[ref]: other.md",
+        ]
+    )
+    assert markdown_links(text) == [
+        (1, "docs/guide.md"),
+        (1, "images/a b.png"),
+        (3, "../up.md"),
+        (4, "pic.png"),
+        (4, "dir/"),
+        (8, "other.md"),
+    ]
 
 
 def test_python_path_extraction_rules():

@@ -4,8 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.losses import (IGNORE_INDEX, kd_loss, kd_loss_reference, kd_loss_topk, lm_loss, next_token_labels,
-                           teacher_top_k)
+from kdlab.losses import (
+    IGNORE_INDEX,
+    kd_loss,
+    kd_loss_reference,
+    kd_loss_topk,
+    lm_loss,
+    next_token_labels,
+    teacher_top_k,
+)
 
 V = 97  # a small prime vocabulary: chunks never line up with anything by accident
 
@@ -88,8 +95,7 @@ def test_kd_invariant_to_batch_size_and_sequence_length(batch):
     base = kd_loss(s, t, mask)
     # the same tokens twice in the batch, or twice as long a sequence: a per-token mean is unchanged
     torch.testing.assert_close(kd_loss(torch.cat([s, s]), torch.cat([t, t]), torch.cat([mask, mask])), base)
-    torch.testing.assert_close(kd_loss(torch.cat([s, s], 1), torch.cat([t, t], 1), torch.cat([mask, mask], 1)),
-                               base)
+    torch.testing.assert_close(kd_loss(torch.cat([s, s], 1), torch.cat([t, t], 1), torch.cat([mask, mask], 1)), base)
 
 
 def test_topk_is_at_most_full_and_equal_at_k_equals_v(batch):
@@ -241,8 +247,7 @@ def test_divergences_vanish_at_equality_and_order_sensibly(batch, divergence):
     assert kd_loss(s, s.clone(), mask, divergence=divergence).abs() < 1e-6
     full = kd_loss(s, t, mask, divergence=divergence)
     assert kd_loss(s, t, mask, divergence=divergence, top_k=8) <= full + 1e-6  # coarse-graining
-    torch.testing.assert_close(kd_loss(s, t, mask, divergence=divergence, top_k=V - 1), full, rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(kd_loss(s, t, mask, divergence=divergence, top_k=V - 1), full, rtol=1e-5, atol=1e-6)
 
 
 def test_jsd_is_bounded_and_symmetric_at_half(batch):

@@ -49,15 +49,17 @@ def test_teacher_layer_init_copies_weights(tiny_teacher):
     p = kdlab.resolve_precision("cpu")
     teacher = kdlab.load_teacher(str(tiny_teacher), "data", p)
     # a 1-layer student of the tiny teacher's width takes its last layer
-    kdlab.STUDENT_PRESETS["_test_1layer"] = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                                 num_key_value_heads=2, intermediate_size=128)
+    kdlab.STUDENT_PRESETS["_test_1layer"] = dict(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+    )
     try:
         student = kdlab.build_student("_test_1layer", teacher, "teacher-layers", "data", p)
     finally:
         del kdlab.STUDENT_PRESETS["_test_1layer"]
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
-    for (name, s), (_, t) in zip(student.model.layers[0].state_dict().items(),
-                                 teacher.model.layers[1].state_dict().items()):
+    for (name, s), (_, t) in zip(
+        student.model.layers[0].state_dict().items(), teacher.model.layers[1].state_dict().items()
+    ):
         assert torch.equal(s, t), name
 
 
@@ -71,8 +73,16 @@ def test_teacher_layer_init_needs_the_teachers_width(tiny_teacher):
 def test_student_with_another_vocabulary_is_refused(tiny_teacher, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=1, intermediate_size=64)).save_pretrained(tmp_path / "s")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=1000,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+        )
+    ).save_pretrained(tmp_path / "s")
     p = kdlab.resolve_precision("cpu")
     teacher = kdlab.load_teacher(str(tiny_teacher), "data", p)
     with pytest.raises(kdlab.KDLabError, match=r"student vocabulary \(1000\) is smaller than the teacher tokenizer's"):

@@ -2,8 +2,8 @@
 
 import torch
 
-from kdlab.losses import kd_loss
 from kdlab.course.original import original_kd_batchmean
+from kdlab.losses import kd_loss
 
 
 def test_seed_batchmean_kd_grows_with_sequence_length_while_kdlab_does_not():
@@ -27,8 +27,8 @@ class _FakeTrainer:
 
 
 def test_seed_total_early_stopping_fires_when_a_ramp_raises_the_total():
-    from kdlab.curriculum import CurriculumScheduler
     from kdlab.course.original import OriginalTotalEarlyStopping
+    from kdlab.curriculum import CurriculumScheduler
 
     # fixed raw terms that fall slowly; the curriculum ramps feature in over steps 10-40 of 100
     sched = CurriculumScheduler.from_preset("original", 100, {"kd": 0.5, "lm": 0.5, "feature": 1.0})
@@ -44,7 +44,9 @@ def test_seed_total_early_stopping_fires_when_a_ramp_raises_the_total():
         if trainer.state.should_stop:
             break
     # the total falls until the ramp starts at step 10, then rises: 10 checks later it stops
-    assert es.best_step == 11 and es.stopped_step == 21 and trainer.state.stop_reason.startswith("original early stopping")
+    assert (
+        es.best_step == 11 and es.stopped_step == 21 and trainer.state.stop_reason.startswith("original early stopping")
+    )
     assert watcher.stopped_step == 21 and len(watcher.checks) == 21
     # the same rule with a warmup past the ramp's end does not stop inside the ramp
     late = OriginalTotalEarlyStopping(patience=10, warmup_steps=40, stop=False)

@@ -20,8 +20,16 @@ from kdlab.errors import KDLabError
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_DIR = ROOT / "data" / "teacher" / "smollm2-135m"
 DEB_NAME = json.loads((ROOT / "data" / "MANIFEST.json").read_text())["austen"]["deb"]["name"]
-LESSONS = ["00_quickstart", "01_concepts", "02_dtype_mismatch", "03_loss_normalization", "04_curriculum",
-           "05_logging", "06_early_stopping", "07_capstone"]
+LESSONS = [
+    "00_quickstart",
+    "01_concepts",
+    "02_dtype_mismatch",
+    "03_loss_normalization",
+    "04_curriculum",
+    "05_logging",
+    "06_early_stopping",
+    "07_capstone",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -30,18 +38,24 @@ def _no_own_corpus(monkeypatch):
 
 
 def _cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "kdlab", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "kdlab", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 # ------------------------------------------------------------------ the timing table's arithmetic
 
 
 def test_expected_times_scale_by_the_step_time_ratio_by_hand():
-    table = {"machine": "ref", "step_seconds": {"ci": 2.0, "cpu": 4.0, "gpu": None},
-             "notebooks": {"00_quickstart": {"ci": 100, "cpu": 600, "gpu": 90, "reference": 30},
-                           "01_concepts": {"ci": None, "cpu": None, "gpu": None, "reference": None},
-                           "02_dtype_mismatch": {"ci": 40, "cpu": None, "gpu": None, "reference": 12}}}
+    table = {
+        "machine": "ref",
+        "step_seconds": {"ci": 2.0, "cpu": 4.0, "gpu": None},
+        "notebooks": {
+            "00_quickstart": {"ci": 100, "cpu": 600, "gpu": 90, "reference": 30},
+            "01_concepts": {"ci": None, "cpu": None, "gpu": None, "reference": None},
+            "02_dtype_mismatch": {"ci": 40, "cpu": None, "gpu": None, "reference": 12},
+        },
+    }
     # this machine: a ci step takes 3.0 s (1.5x the reference's 2.0 s), a cpu step 2.0 s (0.5x its 4.0 s)
     got = pf.expected_seconds(table, {"ci": 3.0, "cpu": 2.0})
     # 100 x 3.0/2.0 = 150, 600 x 2.0/4.0 = 300; gpu measured there but not timed here; reference not scaled
@@ -54,8 +68,11 @@ def test_expected_times_scale_by_the_step_time_ratio_by_hand():
     lines = pf.format_expected(got, pf.table_profiles(table))
     assert lines[0].split() == ["notebook", "ci", "cpu", "gpu", "reference"]
     assert re.match(r"\s*00_quickstart\s+2 min 30 s\s+5 min 00 s\s+not timed here\s+30 s$", lines[1])
-    assert re.match(r"\s*total\s+3 min 30 s \+ 1 not measured\s+5 min 00 s \+ 2 not measured\s+-\s+42 s "
-                    r"\+ 1 not measured$", lines[-1]), lines[-1]
+    assert re.match(
+        r"\s*total\s+3 min 30 s \+ 1 not measured\s+5 min 00 s \+ 2 not measured\s+-\s+42 s "
+        r"\+ 1 not measured$",
+        lines[-1],
+    ), lines[-1]
 
 
 def test_committed_timings_table_has_the_schema():
@@ -109,8 +126,9 @@ def test_missing_data_fails_in_one_line_each_and_skips_the_timing(tmp_path, monk
     missing = [line for line in lines if line.split()[:1] == ["missing"]]
     assert len(missing) == 3, lines
     assert any("kdlab_no_such_package: not importable" in m for m in missing)
-    assert any(re.search(r"corpus: .*austen.*train\.jsonl is missing; run `make setup`.*KDLAB_CORPUS", m)
-               for m in missing)
+    assert any(
+        re.search(r"corpus: .*austen.*train\.jsonl is missing; run `make setup`.*KDLAB_CORPUS", m) for m in missing
+    )
     assert any(re.search(r"teacher: .*smollm2-135m is not converted yet; run `make setup`", m) for m in missing)
     assert "  skipped: fix the set-up lines marked `missing` first" in lines  # no training without a teacher
     assert any(line.lstrip().startswith("00_quickstart") for line in lines)  # the table still prints
@@ -140,16 +158,17 @@ def test_own_corpus_replaces_the_austen_check(tmp_path, monkeypatch):
     assert pf.check_corpus(tmp_path)[0]
 
 
+@pytest.mark.process
 def test_preflight_help_and_bad_profile():
     result = _cli("preflight", "--help")
     assert result.returncode == 0, result.stderr
     assert "--profiles" in result.stdout and "timings.json" in result.stdout
     result = _cli("preflight", "--profiles", "reference", "--data-dir", "no-such-dir")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == \
-        "kdlab: error: --profiles 'reference': choose from ci, cpu, gpu"
+    assert result.stderr.strip().splitlines()[-1] == "kdlab: error: --profiles 'reference': choose from ci, cpu, gpu"
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_preflight_end_to_end_ci():
     if not (TEACHER_DIR / "kdlab-conversion.json").is_file():
@@ -181,6 +200,7 @@ def test_no_apt_get_is_one_line_with_the_url_and_kdlab_corpus(tmp_path, monkeypa
     assert kdlab.data._download_austen_deb(tmp_path / "downloads", DEB_NAME) == tmp_path / "downloads" / DEB_NAME
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_kdlab_prepare_without_apt_get_exits_2_with_one_line(tmp_path):
     if not (TEACHER_DIR / "kdlab-conversion.json").is_file():
@@ -194,8 +214,10 @@ def test_kdlab_prepare_without_apt_get_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("kdlab: error: the Austen corpus comes from Debian's r-cran-janeaustenr package "
-                               "and apt-get is not available here: download https://deb.debian.org/")
+    assert lines[0].startswith(
+        "kdlab: error: the Austen corpus comes from Debian's r-cran-janeaustenr package "
+        "and apt-get is not available here: download https://deb.debian.org/"
+    )
     assert "KDLAB_CORPUS=" in lines[0]
 
 
@@ -209,26 +231,38 @@ def test_setup_sh_without_apt_get_says_one_line_about_chromium(tmp_path):
     (venv / "bin").mkdir(parents=True)
     calls = tmp_path / "calls.txt"
     fake = venv / "bin" / "python"
-    fake.write_text(f'#!/bin/bash\necho "$*" >> {calls}\n'
-                    'if [ "$1 $2" = "-m kdlab" ]; then echo "kdlab: error: (the corpus line)" >&2; exit 2; fi\n')
+    fake.write_text(
+        f'#!/bin/bash\necho "$*" >> {calls}\n'
+        'if [ "$1 $2" = "-m kdlab" ]; then echo "kdlab: error: (the corpus line)" >&2; exit 2; fi\n'
+    )
     fake.chmod(0o755)
-    stamp = hashlib.sha256((tmp_path / "pyproject.toml").read_bytes()
-                           + (tmp_path / "scripts" / "setup.sh").read_bytes()).hexdigest()[:16]
+    stamp = hashlib.sha256(
+        (tmp_path / "pyproject.toml").read_bytes() + (tmp_path / "scripts" / "setup.sh").read_bytes()
+    ).hexdigest()[:16]
     (venv / ".kdlab-deps").write_text(stamp + "\n")
     tools = tmp_path / "tools"  # the few commands setup.sh uses, and no apt-get or chromium
     tools.mkdir()
     for tool in ("dirname", "cat", "sha256sum", "cut", "id"):
         (tools / tool).symlink_to(shutil.which(tool))
     env = {"PATH": str(tools), "VENV": str(venv), "HOME": str(tmp_path)}
-    result = subprocess.run(["/bin/bash", str(tmp_path / "scripts" / "setup.sh")], capture_output=True, text=True,
-                            env=env, timeout=60)
+    result = subprocess.run(
+        ["/bin/bash", str(tmp_path / "scripts" / "setup.sh")], capture_output=True, text=True, env=env, timeout=60
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
-    assert lines == ["setup: no apt-get here, so chromium is not installed; it only matters for the browser test: "
-                     "install chromium yourself or set KDLAB_SKIP_BROWSER=1", "kdlab: error: (the corpus line)"]
+    assert lines == [
+        "setup: no apt-get here, so chromium is not installed; it only matters for the browser test: "
+        "install chromium yourself or set KDLAB_SKIP_BROWSER=1",
+        "kdlab: error: (the corpus line)",
+    ]
     assert calls.read_text().splitlines() == ["-c import torch", "-m kdlab prepare"]
     # with KDLAB_CORPUS the participant's text is prepared instead of the Austen package
     calls.unlink()
-    subprocess.run(["/bin/bash", str(tmp_path / "scripts" / "setup.sh")], capture_output=True, text=True,
-                   env={**env, "KDLAB_CORPUS": "my text.txt"}, timeout=60)
+    subprocess.run(
+        ["/bin/bash", str(tmp_path / "scripts" / "setup.sh")],
+        capture_output=True,
+        text=True,
+        env={**env, "KDLAB_CORPUS": "my text.txt"},
+        timeout=60,
+    )
     assert calls.read_text().splitlines()[-1] == "-m kdlab prepare --data my text.txt"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kdlab.course.original import OriginalTeacherProjector, original_projected_kd
 from kdlab.losses import kd_loss
 from kdlab.projection import StudentLogitProjector, align_vocab
-from kdlab.course.original import OriginalTeacherProjector, original_projected_kd
 
 
 def test_align_vocab_slices_or_pads_by_token_id():
@@ -70,8 +70,15 @@ def padded_student(tiny_teacher, tmp_path):
     """A pretrained tiny student whose embedding is padded to 64 more ids than the tokenizer has."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49152 + 64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=64, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=49152 + 64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "padded")
     return str(tmp_path / "padded")
 
@@ -79,8 +86,9 @@ def padded_student(tiny_teacher, tmp_path):
 def test_padded_student_vocabulary_trains_by_id_alignment(tiny_overrides, padded_student):
     import kdlab
 
-    cfg = kdlab.load_config(overrides={**tiny_overrides, "student": padded_student, "max_steps": 2,
-                                        "eval_every": 0, "save_every": 0})
+    cfg = kdlab.load_config(
+        overrides={**tiny_overrides, "student": padded_student, "max_steps": 2, "eval_every": 0, "save_every": 0}
+    )
     state = kdlab.train(cfg)
     train = [r for r in state.history if r["kind"] == "train"]
     assert state.skipped_steps == 0 and all(0 < r["kd"] < 50 for r in train)

@@ -45,8 +45,13 @@ def _killed_child(over: dict, at: int, mode: str, tmp_path) -> None:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, str(script), json.dumps(over), str(at), mode], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(over), str(at), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
@@ -73,11 +78,23 @@ def robust_overrides(tiny_overrides):
     # all six terms under the original curriculum with adaptive balancing and early stopping: every piece
     # of state a resume must restore (weights, heads, optimizer, schedule, curriculum, balancer,
     # early stopping, the unfinished log interval, data position, RNG)
-    return {**tiny_overrides, "max_steps": 9, "save_every": 3, "eval_every": 2, "log_every": 4, "log_first": 1,
-            "w_feature": 0.5, "w_attention": 0.5, "w_layerwise": 0.5, "w_contrastive": 0.1,
-            "adaptive_balance": True, "es_warmup_steps": 0}
+    return {
+        **tiny_overrides,
+        "max_steps": 9,
+        "save_every": 3,
+        "eval_every": 2,
+        "log_every": 4,
+        "log_first": 1,
+        "w_feature": 0.5,
+        "w_attention": 0.5,
+        "w_layerwise": 0.5,
+        "w_contrastive": 0.1,
+        "adaptive_balance": True,
+        "es_warmup_steps": 0,
+    }
 
 
+@pytest.mark.process
 def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(robust_overrides, tmp_path):
     straight = kdlab.train(kdlab.load_config(overrides={**robust_overrides, "out_dir": str(tmp_path / "a")}))
     over = {**robust_overrides, "out_dir": str(tmp_path / "b")}
@@ -91,6 +108,7 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(robust_overrides, t
     assert [(r["kind"], r["step"]) for r in lines] == [(r["kind"], r["step"]) for r in straight.history]
 
 
+@pytest.mark.process
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(robust_overrides, tmp_path):
     over = {**robust_overrides, "out_dir": str(tmp_path / "b")}
     _killed_child(over, at=6, mode="during-save", tmp_path=tmp_path)
@@ -132,21 +150,32 @@ def test_keyboard_interrupt_returns_the_history_so_far(tiny_overrides):
 def test_no_host_sync_inside_a_training_step(tiny_overrides, monkeypatch):
     """Every way a tensor reaches Python (.item(), .tolist(), bool(), float(), int()) is counted
     while train_step runs with all terms on: on CUDA each would stall the GPU every step."""
-    over = {**tiny_overrides, "w_feature": 1.0, "w_attention": 1.0, "w_layerwise": 1.0, "w_contrastive": 1.0,
-            "adaptive_balance": True, "grad_accum": 2, "curriculum": "constant"}
+    over = {
+        **tiny_overrides,
+        "w_feature": 1.0,
+        "w_attention": 1.0,
+        "w_layerwise": 1.0,
+        "w_contrastive": 1.0,
+        "adaptive_balance": True,
+        "grad_accum": 2,
+        "curriculum": "constant",
+    }
     trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
     batches = [trainer.batches.next_step() for _ in range(3)]
     trainer.train_step(batches[0])  # first call: lazy initialisations
     seen = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
         real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _r=real, **k: seen.append(_n) or _r(self, *a, **k))
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _n=name, _r=real, **k: seen.append(_n) or _r(self, *a, **k)
+        )
     for b in batches[1:]:
         trainer.train_step(b)
     monkeypatch.undo()
     assert seen == []
 
 
+@pytest.mark.process
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tiny_overrides, tmp_path):
     """gloo on CPU: 2 processes x batch 2 against 1 process x batch 4, same seed and data order."""
     over = {**tiny_overrides, "max_steps": 4, "log_every": 1, "eval_every": 2, "save_every": 2, "grad_accum": 2}
@@ -155,8 +184,24 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tin
     for k, v in {**over, "batch_size": 2, "out_dir": str(tmp_path / "two")}.items():
         flags += [f"--{k.replace('_', '-')}", str(v)]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "kdlab", "train", *flags], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "kdlab",
+            "train",
+            *flags,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: 4 steps") == 1  # only rank 0 reports
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

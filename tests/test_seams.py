@@ -39,9 +39,14 @@ class _InterruptAt(kdlab.Callback):
 
 
 def test_a_term_registered_outside_kdlab_is_computed_ramped_logged_resumed_and_plotted(
-        outside_term, tiny_overrides, tmp_path):
-    over = {**tiny_overrides, "term_weights": {"logit_l2": 0.01}, "log_every": 1,
-            "ramps": {"logit_l2": {"start": 0.0, "end": 1.0}}}
+    outside_term, tiny_overrides, tmp_path
+):
+    over = {
+        **tiny_overrides,
+        "term_weights": {"logit_l2": 0.01},
+        "log_every": 1,
+        "ramps": {"logit_l2": {"start": 0.0, "end": 1.0}},
+    }
     lp = LivePlot(widgets=False)
     straight = kdlab.train(kdlab.load_config(overrides={**over, "out_dir": str(tmp_path / "a")}), callbacks=[lp])
     train = [r for r in straight.history if r["kind"] == "train"]
@@ -138,19 +143,28 @@ def test_own_batch_source_and_two_callbacks_of_one_class_resume_independently(ti
 
 
 def test_two_callbacks_with_one_state_key_are_refused(tiny_overrides):
-    with pytest.raises(kdlab.KDLabError, match=r"two stateful callbacks share the state_key \"Counter\{'name': 'x'\}\""):
+    with pytest.raises(
+        kdlab.KDLabError, match=r"two stateful callbacks share the state_key \"Counter\{'name': 'x'\}\""
+    ):
         _trainer(tiny_overrides, [Counter("x", 1), Counter("x", 2)])
 
 
 # ---------------------------------------------------------------------------- the sharp edges
 def _tree(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _flags(over):
-    return [a for k, v in over.items() if k not in ("data", "ramps", "term_weights")
-            for a in (f"--{k.replace('_', '-')}", str(v))]
+    return [
+        a
+        for k, v in over.items()
+        if k not in ("data", "ramps", "term_weights")
+        for a in (f"--{k.replace('_', '-')}", str(v))
+    ]
 
 
 def test_a_second_run_into_a_used_folder_is_refused_and_touches_nothing(tiny_overrides, tmp_path, capsys):
@@ -173,21 +187,32 @@ def test_seq_len_beyond_the_models_positions_is_one_line(tiny_overrides, capsys)
     limit = 2048  # the tiny teacher's max_position_embeddings (SmolLM2-135M: 8,192)
     assert main(["-q", "train", *_flags({**tiny_overrides, "seq_len": 100_000})]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"kdlab: error: seq_len=100000 is longer than the models' maximum positions ({limit:,}); "
-                   f"use seq_len <= {limit}"]
+    assert err == [
+        f"kdlab: error: seq_len=100000 is longer than the models' maximum positions ({limit:,}); use seq_len <= {limit}"
+    ]
 
 
 def test_eval_of_a_student_with_a_padded_vocabulary(tiny_overrides, tmp_path, capsys):
     """A student whose vocabulary is padded past the teacher's trains, and `kdlab eval` evaluates it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49_216, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=64, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=49_216,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "padded")
     over = {**tiny_overrides, "student": str(tmp_path / "padded"), "max_steps": 2}
     assert main(["-q", "train", *_flags(over)]) == 0
     capsys.readouterr()
-    assert main(["-q", "eval", *_flags({**over, "student": str(tmp_path / "run" / "final")}), "--split", "validation"]) == 0
+    assert (
+        main(["-q", "eval", *_flags({**over, "student": str(tmp_path / "run" / "final")}), "--split", "validation"])
+        == 0
+    )
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0].split()[:2] == ["split", "tokens"] and rows[1].startswith("validation")
     kl = float(rows[1].split()[4])

@@ -30,11 +30,26 @@ def built(tiny_teacher, small_corpus, tmp_path_factory):
     """Overrides of a tiny top-16 KD run and the cache built for them once with `kdlab cache-teacher`
     (tests read it; one that changes it works on a copy)."""
     root = tmp_path_factory.mktemp("cached-run")
-    overrides = {"teacher": str(tiny_teacher), "student": "tiny", "student_init": "random", "data": str(small_corpus),
-                 "data_dir": str(root / "data"), "seq_len": 32, "batch_size": 2, "kd_top_k": 16,
-                 "teacher_cache": str(root / "teacher-cache"), "max_steps": 3, "warmup_steps": 1, "lr": 1e-3,
-                 "eval_every": 0, "eval_batches": 2, "log_every": 1, "save_every": 0, "device": "cpu",
-                 "out_dir": str(root / "run")}
+    overrides = {
+        "teacher": str(tiny_teacher),
+        "student": "tiny",
+        "student_init": "random",
+        "data": str(small_corpus),
+        "data_dir": str(root / "data"),
+        "seq_len": 32,
+        "batch_size": 2,
+        "kd_top_k": 16,
+        "teacher_cache": str(root / "teacher-cache"),
+        "max_steps": 3,
+        "warmup_steps": 1,
+        "lr": 1e-3,
+        "eval_every": 0,
+        "eval_batches": 2,
+        "log_every": 1,
+        "save_every": 0,
+        "device": "cpu",
+        "out_dir": str(root / "run"),
+    }
     assert main(["-q", "cache-teacher", *_cli_args(overrides)]) == 0
     return overrides, root / "teacher-cache"
 
@@ -64,8 +79,9 @@ def test_cli_builds_the_cache_once_and_verifies_it(built, capsys):
 
 def test_cached_run_equals_the_live_top_k_run_and_skips_the_teacher(built, monkeypatch, tmp_path):
     cache_overrides = {**built[0], "out_dir": str(tmp_path / "cached")}
-    live = kdlab.train(kdlab.load_config(overrides={**cache_overrides, "teacher_cache": "",
-                                                    "out_dir": str(tmp_path / "live")}))
+    live = kdlab.train(
+        kdlab.load_config(overrides={**cache_overrides, "teacher_cache": "", "out_dir": str(tmp_path / "live")})
+    )
     trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=cache_overrides))
     calls = []
     real_forward = trainer.teacher.forward
@@ -85,11 +101,14 @@ def _final(state):
     return [r for r in state.history if r["kind"] == "eval" and r["split"] == "validation"][-1]
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"kd_top_k": 8}, r"top_k: cache 16, run 8"),
-    ({"temperature": 2.0}, r"temperature: cache 1.0, run 2.0"),
-    ({"seq_len": 16}, r"data hash: cache .*seq_len: cache 32, run 16"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kd_top_k": 8}, r"top_k: cache 16, run 8"),
+        ({"temperature": 2.0}, r"temperature: cache 1.0, run 2.0"),
+        ({"seq_len": 16}, r"data hash: cache .*seq_len: cache 32, run 16"),
+    ],
+)
 def test_a_cache_built_for_other_settings_is_refused(built, change, message):
     cache_overrides = built[0]
     with pytest.raises(kdlab.KDLabError, match=rf"was built for another run \(.*{message}.*refusing to train on it"):
@@ -123,10 +142,13 @@ def test_a_corrupt_or_missing_cache_is_refused_by_the_cli(built, capsys, tmp_pat
     assert len(err.splitlines()) == 1 and "top_logp.npy is missing or corrupt" in err
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"kd_top_k": 0}, r"teacher_cache='c' needs kd_top_k > 0"),
-    ({"w_feature": 0.5}, r"holds the teacher's logits only, but w_feature=0.5 needs its hidden states"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kd_top_k": 0}, r"teacher_cache='c' needs kd_top_k > 0"),
+        ({"w_feature": 0.5}, r"holds the teacher's logits only, but w_feature=0.5 needs its hidden states"),
+    ],
+)
 def test_config_refuses_a_cache_it_cannot_use(change, message):
     with pytest.raises(kdlab.KDLabError, match=message):
         kdlab.load_config(overrides={"teacher_cache": "c", "kd_top_k": 16, **change})

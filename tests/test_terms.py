@@ -18,7 +18,7 @@ B, T, DS, DT, E = 2, 7, 12, 20, 4
 def _data(seed=0):
     g = torch.Generator().manual_seed(seed)
     h_s = torch.randn(B, T, DS, generator=g)
-    experts = [torch.randn(B, T, DT, generator=g) * (10 ** e) for e in range(E)]  # very different scales
+    experts = [torch.randn(B, T, DT, generator=g) * (10**e) for e in range(E)]  # very different scales
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 5:] = False
     return h_s, experts, mask
@@ -86,8 +86,17 @@ ALL_TERMS = {"w_feature": 1.0, "w_attention": 1.0, "w_layerwise": 1.0, "w_contra
 
 
 def test_all_terms_train_route_and_log(tiny_overrides):
-    cfg = kdlab.load_config(overrides={**tiny_overrides, **ALL_TERMS, "max_steps": 4, "grad_share_every": 2,
-                                        "eval_every": 0, "save_every": 0, "router_top_k": 1})
+    cfg = kdlab.load_config(
+        overrides={
+            **tiny_overrides,
+            **ALL_TERMS,
+            "max_steps": 4,
+            "grad_share_every": 2,
+            "eval_every": 0,
+            "save_every": 0,
+            "router_top_k": 1,
+        }
+    )
     trainer = kdlab.Trainer.from_config(cfg)
     assert trainer.student.config._attn_implementation == "eager"
     state = trainer.fit()
@@ -109,15 +118,17 @@ def test_only_needed_outputs_are_requested(tiny_overrides, monkeypatch):
     assert trainer.student.config._attn_implementation != "eager"
     seen = []
     real = trainer.teacher.forward
-    monkeypatch.setattr(trainer.teacher, "forward", lambda *a, **k: seen.append(
-        (k.get("output_hidden_states"), k.get("output_attentions"))) or real(*a, **k))
+    monkeypatch.setattr(
+        trainer.teacher,
+        "forward",
+        lambda *a, **k: seen.append((k.get("output_hidden_states"), k.get("output_attentions"))) or real(*a, **k),
+    )
     trainer.fit()
     assert set(seen) == {(False, False)}
 
 
 def test_all_terms_with_adaptive_balance_resume_exactly(tiny_overrides, tmp_path):
-    over = {**tiny_overrides, **ALL_TERMS, "adaptive_balance": True, "max_steps": 4, "eval_every": 2,
-            "save_every": 2}
+    over = {**tiny_overrides, **ALL_TERMS, "adaptive_balance": True, "max_steps": 4, "eval_every": 2, "save_every": 2}
     straight = kdlab.train(kdlab.load_config(overrides={**over, "out_dir": str(tmp_path / "a")}))
 
     class Stop:

@@ -20,8 +20,14 @@ def test_end_to_end_run_writes_its_files_and_learns(tiny_overrides, tmp_path):
     state = kdlab.train(cfg)
     out = tmp_path / "run"
     assert state.step == 6 and not state.interrupted
-    for f in ("config.yaml", "metrics.jsonl", "final/model.safetensors", "final/config.json",
-              "final/tokenizer.json", "checkpoints/latest"):
+    for f in (
+        "config.yaml",
+        "metrics.jsonl",
+        "final/model.safetensors",
+        "final/config.json",
+        "final/tokenizer.json",
+        "checkpoints/latest",
+    ):
         assert (out / f).is_file(), f
     assert latest_checkpoint(out).name == "step-000006"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -55,9 +61,23 @@ def test_cli_eval_of_a_saved_student(tiny_overrides, tmp_path, capsys):
     from kdlab.cli import main
 
     kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "max_steps": 2}))
-    args = ["eval", "--student", str(tmp_path / "run" / "final"), "--teacher", tiny_overrides["teacher"],
-            "--data-dir", tiny_overrides["data_dir"], "--seq-len", "32", "--batch-size", "2",
-            "--eval-batches", "2", "--device", "cpu"]
+    args = [
+        "eval",
+        "--student",
+        str(tmp_path / "run" / "final"),
+        "--teacher",
+        tiny_overrides["teacher"],
+        "--data-dir",
+        tiny_overrides["data_dir"],
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-batches",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["split", "tokens", "student", "ppl", "teacher", "ppl", "KL", "top-1"]
@@ -82,8 +102,9 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tiny_overrides, tmp_pa
     assert first.interrupted and first.step == 4
     assert first.tokens == 4 * 2 * 31  # 4 steps of 2 blocks of 32 tokens, 31 next-token targets each
     assert latest_checkpoint(tmp_path / "b").name == "step-000004"
-    resumed = kdlab.train(kdlab.load_config(overrides={**tiny_overrides, "out_dir": str(tmp_path / "b"),
-                                                        "resume": True}))
+    resumed = kdlab.train(
+        kdlab.load_config(overrides={**tiny_overrides, "out_dir": str(tmp_path / "b"), "resume": True})
+    )
     assert resumed.step == 6 and not resumed.interrupted
     a, b = _final_evals(straight), _final_evals(resumed)
     for split in ("validation", "test"):
@@ -133,8 +154,16 @@ def test_lm_only_run_skips_the_teacher_in_training(tiny_overrides, monkeypatch):
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
 def test_other_divergences_train(tiny_overrides, divergence):
-    cfg = kdlab.load_config(overrides={**tiny_overrides, "kd_divergence": divergence, "kd_top_k": 16,
-                                        "max_steps": 2, "eval_every": 0, "save_every": 0})
+    cfg = kdlab.load_config(
+        overrides={
+            **tiny_overrides,
+            "kd_divergence": divergence,
+            "kd_top_k": 16,
+            "max_steps": 2,
+            "eval_every": 0,
+            "save_every": 0,
+        }
+    )
     state = kdlab.train(cfg)
     train = [r for r in state.history if r["kind"] == "train"]
     assert train and all(r["kd"] > 0 and r["kd"] == r["kd"] for r in train)
@@ -172,8 +201,16 @@ def _poison_teacher(trainer, bad_calls):
 
 
 def test_nonfinite_step_is_skipped_without_touching_the_weights(tiny_overrides):
-    cfg = kdlab.load_config(overrides={**tiny_overrides, "max_steps": 4, "eval_every": 0, "save_every": 0,
-                                        "log_every": 1, "warmup_steps": 0})  # no lr-0 first step
+    cfg = kdlab.load_config(
+        overrides={
+            **tiny_overrides,
+            "max_steps": 4,
+            "eval_every": 0,
+            "save_every": 0,
+            "log_every": 1,
+            "warmup_steps": 0,
+        }
+    )  # no lr-0 first step
     trainer = kdlab.Trainer.from_config(cfg)
     eval_calls = cfg.eval_batches  # the step-0 evaluation runs the teacher first
     _poison_teacher(trainer, {eval_calls + 1})  # the teacher call of step 2
@@ -199,8 +236,9 @@ def test_nonfinite_step_is_skipped_without_touching_the_weights(tiny_overrides):
 
 
 def test_run_stops_after_too_many_nonfinite_steps(tiny_overrides):
-    cfg = kdlab.load_config(overrides={**tiny_overrides, "max_steps": 10, "eval_every": 0, "save_every": 0,
-                                        "max_nonfinite_steps": 3})
+    cfg = kdlab.load_config(
+        overrides={**tiny_overrides, "max_steps": 10, "eval_every": 0, "save_every": 0, "max_nonfinite_steps": 3}
+    )
     trainer = kdlab.Trainer.from_config(cfg)
     _poison_teacher(trainer, set(range(cfg.eval_batches, cfg.eval_batches + 100)))
     state = trainer.fit()

@@ -39,14 +39,33 @@ class FakeTrainer:
 def record(step):
     w = {"kd": 0.5, "lm": 0.5, "feature": min(1.0, step / 10), "attention": 0.25}
     raw = {t: 1.0 + 1.0 / (step + i + 1) for i, t in enumerate(TERMS)}
-    return {"kind": "train", "step": step, "steps": 1, **raw, "loss": sum(w[t] * raw[t] for t in TERMS),
-            "weighted": {t: w[t] * raw[t] for t in TERMS}, "weights": w, "lr": 1e-3, "grad_norm": 1.0,
-            "tokens_per_s": 100.0, "skipped_steps": 0}
+    return {
+        "kind": "train",
+        "step": step,
+        "steps": 1,
+        **raw,
+        "loss": sum(w[t] * raw[t] for t in TERMS),
+        "weighted": {t: w[t] * raw[t] for t in TERMS},
+        "weights": w,
+        "lr": 1e-3,
+        "grad_norm": 1.0,
+        "tokens_per_s": 100.0,
+        "skipped_steps": 0,
+    }
 
 
 def val(step, kl):
-    return {"kind": "eval", "split": "validation", "step": step, "kl": kl, "student_ce": kl + 2,
-            "student_ppl": 10.0, "teacher_ppl": 5.0, "top1_agree": 0.5, "tokens": 100}
+    return {
+        "kind": "eval",
+        "split": "validation",
+        "step": step,
+        "kl": kl,
+        "student_ce": kl + 2,
+        "student_ppl": 10.0,
+        "teacher_ppl": 5.0,
+        "top1_agree": 0.5,
+        "tokens": 100,
+    }
 
 
 def feed(lp, trainer, k, evals_every=0):
@@ -133,11 +152,16 @@ def test_explorer_sliders_change_the_schedule():
     ex = CurriculumExplorer(progress=0.5)
     ex.ranges["feature"].value = (0.4, 0.6)
     ex.shape.value = "cosine"
-    expected = CurriculumScheduler(1000, dict.fromkeys(("kd", "feature", "attention", "layerwise", "contrastive"), 1.0),
-                                   {"feature": kdlab.Ramp(0.4, 0.6, shape="cosine"),
-                                    "attention": kdlab.Ramp(0.1, 0.4, shape="cosine"),
-                                    "layerwise": kdlab.Ramp(0.4, 0.7, shape="cosine"),
-                                    "contrastive": kdlab.Ramp(0.7, 1.0, shape="cosine")})
+    expected = CurriculumScheduler(
+        1000,
+        dict.fromkeys(("kd", "feature", "attention", "layerwise", "contrastive"), 1.0),
+        {
+            "feature": kdlab.Ramp(0.4, 0.6, shape="cosine"),
+            "attention": kdlab.Ramp(0.1, 0.4, shape="cosine"),
+            "layerwise": kdlab.Ramp(0.4, 0.7, shape="cosine"),
+            "contrastive": kdlab.Ramp(0.7, 1.0, shape="cosine"),
+        },
+    )
     assert ex.weights() == pytest.approx(expected.weights_at(500))
     assert ex.weights()["feature"] == pytest.approx(0.5)
     ex.preset.value = "original-phases"

@@ -26,16 +26,16 @@ stored outputs then never hold a machine's absolute paths.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import json
-
+from ..components import quiet_libraries
 from ..config import KDConfig, load_config
 from ..errors import KDLabError
-from ..trainer import TrainState, quiet_libraries
+from ..trainer import TrainState
 
 ENV_VAR = "KDLAB_PROFILE"
 CORPUS_VAR = "KDLAB_CORPUS"
@@ -54,8 +54,10 @@ class Profile:
     reason: str = ""  # how the profile was chosen
 
     def __str__(self) -> str:
-        return (f"profile {self.name!r} ({self.reason}): {self.steps} steps of {self.batch_size} x {self.seq_len} "
-                f"tokens, evaluation every {self.eval_every} steps on {self.eval_batches} batches")
+        return (
+            f"profile {self.name!r} ({self.reason}): {self.steps} steps of {self.batch_size} x {self.seq_len} "
+            f"tokens, evaluation every {self.eval_every} steps on {self.eval_batches} batches"
+        )
 
     def scaled(self, factor: float) -> int:
         """`factor` x the profile's steps, at least 4 (a run needs a few steps to show a trend)."""
@@ -71,11 +73,17 @@ class Profile:
         root = repo_root()
         steps = overrides.get("max_steps", self.steps)
         values: dict[str, Any] = {
-            "data_dir": _rel(root / "data"), "out_dir": _rel(root / "runs" / "course" / run),
-            "batch_size": self.batch_size, "seq_len": self.seq_len, "max_steps": self.steps,
-            "eval_every": self.eval_every, "eval_batches": self.eval_batches,
-            "log_every": max(1, steps // 20), "log_first": 3,  # ~20 points per curve
-            "warmup_steps": max(1, steps // 10), "checkpoints": False,
+            "data_dir": _rel(root / "data"),
+            "out_dir": _rel(root / "runs" / "course" / run),
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "max_steps": self.steps,
+            "eval_every": self.eval_every,
+            "eval_batches": self.eval_batches,
+            "log_every": max(1, steps // 20),
+            "log_first": 3,  # ~20 points per curve
+            "warmup_steps": max(1, steps // 10),
+            "checkpoints": False,
             "overwrite": True,  # running a notebook again replaces its runs
         }
         corpus = os.environ.get(CORPUS_VAR, "").strip()
@@ -134,8 +142,9 @@ PROFILES: dict[str, Profile] = {
     # one GPU: the default run's sequence length, long enough for the curriculum's phases to matter
     "gpu": Profile("gpu", steps=1500, batch_size=16, seq_len=256, eval_every=50, eval_batches=16, measure_batches=8),
     # no training: every run is the committed reference run replayed; other cells at `ci` sizes
-    "reference": Profile("reference", steps=30, batch_size=4, seq_len=64, eval_every=10, eval_batches=4,
-                         measure_batches=2),
+    "reference": Profile(
+        "reference", steps=30, batch_size=4, seq_len=64, eval_every=10, eval_batches=4, measure_batches=2
+    ),
 }
 
 
@@ -166,8 +175,12 @@ def reference(arm: str) -> Reference:
     from .plots import load_metrics
 
     samples = folder / "samples.json"
-    return Reference(arm, load_metrics(folder), json.loads(samples.read_text()) if samples.is_file() else {},
-                     json.loads((folder / "meta.json").read_text()))
+    return Reference(
+        arm,
+        load_metrics(folder),
+        json.loads(samples.read_text()) if samples.is_file() else {},
+        json.loads((folder / "meta.json").read_text()),
+    )
 
 
 def profile(name: str | None = None) -> Profile:
@@ -194,8 +207,11 @@ def describe_machine() -> str:
     import torch
 
     try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ]
     except OSError:
         names = []
     cpu = f"{len(names)}-core {names[0]}" if names else platform.machine()
@@ -222,5 +238,15 @@ def quiet() -> None:
     quiet_libraries()
 
 
-__all__ = ["ENV_VAR", "CORPUS_VAR", "PROFILES", "Profile", "Reference", "describe_machine", "profile", "quiet", "reference",
-           "repo_root"]
+__all__ = [
+    "ENV_VAR",
+    "CORPUS_VAR",
+    "PROFILES",
+    "Profile",
+    "Reference",
+    "describe_machine",
+    "profile",
+    "quiet",
+    "reference",
+    "repo_root",
+]

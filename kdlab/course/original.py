@@ -15,8 +15,9 @@ from ..callbacks import Callback
 from ..early_stopping import EarlyStopping
 
 
-def original_kd_batchmean(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
+def original_kd_batchmean(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """The original framework's KD: `kl_div(reduction="batchmean")` on (B, T, V) logits, times T^2.
 
     `batchmean` divides the sum over every token by B alone, so the value is (sequence length) x
@@ -46,8 +47,9 @@ def original_feature_mse_per_dim(pred: torch.Tensor, target: torch.Tensor) -> to
     return original_feature_mse(pred, target) / target.shape[-1]
 
 
-def original_attention_batchmean(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
-                             temperature: float = 1.0) -> torch.Tensor:
+def original_attention_batchmean(
+    student_attn: torch.Tensor, teacher_attn: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """The original framework's attention loss: `kl_div(log A_s, A_t, batchmean)` on (B, H, T, T) maps, x T^2, / T.
 
     `batchmean` divides by B only, so after the division by the sequence length the value is
@@ -77,19 +79,27 @@ class OriginalTeacherProjector(torch.nn.Module):
         return self.proj(F.softmax(teacher_logits, dim=-1))  # no cast: as in the original framework
 
 
-def original_projected_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      projector: OriginalTeacherProjector) -> torch.Tensor:
+def original_projected_kd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, projector: OriginalTeacherProjector
+) -> torch.Tensor:
     """The KD the original framework reported with its projector: KL(softmax(projector(p_t)) || q_s), per token."""
     target = F.log_softmax(projector(teacher_logits).float(), dim=-1)
     student = F.log_softmax(student_logits.float(), dim=-1)
     return F.kl_div(student, target, log_target=True, reduction="none").sum(-1).mean()
 
 
-__all__ = ["original_kd_batchmean", "original_feature_mse", "original_feature_mse_per_dim", "original_attention_batchmean",
-           "OriginalTeacherProjector", "original_projected_kd"]
+__all__ = [
+    "original_kd_batchmean",
+    "original_feature_mse",
+    "original_feature_mse_per_dim",
+    "original_attention_batchmean",
+    "OriginalTeacherProjector",
+    "original_projected_kd",
+]
 
 
 # ---------------------------------------------------------------------------- early stopping (notebook 06)
+
 
 class OriginalTotalEarlyStopping(EarlyStopping):
     """The original framework's early stopping: patience on the *curriculum-weighted total loss* (fix 7: patience
@@ -128,8 +138,9 @@ class OriginalTotalEarlyStopping(EarlyStopping):
 
     @property
     def state_key(self) -> str:
-        return self.make_state_key(patience=self.patience, min_delta=self.min_delta, warmup_steps=self.warmup_steps,
-                                   stop=self.stop)
+        return self.make_state_key(
+            patience=self.patience, min_delta=self.min_delta, warmup_steps=self.warmup_steps, stop=self.stop
+        )
 
     def state_dict(self):
         return {**super().state_dict(), "checks": [list(c) for c in self.checks]}
@@ -140,6 +151,7 @@ class OriginalTotalEarlyStopping(EarlyStopping):
 
 
 # ---------------------------------------------------------------------------- logging (notebook 05)
+
 
 class OriginalVerboseLogging(Callback):
     """The original framework's logging, kept to measure its cost (`log_style="original-verbose"`):

@@ -21,7 +21,6 @@ from matplotlib.figure import Figure
 from ..terms import TERMS
 
 
-
 def term_order() -> tuple[str, ...]:
     """kd and lm first, then every other registered term (kdlab.terms), in registration order."""
     return ("kd", "lm", *(t for t in TERMS if t not in ("kd", "lm")))
@@ -82,8 +81,17 @@ def term_series(records, term: str, show: str = "raw") -> tuple[list[int], list[
     return steps, values
 
 
-def draw_terms(ax, records, show: str = "raw", terms=None, label_prefix: str = "", style: str = "-",
-               alpha: float = 1.0, lw: float | None = None, label: bool = True) -> dict:
+def draw_terms(
+    ax,
+    records,
+    show: str = "raw",
+    terms=None,
+    label_prefix: str = "",
+    style: str = "-",
+    alpha: float = 1.0,
+    lw: float | None = None,
+    label: bool = True,
+) -> dict:
     """Each visible term (and the total) against the step on `ax`; returns {name: Line2D}.
     `label=False`: no legend entries (the caller builds a compact legend)."""
     lines = {}
@@ -91,9 +99,16 @@ def draw_terms(ax, records, show: str = "raw", terms=None, label_prefix: str = "
         steps, values = term_series(records, term, show)
         if steps:
             width = lw if lw is not None else (1.8 if term == "total" else 1.2)
-            (lines[term],) = ax.plot(steps, values, style, color=COLORS.get(term), alpha=alpha, lw=width,
-                                     label=label_prefix + term if label else "_nolegend_",
-                                     marker="." if len(steps) < 30 and alpha == 1.0 else None)
+            (lines[term],) = ax.plot(
+                steps,
+                values,
+                style,
+                color=COLORS.get(term),
+                alpha=alpha,
+                lw=width,
+                label=label_prefix + term if label else "_nolegend_",
+                marker="." if len(steps) < 30 and alpha == 1.0 else None,
+            )
     ax.set_title(f"loss terms ({show})" + ("" if show == "raw" else ", summing to the total"))
     ax.set_xlabel("optimizer step")
     if any(v > 0 for line in lines.values() for v in line.get_ydata()):
@@ -107,8 +122,13 @@ def draw_weights(ax, records, terms=None) -> dict:
     for term in terms if terms is not None else terms_of(records):
         pts = [(r["step"], r["weights"][term]) for r in train if term in r["weights"]]
         if pts:
-            (lines[term],) = ax.plot(*zip(*pts, strict=True), color=COLORS.get(term), label=term, lw=1.2,
-                                     marker="." if len(pts) < 30 else None)
+            (lines[term],) = ax.plot(
+                *zip(*pts, strict=True),
+                color=COLORS.get(term),
+                label=term,
+                lw=1.2,
+                marker="." if len(pts) < 30 else None,
+            )
     ax.set_title("curriculum weights")
     ax.set_xlabel("optimizer step")
     return lines
@@ -122,26 +142,36 @@ def draw_validation(ax, records, early_stopping: dict | None = None) -> dict:
         pts = [(r["step"], r[key]) for r in val if key in r]
         if pts:
             axis = ax if i == 0 else ax.twinx()
-            (lines[key],) = axis.plot(*zip(*pts, strict=True), "o-" if i == 0 else "s--", ms=3,
-                                      color="C0" if i == 0 else "C7", label=label)
+            (lines[key],) = axis.plot(
+                *zip(*pts, strict=True), "o-" if i == 0 else "s--", ms=3, color="C0" if i == 0 else "C7", label=label
+            )
             axis.set_ylabel(label, color="C0" if i == 0 else "C7")
     if early_stopping and early_stopping.get("best_step") is not None:
-        ax.plot([early_stopping["best_step"]], [early_stopping["best"]], "*", ms=12, color="gold", mec="k",
-                label="best (restored at the end)")
+        ax.plot(
+            [early_stopping["best_step"]],
+            [early_stopping["best"]],
+            "*",
+            ms=12,
+            color="gold",
+            mec="k",
+            label="best (restored at the end)",
+        )
     ax.set_title("validation")
     ax.set_xlabel("optimizer step")
     return lines
 
 
-def new_figure(panels: int, width: float = 4.2, height: float = 3.2, fast: bool = False,
-               dpi: int = 100) -> tuple[Figure, list]:
+def new_figure(
+    panels: int, width: float = 4.2, height: float = 3.2, fast: bool = False, dpi: int = 100
+) -> tuple[Figure, list]:
     """`fast`: fixed margins instead of constrained layout, which costs half of a redraw (live plots).
     `dpi`: what a notebook renders the figure at (the PNG stored in its output)."""
     fig = Figure(figsize=(width * panels, height), layout=None if fast else "constrained", dpi=dpi)
     axes = fig.subplots(1, panels, squeeze=False)[0]
     if fast:
-        fig.subplots_adjust(left=0.6 / (width * panels), right=1 - 0.5 / (width * panels), bottom=0.16, top=0.88,
-                            wspace=0.45)
+        fig.subplots_adjust(
+            left=0.6 / (width * panels), right=1 - 0.5 / (width * panels), bottom=0.16, top=0.88, wspace=0.45
+        )
     return fig, list(axes)
 
 
@@ -159,12 +189,21 @@ def _weights_vary(records) -> bool:
 
 
 def _val_kl(records) -> list[tuple[int, float]]:
-    return [(r["step"], r["kl"]) for r in records
-            if r.get("kind") == "eval" and r.get("split") == "validation" and "restored_from" not in r]
+    return [
+        (r["step"], r["kl"])
+        for r in records
+        if r.get("kind") == "eval" and r.get("split") == "validation" and "restored_from" not in r
+    ]
 
 
-def plot_run(records, show: str = "raw", terms=None, early_stopping: dict | None = None,
-             reference=None, reference_label: str = "reference") -> Figure:
+def plot_run(
+    records,
+    show: str = "raw",
+    terms=None,
+    early_stopping: dict | None = None,
+    reference=None,
+    reference_label: str = "reference",
+) -> Figure:
     """The loss terms and total, the curriculum weights (a panel only when they change), validation KL
     and CE. `reference` (records, a run folder or a kdlab.course.Reference): a longer run of the same
     arm, drawn thin and grey under this one (terms and validation KL)."""
@@ -251,5 +290,15 @@ def plot_router(records) -> Figure:
     return fig
 
 
-__all__ = ["load_metrics", "plot_run", "plot_runs", "plot_router", "terms_of", "term_series",
-           "draw_terms", "draw_weights", "draw_validation", "draw_router"]
+__all__ = [
+    "load_metrics",
+    "plot_run",
+    "plot_runs",
+    "plot_router",
+    "terms_of",
+    "term_series",
+    "draw_terms",
+    "draw_weights",
+    "draw_validation",
+    "draw_router",
+]

@@ -4,7 +4,7 @@
     state = kdlab.train(cfg, callbacks=[lp])     # a progress bar, a status line and the figure, live
     lp.figure                                    # afterwards: a static figure (shows on GitHub too)
 
-    kdlab.course.widgets.CurriculumExplorer().widget    # sliders over the curriculum (default: the original framework's)
+    kdlab.course.widgets.CurriculumExplorer().widget    # sliders over the curriculum (default: the original's)
     kdlab.course.widgets.TemperatureExplorer(logits, tokenizer)   # a temperature slider over one soft target
 
 How it stays correct in JupyterLab *and* under headless nbval (tests/test_widgets.py, tests/test_browser.py):
@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from ..curriculum import PRESETS, SHAPES, CurriculumScheduler, Ramp
 from ..callbacks import Callback
+from ..curriculum import PRESETS, SHAPES, CurriculumScheduler, Ramp
 from ..early_stopping import EarlyStopping
 from .plots import (
     draw_router,
@@ -65,8 +65,11 @@ def png_bundle(fig, text: str = "<kdlab live plot>", dpi: int = PNG_DPI) -> dict
     `text` is its text/plain fallback."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    return {"output_type": "display_data", "metadata": {},
-            "data": {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": text}}
+    return {
+        "output_type": "display_data",
+        "metadata": {},
+        "data": {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": text},
+    }
 
 
 _BOX_CLASS = None
@@ -105,9 +108,16 @@ class LivePlot(Callback):
     def shows_progress(self) -> bool:  # the trainer leaves out its own progress bar when the widget shows one
         return self.use_widgets
 
-    def __init__(self, show: str = "raw", terms: list[str] | None = None, every_steps: int = 1,
-                 min_interval_s: float = 1.0, max_overhead: float = 0.03, png_path: str | None = None,
-                 widgets: bool | None = None):
+    def __init__(
+        self,
+        show: str = "raw",
+        terms: list[str] | None = None,
+        every_steps: int = 1,
+        min_interval_s: float = 1.0,
+        max_overhead: float = 0.03,
+        png_path: str | None = None,
+        widgets: bool | None = None,
+    ):
         if show not in ("raw", "weighted"):
             raise ValueError(f"show={show!r} is not allowed; choose one of raw, weighted")
         self.show, self.visible = show, terms
@@ -126,8 +136,10 @@ class LivePlot(Callback):
         self.replaced = False  # True once the displayed widget has been swapped for the final PNG
 
     def __repr__(self) -> str:
-        return (f"<kdlab LivePlot: {sum(r.get('kind') == 'train' for r in self.records)} train records, "
-                f"{self.renders} redraws>")
+        return (
+            f"<kdlab LivePlot: {sum(r.get('kind') == 'train' for r in self.records)} train records, "
+            f"{self.renders} redraws>"
+        )
 
     # ------------------------------------------------------------------ selection
     def terms(self) -> list[str]:
@@ -185,8 +197,9 @@ class LivePlot(Callback):
         if self._handle is None or self.figure is None:
             return
         frame = self.out.outputs[0]["data"] if self.out.outputs else png_bundle(self.figure)["data"]
-        self._handle.update({"image/png": frame["image/png"], "text/plain": "<kdlab live plot: final figure>"},
-                            raw=True)
+        self._handle.update(
+            {"image/png": frame["image/png"], "text/plain": "<kdlab live plot: final figure>"}, raw=True
+        )
         self.replaced = True
 
     def _sync_state(self, trainer) -> None:
@@ -214,17 +227,23 @@ class LivePlot(Callback):
     def status_html(self) -> str:
         # the newest train and validation records (searched from the end: this runs on every update)
         r = next((x for x in reversed(self.records) if x.get("kind") == "train"), None)
-        v = next((x for x in reversed(self.records) if x.get("kind") == "eval" and x.get("split") == "validation"), None)
+        v = next(
+            (x for x in reversed(self.records) if x.get("kind") == "eval" and x.get("split") == "validation"), None
+        )
         parts = []
         if r is not None:
-            parts.append(f"step {r['step']}/{self.total_steps} · loss {r['loss']:.4f} · " + " · ".join(
-                f"{t} {r[t]:.4f}" for t in terms_of(self.records) if t in r))
+            parts.append(
+                f"step {r['step']}/{self.total_steps} · loss {r['loss']:.4f} · "
+                + " · ".join(f"{t} {r[t]:.4f}" for t in terms_of(self.records) if t in r)
+            )
         if v is not None:
             parts.append(f"val KL {v['kl']:.4f} · val ppl {v['student_ppl']:.2f}")
         es = self.early_stopping
         if es and es.get("best") is not None:
-            parts.append(f"early stopping: best {es['best']:.4f} at step {es['best_step']}, "
-                         f"{es['wait']}/{es['patience']} evaluations without improvement")
+            parts.append(
+                f"early stopping: best {es['best']:.4f} at step {es['best_step']}, "
+                f"{es['wait']}/{es['patience']} evaluations without improvement"
+            )
         return "<br>".join(html.escape(p) for p in parts)
 
     def draw(self):
@@ -270,10 +289,15 @@ class CurriculumExplorer:
 
         base = CurriculumScheduler.from_preset(preset, total_steps)
         self.total_steps = total_steps
-        self.progress = W.FloatSlider(value=progress, min=0.0, max=1.0, step=0.01, description="progress",
-                                      readout_format=".0%")
-        self.ranges = {t: W.FloatRangeSlider(value=(r.start, r.end), min=0.0, max=1.0, step=0.01, description=t,
-                                             readout_format=".0%") for t, r in base.ramps.items()}
+        self.progress = W.FloatSlider(
+            value=progress, min=0.0, max=1.0, step=0.01, description="progress", readout_format=".0%"
+        )
+        self.ranges = {
+            t: W.FloatRangeSlider(
+                value=(r.start, r.end), min=0.0, max=1.0, step=0.01, description=t, readout_format=".0%"
+            )
+            for t, r in base.ramps.items()
+        }
         first = next(iter(base.ramps.values()), Ramp())
         self.shape = W.Dropdown(options=list(SHAPES), value=first.shape, description="shape")
         self.preset = W.Dropdown(options=list(PRESETS), value=preset, description="preset")
@@ -282,8 +306,10 @@ class CurriculumExplorer:
         for w in (self.progress, self.shape, *self.ranges.values()):
             w.observe(lambda _: self.update(), names="value")
         self.preset.observe(lambda change: self.load_preset(change["new"]), names="value")
-        self.widget = _box([self.preset, self.progress, *self.ranges.values(), self.shape, self.table, self.out],
-                           "<kdlab curriculum explorer: sliders over the schedule (run the cell to use them)>")
+        self.widget = _box(
+            [self.preset, self.progress, *self.ranges.values(), self.shape, self.table, self.out],
+            "<kdlab curriculum explorer: sliders over the schedule (run the cell to use them)>",
+        )
         self.widget.add_class("kdlab-curriculum")
         self.update()
 
@@ -313,8 +339,7 @@ class CurriculumExplorer:
     def update(self) -> None:
         w = self.weights()
         rows = "".join(f"<tr><td>{t}</td><td style='text-align:right'>{v:.1%}</td></tr>" for t, v in w.items())
-        self.table.value = (f"<b>weights at {self.progress.value:.0%} of training</b>"
-                            f"<table>{rows}</table>")
+        self.table.value = f"<b>weights at {self.progress.value:.0%} of training</b><table>{rows}</table>"
         sched = self.scheduler()
         fig, (ax,) = new_figure(1, width=5.0, height=2.8, fast=True)
         xs = list(range(self.total_steps + 1))
@@ -331,10 +356,10 @@ class CurriculumExplorer:
 def temperature_stats(logits: torch.Tensor, temperature: float, k: int = 10) -> dict[str, float]:
     """The numbers of one soft target p_T = softmax(logits / T) over a (V,) logit vector:
 
-        entropy           H = -sum p_T log p_T, in nats (log V for a uniform distribution)
-        top_mass          the probability of the k most likely tokens
-        effective_tokens  exp(H): the number of equally likely tokens with the same entropy
-        top1              the largest probability
+    entropy           H = -sum p_T log p_T, in nats (log V for a uniform distribution)
+    top_mass          the probability of the k most likely tokens
+    effective_tokens  exp(H): the number of equally likely tokens with the same entropy
+    top1              the largest probability
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
@@ -342,8 +367,14 @@ def temperature_stats(logits: torch.Tensor, temperature: float, k: int = 10) -> 
     p = logp.exp()
     entropy = float(-torch.where(p > 0, p * logp, 0.0).sum())
     top = p.topk(min(k, p.numel())).values
-    return {"temperature": float(temperature), "entropy": entropy, "top_mass": float(top.sum()),
-            "effective_tokens": math.exp(entropy), "top1": float(top[0]), "k": int(min(k, p.numel()))}
+    return {
+        "temperature": float(temperature),
+        "entropy": entropy,
+        "top_mass": float(top.sum()),
+        "effective_tokens": math.exp(entropy),
+        "top1": float(top[0]),
+        "k": int(min(k, p.numel())),
+    }
 
 
 class TemperatureExplorer:
@@ -358,8 +389,16 @@ class TemperatureExplorer:
         ex.figure_at((1, 2, 4))         # the static view: one panel per temperature
     """
 
-    def __init__(self, logits: torch.Tensor, tokenizer, temperature: float = 1.0, n_tokens: int = 12,
-                 k: int = 10, t_min: float = 0.5, t_max: float = 8.0):
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        tokenizer,
+        temperature: float = 1.0,
+        n_tokens: int = 12,
+        k: int = 10,
+        t_min: float = 0.5,
+        t_max: float = 8.0,
+    ):
         import ipywidgets as W
 
         self.logits = logits.detach().float().reshape(-1).cpu()
@@ -367,14 +406,21 @@ class TemperatureExplorer:
         # temperature never reorders tokens, so the same top tokens are the top at every T
         self.ids = self.logits.topk(n_tokens).indices.tolist()
         self.labels = [repr(tokenizer.decode([i])) for i in self.ids]
-        self.slider = W.FloatSlider(value=temperature, min=t_min, max=t_max, step=0.1, description="T",
-                                    readout_format=".1f")
+        self.slider = W.FloatSlider(
+            value=temperature, min=t_min, max=t_max, step=0.1, description="T", readout_format=".1f"
+        )
         self.stats = W.HTML()
         self.out = W.Output()
-        self.widget = _box([self.slider, self.stats, self.out],
-                           "<kdlab temperature explorer: a T slider over one soft target (run the cell to use it)>")
-        for w, name in ((self.widget, "kdlab-temperature"), (self.slider, "kdlab-temperature-slider"),
-                        (self.stats, "kdlab-temperature-stats"), (self.out, "kdlab-temperature-plot")):
+        self.widget = _box(
+            [self.slider, self.stats, self.out],
+            "<kdlab temperature explorer: a T slider over one soft target (run the cell to use it)>",
+        )
+        for w, name in (
+            (self.widget, "kdlab-temperature"),
+            (self.slider, "kdlab-temperature-slider"),
+            (self.stats, "kdlab-temperature-stats"),
+            (self.out, "kdlab-temperature-plot"),
+        ):
             w.add_class(name)
         self.renders = 0
         self.slider.observe(lambda _: self.update(), names="value")
@@ -395,8 +441,10 @@ class TemperatureExplorer:
 
     def stats_text(self, temperature: float | None = None) -> str:
         s = self.numbers(temperature)
-        return (f"T = {s['temperature']:.1f}: entropy {s['entropy']:.2f} nats · top-{s['k']} mass "
-                f"{s['top_mass']:.3f} · effective number of tokens {s['effective_tokens']:,.1f}")
+        return (
+            f"T = {s['temperature']:.1f}: entropy {s['entropy']:.2f} nats · top-{s['k']} mass "
+            f"{s['top_mass']:.3f} · effective number of tokens {s['effective_tokens']:,.1f}"
+        )
 
     def draw(self, ax, temperature: float, reference: bool = True, labels: bool = True) -> None:
         """The bar chart at `temperature` on `ax` (the T = 1 bars as outlines when `reference`)."""
@@ -413,11 +461,16 @@ class TemperatureExplorer:
         ax.set_yscale("log")  # the flattening shows as bars levelling off towards 1/V
         ax.set_ylim(0.3 / self.logits.numel(), 8.0)  # headroom above 1 for the legend
         ax.set_xticks(xs)
-        ax.set_xticklabels([*self.labels, f"other {self.logits.numel() - len(top):,}"] if labels else [],
-                           rotation=60, ha="right", fontsize=7)
+        ax.set_xticklabels(
+            [*self.labels, f"other {self.logits.numel() - len(top):,}"] if labels else [],
+            rotation=60,
+            ha="right",
+            fontsize=7,
+        )
         s = self.numbers(temperature)
-        ax.set_title(f"T = {temperature:g}: H = {s['entropy']:.2f} nats, exp(H) = {s['effective_tokens']:,.0f}",
-                     fontsize=9)
+        ax.set_title(
+            f"T = {temperature:g}: H = {s['entropy']:.2f} nats, exp(H) = {s['effective_tokens']:,.0f}", fontsize=9
+        )
         ax.set_ylabel("probability (log scale)")
         ax.legend(fontsize=6, loc="upper center", ncol=2)
 
@@ -437,5 +490,4 @@ class TemperatureExplorer:
         self.renders += 1
 
 
-__all__ = ["LivePlot", "CurriculumExplorer", "TemperatureExplorer", "temperature_stats", "in_notebook",
-           "png_bundle"]
+__all__ = ["LivePlot", "CurriculumExplorer", "TemperatureExplorer", "temperature_stats", "in_notebook", "png_bundle"]
