@@ -135,8 +135,10 @@ class Trainer:
         return cls(cfg, student, teacher, data, precision, tokenizer, callbacks, **seams)
 
     def callback(self, kind: type) -> Any | None:
-        """The first callback of type `kind` (e.g. the EarlyStopping the config built), or None."""
-        return next((cb for cb in self.callbacks if isinstance(cb, kind)), None)
+        """The callback of exactly type `kind` (e.g. the EarlyStopping the config built), else the
+        first instance of a subclass, else None."""
+        exact = [cb for cb in self.callbacks if type(cb) is kind]
+        return (exact or [cb for cb in self.callbacks if isinstance(cb, kind)] or [None])[0]
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

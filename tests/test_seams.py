@@ -241,3 +241,15 @@ def test_evaluate_before_fit_writes_nothing(tiny_overrides, tmp_path):
     state = trainer.fit()  # the run's own "before" evaluation measures the same student
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first == state.history[0] and first["kl"] == pytest.approx(record["kl"], rel=1e-6)
+
+
+def test_callback_lookup_prefers_the_exact_type(tiny_overrides):
+    """The config's EarlyStopping, not a subclass riding along (the original framework's stopper)."""
+    from kdlab.course.original import OriginalTotalEarlyStopping
+
+    watch = OriginalTotalEarlyStopping(patience=10, stop=False)
+    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=tiny_overrides), callbacks=[watch])
+    es = trainer.callback(kdlab.EarlyStopping)
+    assert type(es) is kdlab.EarlyStopping and es.monitor == "val_kl"
+    assert trainer.callback(OriginalTotalEarlyStopping) is watch
+    assert trainer.callback(kdlab.ProgressBar) is not None and trainer.callback(LivePlot) is None
