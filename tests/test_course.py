@@ -293,3 +293,10 @@ def test_corpus_setting_replaces_the_course_corpus(monkeypatch, tmp_path):
     monkeypatch.setenv("KDLAB_CORPUS", str(f))
     assert profile("ci").config("x").data == str(f)
     assert profile("ci").config("x", data="austen").data == "austen"  # an explicit override still wins
+
+
+def test_repo_root_outside_the_checkout_is_the_package_checkout(tmp_path, monkeypatch):
+    """A notebook copied out of the repository (the browser test does) still finds data/ and the references."""
+    monkeypatch.chdir(tmp_path)
+    root = kdlab.course.repo_root()
+    assert (root / "data" / "MANIFEST.json").is_file() and (root / "kdlab" / "course").is_dir()

@@ -225,7 +225,7 @@ def repo_root() -> Path:
     for folder in (here, *here.parents):
         if (folder / "data" / "MANIFEST.json").is_file():
             return folder
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]  # kdlab/course/__init__.py -> the checkout
 
 
 def _rel(path: Path) -> str:
