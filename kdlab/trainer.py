@@ -12,12 +12,10 @@ The trainer wires three seams together and owns the loop and the optimizer:
                 weights, live plots; each owns its state (checkpointed under its state_key) and
                 stops a run through `trainer.state.should_stop`
 
-Per optimizer step: `grad_accum` micro-batches, each term a per-token mean whose denominator is the
-valid-token count of the *whole* accumulated (and, under torchrun, all-process) batch, so
-accumulating 4 micro-batches or running 2 processes gives exactly the gradient of one 4x larger
-batch. No host syncs between log lines: terms, grad norms and the non-finite guard stay on the
-device (kdlab.metrics) and are read once per log interval. A non-finite loss or gradient makes the
-fused AdamW skip its update on the device (its `found_inf` input, as GradScaler uses it).
+Per optimizer step, `grad_accum` micro-batches; every term is a part of the step's per-token mean
+over the whole accumulated (and all-process) batch, so accumulation and torchrun are exact. Values
+stay on the device between log lines (kdlab.metrics: no host sync in a step), and a non-finite loss
+or gradient makes the fused AdamW skip its update on the device (`found_inf`).
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import contextlib
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +43,7 @@ from .objective import Objective, StepCounts, phase
 from .precision import Precision
 from .run_folder import open_run_folder, save_final
 from .schedule import lr_scheduler
+from .state import TrainState
 
 log = logging.getLogger("kdlab")
 
@@ -54,23 +52,6 @@ RESUMABLE_CHANGES = frozenset(
     "resume overwrite out_dir log_every log_first log_style eval_every eval_batches save_every keep_checkpoints "
     "checkpoints compile".split()
 )
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    tokens: int = 0  # valid target tokens trained on (all processes)
-    should_stop: bool = False  # the one flag a callback sets to stop the run
-    stop_reason: str = ""
-    failed: bool = False  # stopped by a fault (non-finite steps, a diverging metric), not by patience
-    interrupted: bool = False
-    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient, in total ...
-    bad_in_a_row: int = 0  # ... and in a row at the last log line
-    restored_from: int | None = None  # the step whose weights BestWeights put back at the end
-    history: list[dict[str, Any]] = field(default_factory=list)  # train and eval records, in order
-
-    def evals(self, split: str = "validation") -> list[dict[str, Any]]:
-        return [r for r in self.history if r["kind"] == "eval" and r["split"] == split]
 
 
 class Trainer:

@@ -35,7 +35,7 @@ from typing import Any
 from ..components import quiet_libraries
 from ..config import KDConfig, load_config
 from ..errors import KDLabError
-from ..trainer import TrainState
+from ..state import TrainState
 
 ENV_VAR = "KDLAB_PROFILE"
 CORPUS_VAR = "KDLAB_CORPUS"
