@@ -20,6 +20,8 @@ independently (the trainer refuses two stateful callbacks with one key).
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,8 @@ from .errors import KDLabError
 
 if TYPE_CHECKING:
     from .config import KDConfig
+
+log = logging.getLogger("kdlab")
 
 
 class Callback:
@@ -136,7 +140,7 @@ class BestWeights(Callback):
         if record["split"] != "validation" or "restored_from" in record:
             return
         value = float(record[self.key])
-        if value != value or abs(value) == float("inf"):
+        if not math.isfinite(value):
             return  # a non-finite metric is never the best
         if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
             self.best, self.best_step = value, record["step"]
@@ -148,7 +152,7 @@ class BestWeights(Callback):
         if self.best_step is None or self.best_step == trainer.state.step or not best_dir(trainer.out_dir).exists():
             return
         load_checkpoint(best_dir(trainer.out_dir), trainer.student, trainer.objective.heads, state=False)
-        trainer.log.info("restored the best weights (step %d, %s %.4f)", self.best_step, self.monitor, self.best)
+        log.info("restored the best weights (step %d, %s %.4f)", self.best_step, self.monitor, self.best)
         trainer.state.restored_from = self.best_step
         trainer.evaluate("validation", restored_from=self.best_step)
 

@@ -72,8 +72,9 @@ class IntervalMetrics:
         """The interval so far, and `extra` device values, as floats: the one host sync between log
         lines. The next interval starts."""
         extra = extra or {}
+        # stacked on the device, copied once: one transfer (one sync), not one per value
         tensors = [*self.sums.values(), *extra.values(), self.bad_run, self.max_run]
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32).to("cpu") for v in tensors]).tolist()
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in tensors]).tolist()
         n_sums = len(self.sums)
         out = Interval(
             dict(zip(self.sums, values[:n_sums])),

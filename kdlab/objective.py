@@ -97,7 +97,7 @@ class Objective:
         """Whether this batch needs the teacher's forward: not when every term that reads the
         teacher can read its cached top-k from the batch instead."""
         cached = all(k in batch for k in CACHED_TEACHER_KEYS)
-        return any(self.terms[n].needs.teacher and not (cached and n == "kd") for n in self.active)
+        return any(self.terms[n].needs.teacher and not (cached and self.terms[n].reads_cache) for n in self.active)
 
     def match_logits(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher logits over one vocabulary (see kdlab.terms.match_logits)."""

@@ -96,6 +96,8 @@ class Term:
         None to read it from `cfg.term_weights[name]` (0 when absent: the term is off).
     build: (cfg, student, teacher) -> nn.Module or None: its trainable parameters (fp32, student side).
     always: computed and logged even at weight 0 (no gradient then).
+    reads_cache: it can read the teacher's cached top-k from the batch (CACHED_TEACHER_KEYS) instead of
+        the teacher's forward, so a cached batch needs no teacher forward for it.
     """
 
     name: str
@@ -105,7 +107,7 @@ class Term:
     weight: str | Callable[[Any], float] | None = None
     build: Callable[[Any, nn.Module, nn.Module], nn.Module | None] | None = None
     always: bool = False
-    doc: str = ""
+    reads_cache: bool = False
 
     def max_weight(self, cfg) -> float:
         if callable(self.weight):
@@ -134,8 +136,9 @@ def unregister_term(name: str) -> None:
     TERMS.pop(name, None)
 
 
-def term_names() -> tuple[str, ...]:
-    return tuple(TERMS)
+def display_order() -> tuple[str, ...]:
+    """kd and lm first, then every other registered term in registration order (logs and plots)."""
+    return ("kd", "lm", *(t for t in TERMS if t not in ("kd", "lm")))
 
 
 # ---------------------------------------------------------------------------- the built-in terms
@@ -241,63 +244,31 @@ def _contrastive(ctx: TermContext) -> torch.Tensor:
     return info_nce(ctx.module(s_pool), t_pool, ctx.cfg.contrastive_tau)
 
 
-def _no_bias_linear(d_in: int, d_out: int) -> nn.Linear:
-    return nn.Linear(d_in, d_out, bias=False)
+def _feature_routers(cfg, student, teacher) -> FeatureRouters:
+    return FeatureRouters(cfg, *_shape(student, teacher))
+
+
+def _layer_projections(cfg, student, teacher) -> nn.ModuleList:
+    s_layers, _, s_dim, t_dim = _shape(student, teacher)
+    return nn.ModuleList(nn.Linear(s_dim, t_dim, bias=False) for _ in range(s_layers))
+
+
+def _pooled_projection(cfg, student, teacher) -> nn.Linear:
+    _, _, s_dim, t_dim = _shape(student, teacher)
+    return nn.Linear(s_dim, t_dim, bias=False)
 
 
 HIDDEN = Needs(hidden_states=True)
+# registration order is the order terms are summed (and their modules built: the RNG order)
 for _term in (
-    Term(
-        "lm",
-        _lm,
-        "global",
-        Needs(teacher=False),
-        lambda cfg: 1.0 - cfg.alpha_kd,
-        always=True,
-        doc="next-token cross-entropy on the text",
-    ),
-    Term("kd", _kd, "global", Needs(), "alpha_kd", _kd_module, doc="teacher->student divergence of the logits"),
-    Term(
-        "feature",
-        _feature,
-        "tokens",
-        HIDDEN,
-        "w_feature",
-        lambda cfg, s, t: FeatureRouters(cfg, *_shape(s, t)),
-        doc="router-mixed feature loss per student block",
-    ),
-    Term(
-        "attention",
-        _attention,
-        "tokens",
-        Needs(attentions=True),
-        "w_attention",
-        doc="MiniLM attention KL of mapped blocks",
-    ),
-    Term(
-        "layerwise",
-        _layerwise,
-        "tokens",
-        HIDDEN,
-        "w_layerwise",
-        lambda cfg, s, t: nn.ModuleList(
-            _no_bias_linear(_shape(s, t)[2], _shape(s, t)[3]) for _ in range(_shape(s, t)[0])
-        ),
-        doc="LN-MSE of projected student blocks vs mapped teacher blocks",
-    ),
-    Term(
-        "contrastive",
-        _contrastive,
-        "batch",
-        HIDDEN,
-        "w_contrastive",
-        lambda cfg, s, t: _no_bias_linear(_shape(s, t)[2], _shape(s, t)[3]),
-        doc="InfoNCE of pooled last states across the batch",
-    ),
+    Term("lm", _lm, "global", Needs(teacher=False), weight=lambda cfg: 1.0 - cfg.alpha_kd, always=True),
+    Term("kd", _kd, "global", Needs(), weight="alpha_kd", build=_kd_module, reads_cache=True),
+    Term("feature", _feature, "tokens", HIDDEN, weight="w_feature", build=_feature_routers),
+    Term("attention", _attention, "tokens", Needs(attentions=True), weight="w_attention"),
+    Term("layerwise", _layerwise, "tokens", HIDDEN, weight="w_layerwise", build=_layer_projections),
+    Term("contrastive", _contrastive, "batch", HIDDEN, weight="w_contrastive", build=_pooled_projection),
 ):
     register_term(_term)
-BUILTIN = tuple(TERMS)
-INTERMEDIATE = BUILTIN[2:]  # the terms beyond KD and LM: need hidden states or attention maps
 
 __all__ = [
     "Term",
@@ -306,10 +277,8 @@ __all__ = [
     "TERMS",
     "register_term",
     "unregister_term",
-    "term_names",
+    "display_order",
     "match_logits",
     "FeatureRouters",
     "CACHED_TEACHER_KEYS",
-    "BUILTIN",
-    "INTERMEDIATE",
 ]

@@ -44,6 +44,7 @@ from .precision import Precision
 from .run_folder import open_run_folder, save_final
 from .schedule import lr_scheduler
 from .state import TrainState
+from .terms import display_order
 
 log = logging.getLogger("kdlab")
 
@@ -69,7 +70,7 @@ class Trainer:
         objective: Objective | None = None,
     ):
         self.cfg, self.student, self.teacher, self.data = cfg, student, teacher, data
-        self.precision, self.tokenizer, self.log = precision, tokenizer, log
+        self.precision, self.tokenizer = precision, tokenizer
         self.dist: DistInfo = init_from_env(precision.device.type)
         self.state, self.out_dir = TrainState(), Path(cfg.out_dir)
         if not self.dist.is_main:  # only rank 0 talks
@@ -255,7 +256,7 @@ class Trainer:
             device=self.precision.device,
         )
         self._record(record)
-        log_train_record(record, self.total_steps, tuple(sorted(obj.terms, key=lambda k: k != "kd")))
+        log_train_record(record, self.total_steps, tuple(t for t in display_order() if t in obj.terms))
 
     def evaluate(self, split: str = "validation", **extra) -> dict[str, Any]:
         """Evaluate the student on `split` (the first eval_batches global batches, the same every time).

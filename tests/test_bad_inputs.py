@@ -21,22 +21,8 @@ DOC = ROOT / "docs" / "bad-inputs.md"
 
 
 def _tiny(env) -> list[str]:
-    return [
-        "--teacher",
-        str(env["teacher"]),
-        "--student",
-        "tiny",
-        "--student-init",
-        "random",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--eval-batches",
-        "1",
-        "--device",
-        "cpu",
-    ]
+    flags = "--student tiny --student-init random --seq-len 32 --batch-size 2 --eval-batches 1 --device cpu"
+    return ["--teacher", str(env["teacher"]), *flags.split()]
 
 
 # (kind, what the user did, argv builder); the message is whatever kdlab prints
@@ -158,22 +144,7 @@ def env(tmp_path_factory, tiny_teacher, austen_ready):
     e.update({k: tmp / k for k in ("typo.yaml", "list.yaml", "empty.txt")})
     # a real run with checkpoints, then damaged copies of it
     run = tmp / "run"
-    tiny = [
-        "--teacher",
-        str(tiny_teacher),
-        "--student",
-        "tiny",
-        "--student-init",
-        "random",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--eval-batches",
-        "1",
-        "--device",
-        "cpu",
-    ]
+    tiny = _tiny(e)
     assert main(["-q", "train", *tiny, "--max-steps", "2", "--out-dir", str(run)]) == 0
     e["run"] = run
     shutil.copytree(run, tmp / "corrupt")

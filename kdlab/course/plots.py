@@ -18,12 +18,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from ..terms import TERMS
-
-
-def term_order() -> tuple[str, ...]:
-    """kd and lm first, then every other registered term (kdlab.terms), in registration order."""
-    return ("kd", "lm", *(t for t in TERMS if t not in ("kd", "lm")))
+from ..terms import display_order as term_order
 
 
 class _Colors(dict):
