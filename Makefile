@@ -12,12 +12,15 @@ setup:
 run: setup
 	$(PY) -m kdlab train
 
+# two pytest-xdist workers, one notebook or test file each (conftest.py gives each one core's threads)
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # the unit tests alone (no notebooks, no browser, no multi-process tests): the quick loop while changing kdlab
 test-fast: setup
-	$(PY) -m pytest tests --ignore=tests/test_browser.py -m "not process" -q
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests --ignore=tests/test_browser.py -m "not process" -q
 
 lint: setup
 	$(VENV)/bin/ruff check .
