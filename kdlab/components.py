@@ -1,6 +1,9 @@
-"""Building a run's parts from its config: precision, tokenizer, teacher, data, student.
+"""Building a run's parts from its config: precision, tokenizer, teacher, data, student, and the
+trainer's default batch source and objective.
 
     precision, tokenizer, teacher, data, student = build_components(cfg)
+    batches = batches_for_run(cfg, data["train"], tokenizer, student, teacher, precision, dist)
+    objective = objective_for_run(cfg, student, teacher, total_steps)
 
 Shared by `kdlab train`, `kdlab eval`, `kdlab cache-teacher`, the benchmark and the course, so
 all of them see the same models and data for the same config.
@@ -51,15 +54,15 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def check_positions(seq_len: int, *models: torch.nn.Module) -> None:
-    """A clear error, before any memory is spent, when `seq_len` exceeds a model's positions."""
+def check_positions(seq_len: int, *models: torch.nn.Module, name: str = "seq_len") -> None:
+    """A clear error, before any memory is spent, when `seq_len` (the setting `name`) exceeds a model's positions."""
     limit = min(
         (m.config.max_position_embeddings for m in models if getattr(m.config, "max_position_embeddings", None)),
         default=None,
     )
     if limit is not None and seq_len > limit:
         raise KDLabError(
-            f"seq_len={seq_len} is longer than the models' maximum positions ({limit:,}); use seq_len <= {limit}"
+            f"{name}={seq_len} is longer than the models' maximum positions ({limit:,}); use {name} <= {limit}"
         )
 
 
@@ -90,4 +93,35 @@ def build_components(cfg: KDConfig):
     return precision, tokenizer, teacher, data, student
 
 
-__all__ = ["build_components", "check_positions", "quiet_hf_progress", "quiet_libraries"]
+def batches_for_run(cfg: KDConfig, split, tokenizer, student, teacher, precision, dist):
+    """The batch source `cfg` trains on: the packed corpus blocks (kdlab.batches.PackedBatches), and
+    with on_policy > 0 those blocks cut to prompts and continued (kdlab.on_policy.GeneratedBatches)."""
+    from .batches import PackedBatches
+
+    corpus = PackedBatches.for_run(cfg, split, tokenizer, student, teacher, dist)
+    if cfg.on_policy == 0:
+        return corpus
+    from .on_policy import GeneratedBatches
+
+    return GeneratedBatches.for_run(cfg, corpus, tokenizer, student, teacher, precision)
+
+
+def objective_for_run(cfg: KDConfig, student, teacher, total_steps: int):
+    """The objective of `cfg`: kdlab.objective.Objective, or its on-policy override (on_policy > 0)."""
+    from .objective import Objective
+
+    if cfg.on_policy == 0:
+        return Objective(cfg, student, teacher, total_steps)
+    from .on_policy import OnPolicyObjective
+
+    return OnPolicyObjective(cfg, student, teacher, total_steps)
+
+
+__all__ = [
+    "build_components",
+    "batches_for_run",
+    "objective_for_run",
+    "check_positions",
+    "quiet_hf_progress",
+    "quiet_libraries",
+]

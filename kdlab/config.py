@@ -38,6 +38,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_STYLES = ("concise", "original-verbose")
 STUDENT_INITS = ("random", "teacher-layers")
 LOGIT_PROJECTIONS = ("align", "learned")
+GENERATORS = ("student", "teacher")
+ON_POLICY_LOSSES = ("divergence", "sampled_reverse_kl")
 
 # The sections of KDConfig, in order: title -> what its fields are about (the CLI's argument groups).
 GROUPS: dict[str, str] = {
@@ -46,6 +48,8 @@ GROUPS: dict[str, str] = {
     "loss": "the terms of the objective (kdlab.terms) and their maximum weights",
     "curriculum": "how each loss weight ramps up during training (kdlab.curriculum); each weight above is the "
     "maximum its ramp reaches",
+    "on-policy": "training on continuations a model generates from prompts of the training blocks "
+    "(kdlab.on_policy): GKD's mixed policy, on-policy distillation, sequence-level KD",
     "optimisation": "batches, steps, AdamW and the learning-rate schedule",
     "evaluation, logging, checkpoints": "when to evaluate, log and save, and where the run folder is",
     "early stopping": "stop when validation stops improving (kdlab.early_stopping); patience counts evaluations, "
@@ -80,6 +84,7 @@ _data = _section("data")
 _models = _section("models")
 _loss = _section("loss")
 _curriculum = _section("curriculum")
+_on_policy = _section("on-policy")
 _optimisation = _section("optimisation")
 _evaluation = _section("evaluation, logging, checkpoints")
 _early_stopping = _section("early stopping")
@@ -183,6 +188,37 @@ class KDConfig:
         f"0.4, shape: cosine}}}}: start and end are fractions of training, "
         f"shape is {' or '.join(SHAPES)}",
     )
+
+    # --- on-policy (kdlab.on_policy) -----------------------------------------------------------
+    on_policy: float = _on_policy(
+        0.0,
+        "lambda: the chance that an optimizer step trains on generated continuations instead of the "
+        "corpus' text, in [0, 1] (0 = off-policy, 1 = every step; GKD)",
+    )
+    generator: str = _on_policy(
+        "student",
+        "who continues the prompts: the student (on-policy distillation; its own text gets no LM weight) "
+        "or the teacher (sequence-level KD: the LM term learns the teacher's text)",
+        choices=GENERATORS,
+    )
+    prompt_tokens: int = _on_policy(32, "tokens of each training block kept as the prompt (below seq_len)")
+    gen_tokens: int = _on_policy(
+        0, "tokens generated after each prompt (0 = the rest of the block: seq_len - prompt_tokens)"
+    )
+    gen_temperature: float = _on_policy(1.0, "sampling temperature of the generator (> 0)")
+    gen_top_p: float = _on_policy(1.0, "nucleus sampling: keep the smallest token set holding this mass, in (0, 1]")
+    on_policy_loss: str = _on_policy(
+        "divergence",
+        "loss on the student's own text: divergence (the KD term, kd_divergence and kd_top_k, on the generated "
+        "positions) or sampled_reverse_kl (log q - log p of each sampled token as its advantage)",
+        choices=ON_POLICY_LOSSES,
+    )
+    rkl_discount: float = _on_policy(
+        0.0,
+        "sampled_reverse_kl: a token's advantage adds discount^k times the log-ratio k tokens later, in [0, 1] "
+        "(0 = per token)",
+    )
+    gen_samples: int = _on_policy(2, "prompt -> continuation pairs of the last generated batch in each train record")
 
     # --- optimisation -----------------------------------------------------------------------
     batch_size: int = _optimisation(4, "sequences per micro-batch")
@@ -302,6 +338,41 @@ class KDConfig:
                 f"{', '.join(active)} needs its hidden states or attention maps; set those weights to 0 "
                 f"or teacher_cache=''",
             )
+        need(
+            math.isfinite(self.on_policy) and 0.0 <= self.on_policy <= 1.0,
+            f"on_policy={self.on_policy} must be in [0, 1] (0 = off-policy, 1 = every step on generated text)",
+        )
+        choice("generator")
+        choice("on_policy_loss")
+        if self.on_policy > 0:
+            need(
+                1 <= self.prompt_tokens < self.seq_len,
+                f"prompt_tokens={self.prompt_tokens} must be in [1, seq_len={self.seq_len}): the prompt is a "
+                f"prefix of a training block",
+            )
+            need(self.gen_tokens >= 0, f"gen_tokens={self.gen_tokens} must be >= 0 (0 = seq_len - prompt_tokens)")
+            need(
+                math.isfinite(self.gen_temperature) and self.gen_temperature > 0,
+                f"gen_temperature={self.gen_temperature} must be > 0",
+            )
+            need(0.0 < self.gen_top_p <= 1.0, f"gen_top_p={self.gen_top_p} must be in (0, 1]")
+            need(0.0 <= self.rkl_discount <= 1.0, f"rkl_discount={self.rkl_discount} must be in [0, 1]")
+            need(self.gen_samples >= 0, f"gen_samples={self.gen_samples} must be >= 0")
+            need(
+                not self.teacher_cache,
+                f"on_policy={self.on_policy} trains on text generated during the run, which no teacher cache holds; "
+                f"set teacher_cache='' (or on_policy=0)",
+            )
+            if self.on_policy_loss == "sampled_reverse_kl":
+                need(
+                    self.generator == "student",
+                    "on_policy_loss=sampled_reverse_kl scores the student's own samples; it needs generator=student",
+                )
+                need(
+                    self.gen_temperature == 1.0 and self.gen_top_p == 1.0,
+                    f"on_policy_loss=sampled_reverse_kl is unbiased only for samples of the student itself; it needs "
+                    f"gen_temperature=1 and gen_top_p=1 (got {self.gen_temperature} and {self.gen_top_p})",
+                )
         for name, value in self.term_weights.items():
             term = TERMS.get(name)
             if term is None:

@@ -103,6 +103,90 @@ def generate(
     return out
 
 
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, V) logits with every token outside the nucleus set to -inf: the smallest set of most
+    likely tokens whose probabilities sum to at least `top_p` (the most likely token always stays)."""
+    if top_p >= 1.0:
+        return logits
+    ranked, order = logits.sort(-1, descending=True)
+    probs = ranked.softmax(-1)
+    outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+    return logits.scatter(-1, order, ranked.masked_fill(outside, float("-inf")))
+
+
+class RowSeededSampler:
+    """A logits processor that samples by the Gumbel-max trick, one random stream per row.
+
+    argmax(logits / T + g), g ~ Gumbel(0, 1) i.i.d. per token, is an exact sample of softmax(logits / T)
+    (restricted to the top-p nucleus when top_p < 1). Drawing g from a generator seeded per row makes
+    each row's continuation a function of its own seed and prompt only, not of the other rows in its
+    batch: gradient-accumulation micro-batches and torchrun processes sample what one process with the
+    whole batch samples, and a resumed run samples what the uninterrupted one did. Used with greedy
+    decoding (HF then takes the argmax of the processed scores).
+    """
+
+    def __init__(self, seeds: list[int], temperature: float = 1.0, top_p: float = 1.0, device="cpu"):
+        self.temperature, self.top_p = temperature, top_p
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = top_p_filter(scores.float() / self.temperature, self.top_p)
+        shape, device = scores.shape[1:], scores.device
+        u = torch.stack([torch.rand(shape, generator=g, device=device) for g in self.generators])
+        return scores - torch.log(-torch.log(u.clamp_min(1e-30)))  # + Gumbel noise
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    seeds: list[int] | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    precision: Precision | None = None,
+) -> torch.Tensor:
+    """(B, P) prompt ids -> (B, max_new_tokens) continuation ids, with HF `generate` (KV cache).
+
+    `seeds` (one per row) samples each row from its own stream (`RowSeededSampler`); None is greedy.
+    Every row runs the full length: end-of-text does not stop it (as in the packed training blocks,
+    a continuation may run on into a new document). The model's train/eval mode is restored; under
+    `precision` the student's autocast applies."""
+    from transformers import LogitsProcessorList
+
+    was_training = model.training
+    model.eval()
+    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
+    processors = LogitsProcessorList()
+    if seeds is not None:
+        if len(seeds) != input_ids.shape[0]:
+            raise ValueError(f"{len(seeds)} seeds for {input_ids.shape[0]} prompts")
+        processors.append(RowSeededSampler(seeds, temperature, top_p, input_ids.device))
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    try:
+        with autocast:
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=None,
+                do_sample=False,  # the processor samples (or not): HF takes the argmax
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=None,  # never stop early: every row is max_new_tokens long
+                pad_token_id=pad,
+                logits_processor=processors,
+            )
+    finally:
+        model.train(was_training)
+    new = out[:, input_ids.shape[1] :]
+    if new.shape[1] != max_new_tokens:  # a model whose generation config still stops early
+        raise RuntimeError(f"generate returned {new.shape[1]} new tokens, not {max_new_tokens}")
+    return new
+
+
 def distinct_n(continuations: list[Continuation], n: int = 2) -> float:
     """Unique n-grams / all n-grams of the continuations' token ids, pooled (0.0 when there are none)."""
     grams = [c.token_ids[i : i + n] for c in continuations for i in range(len(c.token_ids) - n + 1)]
@@ -144,4 +228,14 @@ def sample_table(rows: dict[str, list[Continuation]], width: int = 100) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Continuation", "held_out_prompts", "generate", "distinct_n", "teacher_nll", "sample_table"]
+__all__ = [
+    "Continuation",
+    "held_out_prompts",
+    "generate",
+    "generate_ids",
+    "RowSeededSampler",
+    "top_p_filter",
+    "distinct_n",
+    "teacher_nll",
+    "sample_table",
+]

@@ -434,6 +434,59 @@ def lm_loss(
     return total / _valid_count(targets != IGNORE_INDEX, num_valid)
 
 
+def sampled_reverse_kl(
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_valid: torch.Tensor | int | None = None,
+    discount: float = 0.0,
+) -> torch.Tensor:
+    """The on-policy estimator of KL(student ‖ teacher) from tokens the student sampled itself.
+
+    Per valid position t, with x_t the sampled token (`tokens[b, t]`, drawn from the student's own
+    next-token distribution q at temperature 1) and p the teacher's:
+
+        r_t = log q(x_t) - log p(x_t)                      the sampled log-ratio (no gradient)
+        A_t = sum_{k >= t} discount^(k - t) r_k            over the later valid positions of its row
+        value    = 1/N sum_t r_t                           the Monte Carlo estimate of the reverse KL
+        gradient = 1/N sum_t A_t * grad log q(x_t)         (A_t held fixed: the policy-gradient form)
+
+    Since E_q[grad log q] = 0, r_t grad log q(x_t) is an unbiased estimate of grad KL(q_t ‖ p_t) at
+    position t given its prefix (discount 0, as in the 2025 on-policy distillation recipes); discount 1
+    also credits a token with the log-ratios of the tokens it leads to (MiniLLM's sequence-level
+    return). Only the student gets a gradient; math in fp32.
+
+    Args:
+        s_logits, t_logits: (B, T, V) at the positions that predict `tokens` (one vocabulary).
+        tokens: (B, T) the sampled next tokens (position t predicts tokens[:, t]).
+        mask: (B, T) bool, True at the positions to score (the generated ones).
+        num_valid: valid positions of the whole step (default mask.sum()).
+    Returns:
+        scalar fp32 tensor.
+    """
+    picked = tokens[mask].unsqueeze(-1)  # (N, 1): only the scored rows are upcast and normalised
+
+    def log_prob(logits: torch.Tensor) -> torch.Tensor:  # (B, T): log softmax at the sampled token, 0 elsewhere
+        flat = logits[mask].float().log_softmax(-1).gather(-1, picked).squeeze(-1)
+        return torch.zeros(mask.shape, device=flat.device, dtype=flat.dtype).masked_scatter(mask, flat)
+
+    log_q = log_prob(s_logits)
+    with torch.no_grad():
+        ratio = log_q - log_prob(t_logits)
+        advantage = ratio
+        if discount > 0:  # A = ratio @ G^T with G[t, k] = discount^(k - t) for k >= t
+            T = ratio.shape[1]
+            steps = torch.arange(T, device=ratio.device, dtype=torch.float32)
+            lag = steps[None, :] - steps[:, None]
+            gamma = torch.where(lag >= 0, discount ** lag.clamp_min(0), torch.zeros((), device=ratio.device))
+            advantage = (ratio @ gamma.T) * mask
+    n = _valid_count(mask, num_valid)
+    surrogate = (advantage * log_q * mask).sum() / n
+    return ratio.sum() / n + (surrogate - surrogate.detach())
+
+
 __all__ = [
     "DIVERGENCES",
     "IGNORE_INDEX",
@@ -443,4 +496,5 @@ __all__ = [
     "teacher_top_k",
     "kd_loss_reference",
     "lm_loss",
+    "sampled_reverse_kl",
 ]

@@ -7,8 +7,10 @@
 
 A step's `out` holds each term ("kd", "lm", ...), each weighted term ("w/kd", ...), "loss",
 "grad_norm", "tokens", "skipped" (1.0 for a step skipped for a non-finite loss or gradient, whose
-other values are then 0) and "nonfinite/<term>" flags. Under torchrun each process holds its part
-of every global mean, so the interval's sums are added over processes before dividing.
+other values are then 0) and "nonfinite/<term>" flags. A value a step may lack (the "gen/" terms of
+an on-policy run's generated steps, kdlab.on_policy) is averaged over the trained steps that had it.
+Under torchrun each process holds its part of every global mean, so the interval's sums are added
+over processes before dividing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ log = logging.getLogger("kdlab")
 @dataclass
 class Interval:
     sums: dict[str, float]  # each step value, summed over the interval
+    counts: dict[str, float]  # trained (not skipped) steps that had each value
     extra: dict[str, float]  # diagnostics read at the log line (grad shares, router statistics)
     steps: int
     seconds: float
@@ -47,6 +50,7 @@ class IntervalMetrics:
     def __init__(self, device: torch.device, dist: DistInfo):
         self.device, self.dist = device, dist
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}  # per value: the trained steps that had it
         self.steps = 0
         self.started = time.perf_counter()
         self.carried = 0.0  # seconds a resumed interval had run before its checkpoint
@@ -54,8 +58,10 @@ class IntervalMetrics:
         self.max_run = torch.zeros((), device=device)  # ... and the longest such run in this interval
 
     def add(self, out: dict[str, torch.Tensor]) -> None:
+        trained = 1.0 - out["skipped"]
         for k, v in out.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0.0) + trained
         self.steps += 1
         self.bad_run = (self.bad_run + 1) * out["skipped"]
         self.max_run = torch.maximum(self.max_run, self.bad_run)
@@ -73,36 +79,39 @@ class IntervalMetrics:
         lines. The next interval starts."""
         extra = extra or {}
         # stacked on the device, copied once: one transfer (one sync), not one per value
-        tensors = [*self.sums.values(), *extra.values(), self.bad_run, self.max_run]
+        tensors = [*self.sums.values(), *self.counts.values(), *extra.values(), self.bad_run, self.max_run]
         values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in tensors]).tolist()
         n_sums = len(self.sums)
         out = Interval(
             dict(zip(self.sums, values[:n_sums])),
-            dict(zip(extra, values[n_sums:-2])),
+            dict(zip(self.counts, values[n_sums : 2 * n_sums])),
+            dict(zip(extra, values[2 * n_sums : -2])),
             self.steps,
             self.elapsed(),
             int(values[-2]),
             int(values[-1]),
         )
-        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+        self.sums, self.counts, self.steps, self.started = {}, {}, 0, time.perf_counter()
         self.max_run = torch.zeros_like(self.max_run)
         return out
 
     def means(self, interval: Interval) -> dict[str, float]:
-        """Per trained step, the interval's terms, "w/" terms, loss and grad_norm, added over
-        processes first under DDP (each holds its part of every global mean)."""
-        sums = interval.sums
-        keys = [k for k in sums if k not in ("skipped", "tokens") and not k.startswith("nonfinite/")]
+        """Per trained step that had it, the interval's terms, "w/" terms, loss and grad_norm, added
+        over processes first under DDP (each holds its part of every global mean)."""
+        sums, counts = interval.sums, interval.counts
+        skip = ("skipped", "tokens")
+        keys = [k for k in sums if k not in skip and not k.startswith("nonfinite/") and counts.get(k, 0) > 0]
         if self.dist.enabled:
             t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
             sums = {**sums, **dict(zip(keys, all_reduce_sum(t, self.dist).tolist()))}
             sums["grad_norm"] /= self.dist.world  # the same on every process: a mean, not a sum
-        return {k: sums[k] / interval.trained for k in keys}
+        return {k: sums[k] / counts[k] for k in keys}
 
     def state_dict(self) -> dict[str, Any]:
         """The unfinished interval, so a resumed run logs the same means (and tokens/s)."""
         return {
             "interval": {k: v.detach().cpu() for k, v in self.sums.items()},
+            "interval_counts": {k: torch.as_tensor(v).cpu() for k, v in self.counts.items()},
             "interval_steps": self.steps,
             "interval_elapsed": self.elapsed(),
             "bad_run": self.bad_run.cpu(),
@@ -111,6 +120,7 @@ class IntervalMetrics:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums = {k: v.to(self.device) for k, v in state["interval"].items()}
+        self.counts = {k: v.to(self.device) for k, v in state["interval_counts"].items()}
         self.steps = state["interval_steps"]
         self.carried = state["interval_elapsed"]
         self.bad_run, self.max_run = state["bad_run"].to(self.device), state["max_run"].to(self.device)
@@ -142,6 +152,8 @@ def train_record(
         "skipped_steps": skipped_steps,
         "skipped_in_interval": interval.skipped,
     }
+    if "generate_s" in fields:  # an on-policy run (kdlab.on_policy): the share of the time spent generating
+        record["generate_share"] = fields["generate_s"] / max(interval.seconds, 1e-9)
     if device is not None and device.type == "cuda":  # the allocator's own counter: no device sync
         record["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     extra = interval.extra
@@ -187,7 +199,12 @@ def log_run_start(trainer) -> None:
 
 def log_train_record(record: dict[str, Any], total_steps: int, terms: tuple[str, ...]) -> None:
     """The record's log line(s): loss, each term, lr, grad norm, speed, and the diagnostics."""
-    values = " | ".join(f"{k} {record[k]:.4f}" for k in terms if k in record)
+    # a generated step's terms ("gen/kd", kdlab.on_policy) after the corpus ones
+    names = [*terms, *(f"gen/{k}" for k in terms)]
+    values = " | ".join(f"{k} {record[k]:.4f}" for k in names if k in record)
+    if "on_policy_share" in record:
+        share, gen = record["on_policy_share"], record["generate_share"]
+        values += f" | on-policy {share:.2f} (generating {gen:.0%} of the time)"
     active = {k: w for k, w in record["weights"].items() if k not in ("kd", "lm")}
     log.info(
         "step %d/%d | loss %.4f | %s | lr %.2e | grad-norm %.3f | %.0f tok/s%s%s",
@@ -201,6 +218,9 @@ def log_train_record(record: dict[str, Any], total_steps: int, terms: tuple[str,
         f" | skipped {record['skipped_steps']}" if record["skipped_steps"] else "",
         (" | weights " + " ".join(f"{k} {w:.3f}" for k, w in active.items())) if active else "",
     )
+    for sample in record.get("samples", []):  # the last generated batch's first rows
+        text = " ".join(f"{sample['prompt']} ▸ {sample['continuation']}".split())
+        log.info("  generated: %s", text[:160] + ("…" if len(text) > 160 else ""))
     if "router" in record:
         log.info(
             "  router utilisation: %s",

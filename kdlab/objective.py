@@ -162,7 +162,7 @@ class Objective:
             )
             # a term at weight 0 is only logged: no graph for it
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.max_weights[name] > 0), phase(f"loss: {name}"):
-                value = term.compute(ctx)
+                value = self.compute(name, ctx)
             values[name] = (
                 value * share if term.reduce == "tokens" else value * per_batch if term.reduce == "batch" else value
             )
@@ -171,6 +171,11 @@ class Objective:
         weighted = {k: weights[k] * v for k, v in scaled.items() if weights.get(k, 0.0) > 0}
         total = sum(weighted.values(), torch.zeros((), device=mask.device))
         return Loss(values, weighted, total)
+
+    def compute(self, name: str, ctx: TermContext) -> torch.Tensor:
+        """Term `name`'s value on one micro-batch: the registered compute function (a subclass may
+        override it for some batches, as kdlab.on_policy does for text the student generated)."""
+        return self.terms[name].compute(ctx)
 
     def grad_shares(self, weighted: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each weighted term's share of the sum of per-term gradient norms on `params`.

@@ -33,16 +33,18 @@ def open_run_folder(
     from `history()`: a resumed run drops the records written after its checkpoint. Returns the
     metrics file."""
     out = Path(cfg.out_dir)
-    if not cfg.resume and out.is_dir() and any(out.iterdir()):
-        if not cfg.overwrite:
-            held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
-            raise KDLabError(
-                f"out_dir={str(out)!r} already holds a run ({held}); continue it with --resume, "
-                f"replace it with --overwrite, or choose another --out-dir"
-            )
-        barrier(dist)  # every process has looked before rank 0 deletes
-        if dist.is_main:
-            shutil.rmtree(out)
+    used = not cfg.resume and out.is_dir() and any(out.iterdir())
+    if used and not cfg.overwrite:
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise KDLabError(
+            f"out_dir={str(out)!r} already holds a run ({held}); continue it with --resume, "
+            f"replace it with --overwrite, or choose another --out-dir"
+        )
+    # every process has looked before rank 0 deletes or writes (else a slower one would find rank 0's
+    # config.yaml and refuse the run's own folder)
+    barrier(dist)
+    if used and dist.is_main:
+        shutil.rmtree(out)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

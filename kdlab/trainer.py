@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from .batches import BatchSource, PackedBatches
+from .batches import BatchSource
 from .callbacks import check_state_keys, default_callbacks, fire
 from .checkpoint import resume_run, run_state, save_checkpoint
-from .components import build_components, check_positions, quiet_hf_progress
+from .components import batches_for_run, build_components, check_positions, objective_for_run, quiet_hf_progress
 from .config import KDConfig
 from .data import PackedSplit
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_from_env
@@ -76,11 +76,11 @@ class Trainer:
         if not self.dist.is_main:  # only rank 0 talks
             log.setLevel(logging.WARNING)
         check_positions(cfg.seq_len, teacher, student)
-        self.batches = batches or PackedBatches.for_run(cfg, data["train"], tokenizer, student, teacher, self.dist)
+        self.batches = batches or batches_for_run(cfg, data["train"], tokenizer, student, teacher, precision, self.dist)
         if cfg.max_steps <= 0 and not self.batches.steps_per_epoch:
             raise KDLabError("max_steps=-1 (train `epochs`) needs a batch source with epochs; set max_steps")
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.batches.steps_per_epoch
-        self.objective = objective or Objective(cfg, student, teacher, self.total_steps)
+        self.objective = objective or objective_for_run(cfg, student, teacher, self.total_steps)
         if self.objective.needs.attentions:  # attention maps exist only in eager attention
             for model in (student, teacher):
                 model.set_attn_implementation("eager")

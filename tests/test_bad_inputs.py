@@ -131,6 +131,22 @@ CASES = [
         "weight for a term that is not registered: `--term-weights '{kl_rev: 1}'`",
         lambda e: ["train", "--term-weights", "{kl_rev: 1}"],
     ),
+    ("on-policy", "mixing probability out of range: `--on-policy 1.5`", lambda e: ["train", "--on-policy", "1.5"]),
+    (
+        "on-policy",
+        "a prompt as long as the block: `--on-policy 1 --prompt-tokens 256`",
+        lambda e: ["train", "--on-policy", "1", "--prompt-tokens", "256"],
+    ),
+    (
+        "on-policy",
+        "a continuation longer than the models' positions: `--on-policy 1 --gen-tokens 5000`",
+        lambda e: ["train", *_tiny(e), "--on-policy", "1", "--prompt-tokens", "16", "--gen-tokens", "5000"],
+    ),
+    (
+        "on-policy",
+        "on-policy with a teacher cache: `--on-policy 0.5 --teacher-cache c --kd-top-k 256`",
+        lambda e: ["train", "--on-policy", "0.5", "--teacher-cache", "c", "--kd-top-k", "256"],
+    ),
 ]
 
 

@@ -128,7 +128,7 @@ def _help_entries(text: str) -> dict[str, dict[str, str]]:
     entries = None
     flag = None
     for line in text.splitlines():
-        heading = re.fullmatch(r"([a-z][a-z ,]*):", line)
+        heading = re.fullmatch(r"([a-z][a-z ,-]*):", line)
         if heading:
             entries, flag = groups.setdefault(heading.group(1), {}), None
         elif entries is not None and re.match(r"  -", line):
@@ -178,6 +178,8 @@ def test_fields_with_a_fixed_set_of_values_list_them(monkeypatch, capsys):
         "feature_loss": tuple(FEATURE_LOSSES),
         "logit_projection": kdlab.config.LOGIT_PROJECTIONS,
         "curriculum": tuple(PRESETS),
+        "generator": kdlab.config.GENERATORS,
+        "on_policy_loss": kdlab.config.ON_POLICY_LOSSES,
         "lr_scheduler": kdlab.config.SCHEDULERS,
         "log_style": kdlab.config.LOG_STYLES,
         "es_monitor": tuple(METRICS),

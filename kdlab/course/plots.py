@@ -22,11 +22,13 @@ from ..terms import display_order as term_order
 
 
 class _Colors(dict):
-    """A term's colour: fixed by its place in `term_order()` (C0, C1, ...); the total in black."""
+    """A term's colour: fixed by its place in `term_order()` (C0, C1, ...); the total in black; a
+    generated step's term ("gen/kd", kdlab.on_policy) in its term's colour (drawn dashed)."""
 
     def get(self, term, default=None):
         if term == "total":
             return "k"
+        term = term.removeprefix(GENERATED)
         order = term_order()
         return f"C{order.index(term) % 10}" if term in order else default
 
@@ -34,6 +36,7 @@ class _Colors(dict):
         return self.get(term)
 
 
+GENERATED = "gen/"  # kdlab.on_policy.GENERATED (not imported: that module imports the trainer's parts)
 COLORS = _Colors()
 VAL_METRICS = {"kl": "val KL(teacher‖student)", "student_ce": "val CE (student)"}
 
@@ -51,8 +54,10 @@ def load_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def terms_of(records: list[dict[str, Any]]) -> list[str]:
-    """The loss terms present in a run's train records, in a fixed order."""
+    """The loss terms present in a run's train records, in a fixed order (an on-policy run's
+    generated-step terms, "gen/<term>", after the corpus ones)."""
     order = term_order()
+    order = [*order, *(GENERATED + t for t in order)]
     seen = {k for r in records if r.get("kind") == "train" for k in r.get("weights", {})}
     seen |= {k for r in records if r.get("kind") == "train" for k in order if k in r}
     return [t for t in order if t in seen] + sorted(seen - set(order))  # then terms no longer registered
@@ -97,7 +102,7 @@ def draw_terms(
             (lines[term],) = ax.plot(
                 steps,
                 values,
-                style,
+                "--" if term.startswith(GENERATED) and style == "-" else style,
                 color=COLORS.get(term),
                 alpha=alpha,
                 lw=width,
@@ -178,6 +183,30 @@ def _records(run) -> list[dict[str, Any]]:
     return getattr(run, "history", run)
 
 
+def on_policy_run(records) -> bool:
+    """Whether the records are an on-policy run's (kdlab.on_policy): they carry the on-policy share."""
+    return any("on_policy_share" in r for r in records if r.get("kind") == "train")
+
+
+def draw_on_policy(ax, records) -> dict:
+    """An on-policy run's share of generated steps and share of time spent generating, per interval."""
+    train = [r for r in records if r.get("kind") == "train" and "on_policy_share" in r]
+    lines = {}
+    for key, label, color in (
+        ("on_policy_share", "steps on generated text", "C0"),
+        ("generate_share", "time spent generating", "C3"),
+    ):
+        pts = [(r["step"], r[key]) for r in train if key in r]
+        if pts:
+            (lines[key],) = ax.plot(*zip(*pts, strict=True), color=color, label=label, lw=1.2, marker=".")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("on-policy: share per log interval")
+    ax.set_xlabel("optimizer step")
+    if lines:
+        ax.legend(fontsize=6)
+    return lines
+
+
 def _weights_vary(records) -> bool:
     seen = {tuple(sorted(r["weights"].items())) for r in records if r.get("kind") == "train" and "weights" in r}
     return len(seen) > 1
@@ -206,8 +235,11 @@ def plot_run(
     ref = _records(reference) if reference is not None else None
     label = getattr(reference, "label", reference_label)
     vary = _weights_vary(records) or (ref is not None and _weights_vary(ref))
-    fig, axes = new_figure(3 if vary else 2)
-    a, c = axes[0], axes[-1]
+    on_policy = on_policy_run(records)
+    fig, axes = new_figure(2 + vary + on_policy)
+    a, c = axes[0], axes[1 + vary]
+    if on_policy:
+        draw_on_policy(axes[-1], records)
     if ref is not None:
         draw_terms(a, ref, show, terms, style="-", alpha=0.35, lw=0.8, label=False)
     if draw_terms(a, records, show, terms):

@@ -38,11 +38,13 @@ from ..callbacks import Callback
 from ..curriculum import PRESETS, SHAPES, CurriculumScheduler, Ramp
 from ..early_stopping import EarlyStopping
 from .plots import (
+    draw_on_policy,
     draw_router,
     draw_terms,
     draw_validation,
     draw_weights,
     new_figure,
+    on_policy_run,
     terms_of,
 )
 
@@ -250,15 +252,18 @@ class LivePlot(Callback):
         """The current figure (a new Figure each time; the widget shows its PNG)."""
         router = any(r.get("router") for r in self.records if r.get("kind") == "train")
         n_router = len(next(r["router"] for r in self.records if r.get("router"))) if router else 0
-        fig, axes = new_figure(3 + n_router, width=3.6, height=2.9, fast=True)
+        on_policy = on_policy_run(self.records)
+        fig, axes = new_figure(3 + on_policy + n_router, width=3.6, height=2.9, fast=True)
         self.lines = draw_terms(axes[0], self.records, self.show, self.terms())
         if self.lines:
             axes[0].legend(fontsize=6, ncol=2)
         if draw_weights(axes[1], self.records, self.terms()):
             axes[1].legend(fontsize=6)
         draw_validation(axes[2], self.records, self.early_stopping)
+        if on_policy:
+            draw_on_policy(axes[3], self.records)
         if n_router:
-            draw_router(axes[3:], self.records)
+            draw_router(axes[3 + on_policy :], self.records)
         return fig
 
     def render(self) -> None:
