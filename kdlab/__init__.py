@@ -17,9 +17,19 @@ from .early_stopping import EarlyStopping
 from .errors import KDLabError
 from .evaluation import evaluate, format_summary
 from .feature_losses import attention_kl, cosine_distance, info_nce, ln_mse, masked_mean_pool
-from .losses import DIVERGENCES, IGNORE_INDEX, kd_loss, kd_loss_topk, lm_loss, next_token_labels, teacher_top_k
+from .losses import (
+    DIVERGENCES,
+    IGNORE_INDEX,
+    kd_loss,
+    kd_loss_topk,
+    lm_loss,
+    next_token_labels,
+    sampled_reverse_kl,
+    teacher_top_k,
+)
 from .models import STUDENT_PRESETS, build_student, load_teacher, load_tokenizer, prepare_teacher
 from .objective import Loss, Objective, StepCounts
+from .on_policy import GeneratedBatches, OnPolicyObjective
 from .precision import Precision, resolve_precision, student_logits, teacher_logits
 from .projection import StudentLogitProjector, align_vocab
 from .router import StudentAwareRouter
@@ -41,6 +51,7 @@ __all__ = [
     "kd_loss_topk",
     "teacher_top_k",
     "lm_loss",
+    "sampled_reverse_kl",
     "next_token_labels",
     "IGNORE_INDEX",
     "DIVERGENCES",
@@ -64,6 +75,8 @@ __all__ = [
     "unregister_term",
     "BatchSource",
     "PackedBatches",
+    "GeneratedBatches",
+    "OnPolicyObjective",
     "Callback",
     "ProgressBar",
     "BestWeights",
