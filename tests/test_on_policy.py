@@ -191,8 +191,11 @@ def test_the_on_policy_share_follows_lambda_and_lambda_zero_is_todays_training(o
 
 
 def test_a_mixed_run_logs_both_kinds_of_step_the_shares_and_samples(on_policy_overrides):
+    from kdlab.course.widgets import LivePlot
+
     over = {**on_policy_overrides, "on_policy": 0.5, "max_steps": 8, "log_every": 1, "log_first": 0}
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
+    lp = LivePlot(widgets=True, min_interval_s=0.0, max_overhead=1.0)
+    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over), callbacks=[lp])
     plan = [trainer.batches.generates(s) for s in range(8)]
     assert 0 < sum(plan) < 8  # this seed mixes both kinds
     state = trainer.fit()
@@ -206,6 +209,11 @@ def test_a_mixed_run_logs_both_kinds_of_step_the_shares_and_samples(on_policy_ov
             assert r["samples"][0]["continuation"] and "gen/lm" in r and "gen/lm" not in r["weighted"]
     on_disk = [json.loads(x) for x in (trainer.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("samples") for r in on_disk if r["kind"] == "train"] == [r.get("samples") for r in train]
+    # the live plot: the corpus and the generated curves, and a panel of the two shares
+    points = lp.points()
+    assert points["kd"] == 8 - sum(plan) and points["gen/kd"] == sum(plan) and points["total"] == 8
+    titles = [ax.get_title() for ax in lp.draw().axes]
+    assert "on-policy: share per log interval" in titles
 
 
 def test_sampled_reverse_kl_runs_as_the_on_policy_objective(on_policy_overrides):
