@@ -136,6 +136,7 @@ class Trainer:
         weights = obj.weights()  # = weights_at(steps done); stepped below, like the LR
         want_shares = cfg.grad_share_every > 0 and (self.state.step + 1) % cfg.grad_share_every == 0
         sums: dict[str, torch.Tensor] = {}
+        term_names: set[str] = set()  # as the objective named them (an on-policy step's are "gen/<term>")
         bad = torch.zeros((), dtype=torch.bool, device=self.precision.device)
         for i, batch in enumerate(micro_batches):
             # DDP all-reduces gradients in the backward of the last micro-batch only
@@ -150,6 +151,7 @@ class Trainer:
                     # part of the global mean, so undo the average to get their sum
                     with phase("backward"):
                         self.scaler.scale(loss.total * info.world).backward()
+            term_names |= loss.terms.keys()
             for name, value in {
                 "loss": loss.total,
                 **loss.terms,
@@ -176,7 +178,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         ok = 1.0 - found
         # which terms were non-finite (summed over the interval they name the culprit)
-        nonfinite = {f"nonfinite/{k}": (~torch.isfinite(v)).float() for k, v in sums.items() if k in obj.terms}
+        nonfinite = {f"nonfinite/{k}": (~torch.isfinite(v)).float() for k, v in sums.items() if k in term_names}
         return {
             **{k: torch.nan_to_num(v * ok) for k, v in sums.items()},
             "grad_norm": torch.nan_to_num(grad_norm.detach().float() * ok),
