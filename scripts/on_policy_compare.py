@@ -2,6 +2,7 @@
 
     python scripts/on_policy_compare.py                                  # lambda 0, 0.5, 1 x seeds 0, 1
     python scripts/on_policy_compare.py --minutes 3 --lambdas 0 1 --seeds 0 --out /tmp/op.json
+    python scripts/on_policy_compare.py --student runs/default/final     # from a distilled student (GKD's set-up)
 
 Each arm trains the default pair (SmolLM2-135M -> the `small` student) for the same wall-clock budget
 of training steps (evaluation and generation of the measured samples are outside it), with a constant
@@ -53,6 +54,7 @@ def run_arm(lam: float, seed: int, args) -> dict:
     overrides = dict(
         on_policy=lam,
         seed=seed,
+        **({"student": args.student} if args.student else {}),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         prompt_tokens=args.prompt_tokens,
@@ -101,6 +103,7 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=8, help="held-out prompts continued for the measures")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--student", default="", help="start every arm from this model folder (default: the preset)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "on_policy_compare.json")
     args = ap.parse_args()
