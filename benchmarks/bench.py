@@ -10,6 +10,10 @@ Sections (see benchmarks/RESULTS.md for recorded figures and the machines they c
            tensors, `kdlab.losses.kd_loss_reference`) against kdlab's chunked `kd_loss`, full and
            top-k 256. Each variant runs in a fresh child process, so one's allocations cannot hide
            in another's peak.
+  fused    KD + LM from the student's final hidden states and output projection (D = 576, V = 49,152):
+           plain autograd on the full logits, kdlab's chunked losses on the full logits (the path the
+           trainer takes today) and kdlab.fused_loss (no [N, V] tensor); peak memory above the inputs
+           (hidden states and weights), the logits, their gradients and dL/dW (V x D) included.
   trainer  time per step of the kdlab Trainer against a minimal hand-written PyTorch loop doing the
            same forward and backward (KD+LM) on the default pair, the two taking turns step by step;
            then all six terms against KD+LM, with a profile of where a step's time goes.
@@ -199,6 +203,99 @@ def bench_loss(args) -> None:
                     flush=True,
                 )
         print(f"(one [N, V] fp32 tensor: {', '.join(f'{n * VOCAB * 4 / MiB:,.0f} MiB at N={n}' for n in args.tokens)})")
+
+
+# ------------------------------------------------------------------------------------ 1b. fused loss
+FUSED_VARIANTS = ("naive", "chunked", "fused")
+HIDDEN = 576  # SmolLM2-135M's width (teacher and student)
+
+
+def _fused_child(variant: str, n: int, device: str, repeats: int, mode: str) -> dict:
+    """One variant of 0.5 KD + 0.5 LM from (n, D) hidden states: peak memory of one forward+backward
+    ("mem") or its median time ("time"), fp32 (the CPU policy)."""
+    import torch.nn.functional as F
+
+    from kdlab.fused_loss import fused_linear_kd_lm
+    from kdlab.losses import kd_loss, kd_loss_reference, lm_loss
+
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(n, HIDDEN, device=dev, generator=g).requires_grad_(True)
+    w = (torch.randn(VOCAB, HIDDEN, device=dev, generator=g) * 0.1).requires_grad_(True)
+    th = torch.randn(n, HIDDEN, device=dev, generator=g)
+    tw = torch.randn(VOCAB, HIDDEN, device=dev, generator=g) * 0.1
+    targets = torch.randint(0, VOCAB, (n,), device=dev, generator=g)
+    targets[255::256] = -100  # the last position of each 256-token block has no target
+    mask = targets != -100
+
+    def step():
+        if variant == "fused":
+            loss = fused_linear_kd_lm(h[None], w, (th[None], tw), targets[None]).total
+        else:
+            s, t = h @ w.T, th @ tw.T  # the [N, V] logits
+            if variant == "naive":
+                kd = kd_loss_reference(s, t, mask)
+                lm = F.cross_entropy(s, targets, ignore_index=-100)
+            else:
+                kd, lm = kd_loss(s[None], t[None], mask[None]), lm_loss(s[None], targets[None])
+            loss = 0.5 * kd + 0.5 * lm
+        loss.backward()
+        return loss
+
+    meter = PeakMemory(dev)
+    step()
+    times, peak = [], 0
+    for _ in range(1 if mode == "mem" else repeats):
+        h.grad = w.grad = None
+        sync(dev)
+        meter.start()
+        t0 = time.perf_counter()
+        loss = step()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+        peak = max(peak, meter.peak())
+    return {"peak": peak, "time": statistics.median(times), "loss": loss.item(), "grad_norm": w.grad.norm().item()}
+
+
+def bench_fused(args) -> None:
+    dev = torch.device(args.device)
+    print(f"\n## 1b. KD + LM from hidden states, D = {HIDDEN}, V = {VOCAB:,}, fp32 ({device_name(dev)})")
+    print(
+        "peak: memory allocated above the inputs (hidden states, weights), logits, their gradients and dL/dW "
+        f"included; time: median of {args.repeats} calls, forward + backward"
+    )
+    print(f"{'tokens':>6} {'variant':<8} {'peak MiB':>9} {'vs naive':>8} {'time s':>8} {'vs naive':>8} {'loss':>10}")
+    for n in args.tokens:
+        rows = {}
+        for variant in FUSED_VARIANTS:
+            need = 1.1 * 7 * n * VOCAB * 4  # the naive version: about 7 fp32 [N, V] tensors
+            if variant == "naive" and dev.type == "cpu" and need > _available_memory():
+                have = _available_memory() / GiB
+                print(f"{n:>6} {variant:<8} not run: needs ~{need / GiB:.0f} GiB, {have:.0f} GiB available")
+                continue
+            r = {}
+            for mode in ("mem", "time"):
+                cmd = [sys.executable, __file__, "_fused_child", variant, str(n), args.device, str(args.repeats), mode]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV if mode == "mem" else None)
+                if out.returncode:
+                    r = {"error": (out.stderr.strip().splitlines() or ["killed"])[-1]}
+                    break
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                r[mode if mode == "time" else "peak"] = res["time" if mode == "time" else "peak"]
+                r.update(loss=res["loss"])
+            if "error" in r:
+                print(f"{n:>6} {variant:<8} failed: {r['error']}")
+                continue
+            rows[variant] = r
+            base = rows.get("naive")
+            rel_mem = f"{r['peak'] / base['peak']:.1%}" if base else "-"
+            rel_t = f"{r['time'] / base['time']:.2f}x" if base else "-"
+            print(
+                f"{n:>6} {variant:<8} {r['peak'] / MiB:>9,.0f} {rel_mem:>8} {r['time']:>8.3f} {rel_t:>8} "
+                f"{r['loss']:>10.6f}",
+                flush=True,
+            )
+    print(f"(one [N, V] fp32 tensor: {', '.join(f'{n * VOCAB * 4 / MiB:,.0f} MiB at N={n}' for n in args.tokens)})")
 
 
 def _available_memory() -> int:
@@ -522,10 +619,20 @@ def largest_batch(comp: Components) -> str:
 
 
 # ------------------------------------------------------------------------------------ main
-SECTIONS = {"loss": bench_loss, "trainer": bench_trainer, "cache": bench_cache, "cuda": bench_cuda}
+SECTIONS = {
+    "loss": bench_loss,
+    "fused": bench_fused,
+    "trainer": bench_trainer,
+    "cache": bench_cache,
+    "cuda": bench_cuda,
+}
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_fused_child":
+        variant, n, device, repeats, mode = sys.argv[2:7]
+        print(json.dumps(_fused_child(variant, int(n), device, int(repeats), mode)))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_loss_child":
         variant, n, device, repeats, half, mode = sys.argv[2:8]
         print(json.dumps(_loss_child(variant, int(n), device, int(repeats), half == "1", mode)))
