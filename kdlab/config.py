@@ -167,6 +167,11 @@ class KDConfig:
     loss_chunk_tokens: int = _loss(
         128, "rows of the [tokens x vocab] logits upcast to fp32 at a time (memory vs speed; 128 is fastest on CPU)"
     )
+    fused_loss: bool = _loss(
+        True,
+        "compute KD + LM from the hidden states and the output projection chunk by chunk, never the [N, V] "
+        "logits (kdlab.fused_loss), where the run allows it (kdlab train -v says); false = the logits path",
+    )
     teacher_cache: str = _loss(
         "",
         "folder of a teacher cache (`kdlab cache-teacher`): KD reads the stored top-k "

@@ -23,6 +23,8 @@ matmuls run in the hidden states' dtype (under autocast, the student's compute d
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +38,6 @@ class FusedLoss:
     total: torch.Tensor  # kd_weight * kd + lm_weight * lm, with the gradient
     kd: torch.Tensor  # the KD term, unweighted (no gradient)
     lm: torch.Tensor  # the LM term, unweighted (no gradient)
-
-
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return h @ weight.to(h.dtype).T
 
 
 class _FusedLinearKDLM(torch.autograd.Function):
@@ -65,14 +63,13 @@ class _FusedLinearKDLM(torch.autograd.Function):
         kd_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         lm_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         n = _valid_count(targets != IGNORE_INDEX, num_valid)
+        w_c = weight.to(h.dtype)  # cast once, not per chunk
+        t_w = teacher[1].to(teacher[0].dtype) if len(teacher) == 2 else None
         for start in range(0, h.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             hc = h[rows]
-            s = _chunk_logits(hc, weight)  # (C, V), the only logits that exist at a time
-            if len(teacher) == 1:
-                t = teacher[0][rows]
-            else:
-                t = _chunk_logits(teacher[0][rows], teacher[1])
+            s = hc @ w_c.T  # (C, V), the only logits that exist at a time
+            t = teacher[0][rows] if t_w is None else teacher[0][rows] @ t_w.T
             t_rows = (t,) if top_k == 0 else _teacher_buckets(t, temperature, top_k)
             del t
             kl, g = _kd_rows(s, t_rows, temperature, top_k, divergence, beta)  # g = d(T^2 kl)/ds, fp32
@@ -89,7 +86,7 @@ class _FusedLinearKDLM(torch.autograd.Function):
                 ds.mul_(lm_weight * valid.unsqueeze(-1)).add_(g, alpha=kd_weight).div_(n)
                 del g, logp
                 ds = ds.to(hc.dtype)
-                grad_h[rows] = ds @ weight.to(hc.dtype)
+                grad_h[rows] = ds @ w_c
                 if hc.dtype == torch.float32:
                     grad_w.addmm_(ds.T, hc)
                 else:  # a low-precision chunk product, accumulated in fp32
@@ -169,4 +166,57 @@ def fused_linear_kd_lm(
     return FusedLoss(total, kd.detach(), lm.detach())
 
 
-__all__ = ["FusedLoss", "fused_linear_kd_lm"]
+# ---------------------------------------------------------------------------- use in the objective
+def _raw(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model under a DDP or torch.compile wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module whose output the LM head reads (an HF decoder's final norm: model.model.norm)."""
+    return getattr(getattr(_raw(model), "model", None), "norm", None)
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The (V, D) output projection (the embedding, when tied)."""
+    return _raw(model).get_output_embeddings().weight
+
+
+@contextlib.contextmanager
+def final_hidden_states(model: torch.nn.Module):
+    """Capture the final norm's output of one forward of `model` into the yielded dict ("h")."""
+    box: dict[str, torch.Tensor] = {}
+    handle = final_norm(model).register_forward_hook(lambda module, args, out: box.__setitem__("h", out))
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(type(_raw(model)).forward).parameters
+
+
+def fused_unavailable(cfg, active: list[str], terms: dict, student: torch.nn.Module, teacher: torch.nn.Module) -> str:
+    """'' when the fused loss can compute KD and LM for this run, else why not (for the log)."""
+    others = [n for n in active if n not in ("kd", "lm") and terms[n].reads_logits]
+    checks = [
+        (not cfg.fused_loss, "fused_loss=false"),
+        ("kd" not in active, "no KD term (alpha_kd=0)"),
+        (bool(cfg.teacher_cache), "a teacher cache (the teacher's top-k is read, not computed)"),
+        (student.config.vocab_size != teacher.config.vocab_size, "student and teacher vocabularies differ"),
+        (cfg.adaptive_balance, "adaptive_balance (it rescales each term after its value is known)"),
+        (cfg.grad_share_every > 0, "grad_share_every (each term's own gradient is needed)"),
+        (cfg.compile, "compile"),
+        (getattr(cfg, "on_policy", 0) > 0, "on-policy steps (kdlab.on_policy)"),
+        (bool(others), f"terms that read the logits: {', '.join(others)}"),
+        (
+            any(final_norm(m) is None or not _keeps_logits(m) for m in (student, teacher)),
+            "a model without model.norm or logits_to_keep",
+        ),
+    ]
+    return next((why for failed, why in checks if failed), "")
+
+
+__all__ = ["FusedLoss", "fused_linear_kd_lm", "fused_unavailable", "final_hidden_states", "output_weight"]

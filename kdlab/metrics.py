@@ -184,6 +184,13 @@ def log_run_start(trainer) -> None:
         f" over {dist.world} processes" if dist.enabled else "",
         trainer.out_dir,
     )
+    obj = trainer.objective
+    log.debug(
+        "KD + LM: %s",
+        "fused from the hidden states (kdlab.fused_loss)"
+        if getattr(obj, "fused", False)
+        else f"from the [N, V] logits ({getattr(obj, 'fused_off', '')})",
+    )
     curriculum = trainer.objective.curriculum
     if curriculum.ramps and any(n not in ("kd", "lm") for n in trainer.objective.active):
         log.info(

@@ -28,6 +28,7 @@ from torch import nn
 
 from .balance import AdaptiveBalancer
 from .curriculum import CurriculumScheduler, parse_ramps
+from .fused_loss import FusedLoss, final_hidden_states, fused_linear_kd_lm, fused_unavailable, output_weight
 from .losses import IGNORE_INDEX, next_token_labels
 from .precision import Precision, student_outputs, teacher_outputs
 from .terms import CACHED_TEACHER_KEYS, TERMS, Needs, Term, TermContext, match_logits
@@ -90,6 +91,9 @@ class Objective:
         ramped = {n: self.max_weights[n] for n in registry if n in ("kd", "lm") or n in self.active}
         self.curriculum = CurriculumScheduler.from_preset(cfg.curriculum, total_steps, ramped, parse_ramps(cfg.ramps))
         self.balancer = AdaptiveBalancer(cfg.balance_momentum) if cfg.adaptive_balance else None
+        # KD + LM from the hidden states (kdlab.fused_loss) where nothing else needs the [N, V] logits
+        self.fused_off = fused_unavailable(cfg, self.active, self.terms, student, teacher)
+        self.fused = not self.fused_off
         self.last_shares: dict[str, torch.Tensor] = {}  # the last grad_shares, until a log line reads them
 
     # ------------------------------------------------------------------ what the forwards must give
@@ -125,6 +129,8 @@ class Objective:
         alone); `weights`: default this step's; `reduce`: the all-reduce the balancer needs under DDP."""
         counts = counts if counts is not None else StepCounts.of([batch])
         need = self.needs
+        if self.fused and self.needs_teacher(batch):
+            return self._fused_loss(student, teacher, batch, precision, counts, weights, reduce)
         with phase("student forward"):
             s_out = student_outputs(student, batch, precision, need.hidden_states, need.attentions)
         t_out = None
@@ -132,6 +138,31 @@ class Objective:
             with phase("teacher forward"):
                 t_out = teacher_outputs(teacher, batch, need.hidden_states, need.attentions)
         return self.terms_of(s_out, t_out, batch, counts, weights, reduce)
+
+    def _fused_loss(self, student, teacher, batch, precision, counts, weights, reduce) -> Loss:
+        """`loss` with KD and LM by kdlab.fused_loss: both forwards stop before the LM head (logits of
+        the last position only), and the two terms come from the final hidden states chunk by chunk."""
+        cfg, need = self.cfg, self.needs
+        weights = self.weights() if weights is None else weights
+        with phase("student forward"), final_hidden_states(student) as s_h:
+            s_out = student_outputs(student, batch, precision, need.hidden_states, need.attentions, logits_to_keep=1)
+        with phase("teacher forward"), final_hidden_states(teacher) as t_h:
+            t_out = teacher_outputs(teacher, batch, need.hidden_states, need.attentions, logits_to_keep=1)
+        with phase("loss: kd + lm (fused)"):
+            fused = fused_linear_kd_lm(
+                s_h["h"],
+                output_weight(student),
+                (t_h["h"], output_weight(teacher)),
+                next_token_labels(batch["labels"]),
+                kd_weight=weights.get("kd", 0.0),
+                lm_weight=weights.get("lm", 0.0),
+                num_valid=counts.num_valid,
+                temperature=cfg.temperature,
+                top_k=cfg.kd_top_k,
+                divergence=cfg.kd_divergence,
+                beta=cfg.jsd_beta,
+            )
+        return self.terms_of(s_out, t_out, batch, counts, weights, reduce, fused=fused)
 
     def terms_of(
         self,
@@ -141,14 +172,19 @@ class Objective:
         counts: StepCounts,
         weights: dict[str, float] | None = None,
         reduce=None,
+        fused: FusedLoss | None = None,
     ) -> Loss:
-        """The terms, weighted terms and total from the models' outputs of one micro-batch."""
+        """The terms, weighted terms and total from the models' outputs of one micro-batch (`fused`:
+        KD and LM already computed by kdlab.fused_loss, their weighted gradient in fused.total)."""
         targets = next_token_labels(batch["labels"])
         mask = targets != IGNORE_INDEX
         share = batch["attention_mask"].sum() / counts.num_tokens  # this micro-batch's part of the step
         per_batch = 1.0 / (counts.micro_batches * counts.world)  # a per-batch statistic: mean over batches
         values: dict[str, torch.Tensor] = {}
         for name, term in self.terms.items():
+            if fused is not None and name in ("kd", "lm"):
+                values[name] = fused.kd if name == "kd" else fused.lm  # no gradient: it is in fused.total
+                continue
             ctx = TermContext(
                 self.cfg,
                 batch,
@@ -169,7 +205,10 @@ class Objective:
         scaled = self.balancer(values, reduce) if self.balancer is not None else values
         weights = self.weights() if weights is None else weights
         weighted = {k: weights[k] * v for k, v in scaled.items() if weights.get(k, 0.0) > 0}
-        total = sum(weighted.values(), torch.zeros((), device=mask.device))
+        if fused is None:
+            total = sum(weighted.values(), torch.zeros((), device=mask.device))
+        else:
+            total = sum((v for k, v in weighted.items() if k not in ("kd", "lm")), fused.total)
         return Loss(values, weighted, total)
 
     def compute(self, name: str, ctx: TermContext) -> torch.Tensor:

@@ -87,14 +87,20 @@ def _attention_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
 
 @torch.no_grad()
 def teacher_outputs(
-    teacher: torch.nn.Module, batch: dict[str, torch.Tensor], hidden_states: bool = False, attentions: bool = False
+    teacher: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    hidden_states: bool = False,
+    attentions: bool = False,
+    logits_to_keep: int = 0,
 ):
-    """The frozen teacher's HF output (logits (B, T, V) in the teacher's dtype; optionally more)."""
+    """The frozen teacher's HF output (logits (B, T, V) in the teacher's dtype; optionally more).
+    `logits_to_keep=1`: logits of the last position only (the fused loss forms the rest itself)."""
     return teacher(
         input_ids=batch["input_ids"],
         attention_mask=_attention_mask(batch),
         output_hidden_states=hidden_states,
         output_attentions=attentions,
+        **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
     )
 
 
@@ -104,6 +110,7 @@ def student_outputs(
     precision: Precision,
     hidden_states: bool = False,
     attentions: bool = False,
+    logits_to_keep: int = 0,
 ):
     """The student's HF output under the policy's autocast (grad enabled if the caller allows)."""
     with precision.autocast():
@@ -112,6 +119,7 @@ def student_outputs(
             attention_mask=_attention_mask(batch),
             output_hidden_states=hidden_states,
             output_attentions=attentions,
+            **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
         )
 
 

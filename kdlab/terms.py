@@ -98,6 +98,9 @@ class Term:
     always: computed and logged even at weight 0 (no gradient then).
     reads_cache: it can read the teacher's cached top-k from the batch (CACHED_TEACHER_KEYS) instead of
         the teacher's forward, so a cached batch needs no teacher forward for it.
+    reads_logits: it reads the models' [B, T, V] logits. The fused KD + LM loss (kdlab.fused_loss) never
+        builds them, so it applies only when no other active term does (a term registered from outside
+        is assumed to, unless it says otherwise).
     """
 
     name: str
@@ -108,6 +111,7 @@ class Term:
     build: Callable[[Any, nn.Module, nn.Module], nn.Module | None] | None = None
     always: bool = False
     reads_cache: bool = False
+    reads_logits: bool = True
 
     def max_weight(self, cfg) -> float:
         if callable(self.weight):
@@ -263,10 +267,18 @@ HIDDEN = Needs(hidden_states=True)
 for _term in (
     Term("lm", _lm, "global", Needs(teacher=False), weight=lambda cfg: 1.0 - cfg.alpha_kd, always=True),
     Term("kd", _kd, "global", Needs(), weight="alpha_kd", build=_kd_module, reads_cache=True),
-    Term("feature", _feature, "tokens", HIDDEN, weight="w_feature", build=_feature_routers),
-    Term("attention", _attention, "tokens", Needs(attentions=True), weight="w_attention"),
-    Term("layerwise", _layerwise, "tokens", HIDDEN, weight="w_layerwise", build=_layer_projections),
-    Term("contrastive", _contrastive, "batch", HIDDEN, weight="w_contrastive", build=_pooled_projection),
+    Term("feature", _feature, "tokens", HIDDEN, weight="w_feature", build=_feature_routers, reads_logits=False),
+    Term("attention", _attention, "tokens", Needs(attentions=True), weight="w_attention", reads_logits=False),
+    Term("layerwise", _layerwise, "tokens", HIDDEN, weight="w_layerwise", build=_layer_projections, reads_logits=False),
+    Term(
+        "contrastive",
+        _contrastive,
+        "batch",
+        HIDDEN,
+        weight="w_contrastive",
+        build=_pooled_projection,
+        reads_logits=False,
+    ),
 ):
     register_term(_term)
 

@@ -59,8 +59,7 @@ def test_global_count_and_chunking_do_not_change_the_result():
     n = int((targets != IGNORE_INDEX).sum())
     whole = fused_linear_kd_lm(h, w, (th, tw), targets, chunk_tokens=5).total
     halves = sum(
-        fused_linear_kd_lm(h[i : i + 2], w, (th[i : i + 2], tw), targets[i : i + 2], num_valid=n).total
-        for i in (0, 2)
+        fused_linear_kd_lm(h[i : i + 2], w, (th[i : i + 2], tw), targets[i : i + 2], num_valid=n).total for i in (0, 2)
     )
     torch.testing.assert_close(halves, whole, rtol=1e-6, atol=1e-7)
     for chunk in (1, 3, 1000):
@@ -75,3 +74,35 @@ def test_no_gradient_buffers_without_grad_and_bad_divergence_refused():
     assert not out.total.requires_grad
     with pytest.raises(ValueError, match="divergence='tvd' is not one of forward_kl, reverse_kl, jsd"):
         fused_linear_kd_lm(h, w, (th, tw), targets, divergence="tvd")
+
+
+# ------------------------------------------------------------------ in the trainer
+@pytest.mark.parametrize("extra", [{}, {"w_feature": 0.5, "w_attention": 0.5, "kd_top_k": 16, "temperature": 2.0}])
+def test_a_fused_run_trains_like_the_logits_path(tiny_overrides, tmp_path, extra):
+    """The trainer takes the fused path by default where it applies; 6 steps with it and without it
+    give the same records (every term, the total, grad norms) and evaluations to 1e-5."""
+    runs = {}
+    for fused in (True, False):
+        over = {**tiny_overrides, **extra, "fused_loss": fused, "log_every": 1, "out_dir": str(tmp_path / str(fused))}
+        trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
+        assert trainer.objective.fused is fused, trainer.objective.fused_off
+        runs[fused] = trainer.fit().history
+    for a, b in zip(runs[True], runs[False], strict=True):
+        keys = (
+            ("loss", "kd", "lm", "feature", "attention", "grad_norm") if a["kind"] == "train" else ("kl", "student_ce")
+        )
+        for key in keys:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["kind"], a["step"], key)
+
+
+def test_the_fused_path_steps_aside_where_it_does_not_apply(tiny_overrides):
+    cases = {
+        "alpha_kd": (0.0, "no KD term"),
+        "adaptive_balance": (True, "adaptive_balance"),
+        "grad_share_every": (2, "grad_share_every"),
+        "fused_loss": (False, "fused_loss=false"),
+    }
+    for key, (value, why) in cases.items():
+        trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides={**tiny_overrides, key: value}))
+        assert not trainer.objective.fused and why in trainer.objective.fused_off, key

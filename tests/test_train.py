@@ -187,17 +187,16 @@ def test_corrupt_checkpoint_gives_clear_error(tiny_overrides, tmp_path):
 
 
 def _poison_teacher(trainer, bad_calls):
-    """Make the teacher's logits nan on the given (0-based) forward calls."""
-    real_forward, calls = trainer.teacher.forward, {"n": 0}
+    """Make the teacher's final hidden states (so its logits too) nan on the given (0-based) forward
+    calls: what both the logits path and the fused loss (kdlab.fused_loss) read."""
+    calls = {"n": 0}
 
-    def forward(*args, **kwargs):
-        out = real_forward(*args, **kwargs)
-        if calls["n"] in bad_calls:
-            out.logits = torch.full_like(out.logits, float("nan"))
+    def poison(module, args, out):
+        bad = calls["n"] in bad_calls
         calls["n"] += 1
-        return out
+        return torch.full_like(out, float("nan")) if bad else None
 
-    trainer.teacher.forward = forward
+    trainer.teacher.model.norm.register_forward_hook(poison)
 
 
 def test_nonfinite_step_is_skipped_without_touching_the_weights(tiny_overrides):
