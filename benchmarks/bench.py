@@ -14,6 +14,8 @@ Sections (see benchmarks/RESULTS.md for recorded figures and the machines they c
            plain autograd on the full logits, kdlab's chunked losses on the full logits (the path the
            trainer takes today) and kdlab.fused_loss (no [N, V] tensor); peak memory above the inputs
            (hidden states and weights), the logits, their gradients and dL/dW (V x D) included.
+  step     a whole default-pair training step at B16 x T256: peak RSS and time, the logits path against
+           the fused loss, each in a fresh process, alternating.
   trainer  time per step of the kdlab Trainer against a minimal hand-written PyTorch loop doing the
            same forward and backward (KD+LM) on the default pair, the two taking turns step by step;
            then all six terms against KD+LM, with a profile of where a step's time goes.
@@ -296,6 +298,74 @@ def bench_fused(args) -> None:
                 flush=True,
             )
     print(f"(one [N, V] fp32 tensor: {', '.join(f'{n * VOCAB * 4 / MiB:,.0f} MiB at N={n}' for n in args.tokens)})")
+
+
+# ------------------------------------------------------------------------------------ 1c. a whole step
+def _step_child(fused: bool, batch: int, seq: int, device: str, steps: int) -> dict:
+    """Peak RSS and time of whole default-pair training steps (`Trainer.step`), with the fused loss or
+    the logits path, in a fresh process: the first step warms up, the next `steps` are measured."""
+    import kdlab
+    from kdlab.components import quiet_libraries
+
+    quiet_libraries()
+    over = {
+        "device": device,
+        "batch_size": batch,
+        "seq_len": seq,
+        "fused_loss": fused,
+        "out_dir": str(ROOT / "runs" / "bench" / f"step-{int(fused)}"),
+        "overwrite": True,
+        "checkpoints": False,
+        "early_stopping": False,
+        "eval_every": 0,
+        "log_first": 0,
+        "log_every": 1000,
+    }
+    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
+    assert trainer.objective.fused is fused, trainer.objective.fused_off
+    dev = torch.device(device)
+    meter = PeakMemory(dev)
+    trainer.step()
+    sync(dev)
+    meter.start()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.step()
+    sync(dev)
+    seconds = (time.perf_counter() - t0) / steps
+    total = meter._cpu("VmHWM") if dev.type == "cpu" else torch.cuda.max_memory_allocated(dev)
+    return {"peak_total": total, "peak_above": meter.peak(), "seconds": seconds}
+
+
+def bench_step(args) -> None:
+    dev = torch.device(args.device)
+    b, t = args.step_batch
+    print(f"\n## 1c. A whole default-pair step, B{b} x T{t}, logits path against the fused loss ({device_name(dev)})")
+    print("peak: the process's peak resident set (CPU) during the measured steps, and its rise above the")
+    print(f"level before them; time: mean of {args.steps_measured} steps after one warm-up; arms alternate, twice each")
+    rows: dict[bool, list[dict]] = {False: [], True: []}
+    for _ in range(2):
+        for fused in (False, True):
+            cmd = [sys.executable, __file__, "_step_child", str(int(fused)), str(b), str(t), args.device]
+            out = subprocess.run([*cmd, str(args.steps_measured)], capture_output=True, text=True, env=CHILD_ENV)
+            if out.returncode:
+                print(f"fused={fused}: failed: {(out.stderr.strip().splitlines() or ['killed'])[-1]}")
+                return
+            rows[fused].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"{'path':<14} {'peak RSS GB':>11} {'rise GB':>8} {'s/step':>7} (each of two runs)")
+    for fused, label in ((False, "logits"), (True, "fused")):
+        rs = rows[fused]
+
+        def cells(key: str, scale: float, fmt: str, rs=rs) -> str:
+            return " / ".join(format(r[key] / scale, fmt) for r in rs)
+
+        print(
+            f"{label:<14} {cells('peak_total', 1e9, '.2f'):>11} {cells('peak_above', 1e9, '.2f'):>8} "
+            f"{cells('seconds', 1.0, '.1f')}"
+        )
+    peak = {f: min(r["peak_total"] for r in rows[f]) for f in rows}
+    sec = {f: statistics.median(r["seconds"] for r in rows[f]) for f in rows}
+    print(f"fused / logits: peak RSS {peak[True] / peak[False]:.2f}x, time {sec[True] / sec[False]:.2f}x")
 
 
 def _available_memory() -> int:
@@ -622,6 +692,7 @@ def largest_batch(comp: Components) -> str:
 SECTIONS = {
     "loss": bench_loss,
     "fused": bench_fused,
+    "step": bench_step,
     "trainer": bench_trainer,
     "cache": bench_cache,
     "cuda": bench_cuda,
@@ -629,6 +700,10 @@ SECTIONS = {
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_step_child":
+        fused, b, t, device, steps = sys.argv[2:7]
+        print(json.dumps(_step_child(fused == "1", int(b), int(t), device, int(steps))))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_fused_child":
         variant, n, device, repeats, mode = sys.argv[2:7]
         print(json.dumps(_fused_child(variant, int(n), device, int(repeats), mode)))
@@ -642,6 +717,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="loss: N of the [N, V] logits")
     ap.add_argument("--repeats", type=int, default=3, help="loss: timed calls per measurement (after one warm-up)")
+    ap.add_argument("--step-batch", type=int, nargs=2, default=[16, 256], help="step: batch size and sequence length")
+    ap.add_argument("--steps-measured", type=int, default=2, help="step: measured steps per run")
     ap.add_argument("--steps", type=int, default=12, help="trainer, cache, cuda: timed steps per arm")
     ap.add_argument("--warmup", type=int, default=2, help="trainer, cache, cuda: untimed steps per arm first")
     ap.add_argument("--dry-run", action="store_true", help="cuda: run the section's code on any device, tiny batches")
