@@ -145,6 +145,12 @@ def _loss_child(variant: str, n: int, device: str, repeats: int, half: bool, mod
     }
 
 
+def _vs_naive(rows: dict, r: dict) -> tuple[str, str]:
+    """Peak memory and time of row `r` relative to the "naive" row ("-" before it exists)."""
+    base = rows.get("naive")
+    return (f"{r['peak'] / base['peak']:.1%}", f"{r['time'] / base['time']:.2f}x") if base else ("-", "-")
+
+
 def bench_loss(args) -> None:
     dev = torch.device(args.device)
     print(f"\n## 1. KD loss, V = {VOCAB:,}, forward + backward ({device_name(dev)})")
@@ -196,9 +202,7 @@ def bench_loss(args) -> None:
                     print(f"{dtypes:<26} {n:>6} {variant:<10} failed: {r['error']}")
                     continue
                 rows[variant] = r
-                base = rows.get("naive")
-                rel_mem = f"{r['peak'] / base['peak']:.1%}" if base else "-"
-                rel_t = f"{r['time'] / base['time']:.2f}x" if base else "-"
+                rel_mem, rel_t = _vs_naive(rows, r)
                 print(
                     f"{dtypes:<26} {n:>6} {variant:<10} {r['peak'] / MiB:>9,.0f} {rel_mem:>8} {r['time']:>8.3f} "
                     f"{rel_t:>8} {r['loss']:>10.6f} {r['grad_norm']:>10.6f}",
@@ -289,9 +293,7 @@ def bench_fused(args) -> None:
                 print(f"{n:>6} {variant:<8} failed: {r['error']}")
                 continue
             rows[variant] = r
-            base = rows.get("naive")
-            rel_mem = f"{r['peak'] / base['peak']:.1%}" if base else "-"
-            rel_t = f"{r['time'] / base['time']:.2f}x" if base else "-"
+            rel_mem, rel_t = _vs_naive(rows, r)
             print(
                 f"{n:>6} {variant:<8} {r['peak'] / MiB:>9,.0f} {rel_mem:>8} {r['time']:>8.3f} {rel_t:>8} "
                 f"{r['loss']:>10.6f}",

@@ -25,6 +25,7 @@ import torch
 from .distributed import DistInfo, all_reduce_sum
 
 log = logging.getLogger("kdlab")
+GENERATED = "gen/"  # the prefix of an on-policy run's generated-step terms (kdlab.on_policy)
 
 
 @dataclass
@@ -207,7 +208,7 @@ def log_run_start(trainer) -> None:
 def log_train_record(record: dict[str, Any], total_steps: int, terms: tuple[str, ...]) -> None:
     """The record's log line(s): loss, each term, lr, grad norm, speed, and the diagnostics."""
     # a generated step's terms ("gen/kd", kdlab.on_policy) after the corpus ones
-    names = [*terms, *(f"gen/{k}" for k in terms)]
+    names = [*terms, *(GENERATED + k for k in terms)]
     values = " | ".join(f"{k} {record[k]:.4f}" for k in names if k in record)
     if "on_policy_share" in record:
         share, gen = record["on_policy_share"], record["generate_share"]

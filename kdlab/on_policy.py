@@ -42,11 +42,10 @@ from .batches import BatchSource, PackedBatches
 from .components import check_positions
 from .generation import generate_ids
 from .losses import IGNORE_INDEX, sampled_reverse_kl
+from .metrics import GENERATED
 from .objective import Loss, Objective
 from .precision import Precision
 from .terms import TermContext
-
-GENERATED = "gen/"  # the prefix of a generated step's terms in the records
 
 
 def _row_seed(seed: int, step: int, prompt: list[int]) -> int:
@@ -85,7 +84,7 @@ class GeneratedBatches(BatchSource):
         self.steps_per_epoch = base.steps_per_epoch
         self.step = 0  # steps drawn so far
         self._interval = {"steps": 0, "generated": 0, "generate_s": 0.0}
-        self._last: list[dict[str, str]] = []
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # prompts, continuations (decoded at log time)
 
     @classmethod
     def for_run(cls, cfg, base: PackedBatches, tokenizer, student, teacher, precision) -> GeneratedBatches:
@@ -138,10 +137,7 @@ class GeneratedBatches(BatchSource):
         labels = ids.clone()
         labels[:, : self.prompt_tokens] = IGNORE_INDEX  # position P-1 predicts the first generated token
         if self.tokenizer is not None and self.samples:
-            self._last = [
-                {"prompt": self.tokenizer.decode(p), "continuation": self.tokenizer.decode(c)}
-                for p, c in zip(prompt[: self.samples].tolist(), cont[: self.samples].tolist())
-            ]
+            self._last = (prompt[: self.samples], cont[: self.samples])
         return {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
@@ -157,8 +153,12 @@ class GeneratedBatches(BatchSource):
             "on_policy_share": iv["generated"] / max(iv["steps"], 1),
             "generate_s": iv["generate_s"],
         }
-        if iv["generated"] and self._last:
-            fields["samples"] = self._last
+        if iv["generated"] and self._last is not None:
+            prompts, conts = self._last
+            fields["samples"] = [
+                {"prompt": self.tokenizer.decode(p), "continuation": self.tokenizer.decode(c)}
+                for p, c in zip(prompts.tolist(), conts.tolist())
+            ]
         self._interval = {"steps": 0, "generated": 0, "generate_s": 0.0}
         return fields
 

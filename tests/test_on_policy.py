@@ -139,18 +139,23 @@ def _kl64(p_logits, q_logits):  # KL(softmax p || softmax q) per position, float
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
-def test_divergences_on_generated_positions_match_float64(on_policy_overrides, divergence):
-    """The KD term of a generated batch is the chosen divergence averaged over the generated
-    positions only (the prompt's are not scored), against a float64 formula."""
-    cfg = kdlab.load_config(overrides={**on_policy_overrides, "kd_divergence": divergence, "jsd_beta": 0.3})
+def _scored_generated_batch(cfg):
+    """A generated batch of `cfg`'s trainer, the objective's loss on it, both models' logits and the scored mask."""
     trainer = kdlab.Trainer.from_config(cfg)
     (batch,) = trainer.batches.next_step()
     with torch.no_grad():
         loss = trainer.objective.loss(trainer.student, trainer.teacher, batch, trainer.precision)
         s = trainer.student(input_ids=batch["input_ids"]).logits
         t = trainer.teacher(input_ids=batch["input_ids"]).logits
-    mask = next_token_labels(batch["labels"]) != IGNORE_INDEX
+    return loss, s, t, next_token_labels(batch["labels"]) != IGNORE_INDEX
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_divergences_on_generated_positions_match_float64(on_policy_overrides, divergence):
+    """The KD term of a generated batch is the chosen divergence averaged over the generated
+    positions only (the prompt's are not scored), against a float64 formula."""
+    cfg = kdlab.load_config(overrides={**on_policy_overrides, "kd_divergence": divergence, "jsd_beta": 0.3})
+    loss, s, t, mask = _scored_generated_batch(cfg)
     assert mask[:, :11].sum() == 0 and mask[:, 11:-1].all()  # position P-1 predicts the first generated token
     if divergence == "forward_kl":
         per = _kl64(t, s)
@@ -168,13 +173,7 @@ def test_divergences_on_generated_positions_match_float64(on_policy_overrides, d
 
 def test_top_k_divergence_on_generated_positions_is_the_top_k_loss_of_those_positions(on_policy_overrides):
     cfg = kdlab.load_config(overrides={**on_policy_overrides, "kd_top_k": 8})
-    trainer = kdlab.Trainer.from_config(cfg)
-    (batch,) = trainer.batches.next_step()
-    with torch.no_grad():
-        loss = trainer.objective.loss(trainer.student, trainer.teacher, batch, trainer.precision)
-        s = trainer.student(input_ids=batch["input_ids"]).logits
-        t = trainer.teacher(input_ids=batch["input_ids"]).logits
-    mask = next_token_labels(batch["labels"]) != IGNORE_INDEX
+    loss, s, t, mask = _scored_generated_batch(cfg)
     # the same loss over the generated positions alone, gathered into one row
     only = kdlab.kd_loss(s[mask][None], t[mask][None], torch.ones(1, int(mask.sum()), dtype=torch.bool), top_k=8)
     assert loss.terms["gen/kd"].item() == pytest.approx(only.item(), rel=1e-5)

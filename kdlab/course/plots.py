@@ -18,6 +18,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from ..metrics import GENERATED
 from ..terms import display_order as term_order
 
 
@@ -36,7 +37,6 @@ class _Colors(dict):
         return self.get(term)
 
 
-GENERATED = "gen/"  # kdlab.on_policy.GENERATED (not imported: that module imports the trainer's parts)
 COLORS = _Colors()
 VAL_METRICS = {"kl": "val KL(teacher‖student)", "student_ce": "val CE (student)"}
 
