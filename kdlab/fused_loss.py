@@ -65,32 +65,55 @@ class _FusedLinearKDLM(torch.autograd.Function):
         n = _valid_count(targets != IGNORE_INDEX, num_valid)
         w_c = weight.to(h.dtype)  # cast once, not per chunk
         t_w = teacher[1].to(teacher[0].dtype) if len(teacher) == 2 else None
+        # T = 1, forward KL over the whole vocabulary (the default): KD and LM share the student's
+        # log-softmax, and every (C, V) step after it runs in place (3 such tensors at a time, not 5)
+        shared = temperature == 1.0 and top_k == 0 and divergence == "forward_kl"
         for start in range(0, h.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             hc = h[rows]
             s = hc @ w_c.T  # (C, V), the only logits that exist at a time
             t = teacher[0][rows] if t_w is None else teacher[0][rows] @ t_w.T
-            t_rows = (t,) if top_k == 0 else _teacher_buckets(t, temperature, top_k)
-            del t
-            kl, g = _kd_rows(s, t_rows, temperature, top_k, divergence, beta)  # g = d(T^2 kl)/ds, fp32
-            kd_sum += temperature**2 * kl.sum()
-            # the LM term: -log softmax(s)[y], gradient softmax(s) - onehot(y)
             y = targets[rows]
             valid = y != IGNORE_INDEX
             safe_y = y.clamp_min(0).unsqueeze(-1)
-            logp = F.log_softmax(s, dim=-1, dtype=torch.float32)
-            lm_sum -= (logp.gather(-1, safe_y).squeeze(-1) * valid).sum()
+            if shared:
+                logq = F.log_softmax(s, dim=-1, dtype=torch.float32)
+                del s
+                logp = F.log_softmax(t, dim=-1, dtype=torch.float32)
+                del t
+                p = logp.exp()
+                # p * (log p - log q), with -inf teacher logits clamped so that 0 * -inf is not nan
+                kd_sum += torch.linalg.vecdot(p, logp.clamp_min_(torch.finfo(torch.float32).min).sub_(logq)).sum()
+                del logp
+                lm_sum -= (logq.gather(-1, safe_y).squeeze(-1) * valid).sum()
+                if need_grad:
+                    # d total / d s = kd_weight (q - p) + lm_weight (q - onehot(y)) on valid rows, over N
+                    ds = logq.exp_().mul_((kd_weight + lm_weight * valid).unsqueeze(-1)).sub_(p, alpha=kd_weight)
+                    ds.scatter_add_(-1, safe_y, (-lm_weight * valid).unsqueeze(-1).to(ds.dtype)).div_(n)
+                del p
+            else:
+                t_rows = (t,) if top_k == 0 else _teacher_buckets(t, temperature, top_k)
+                del t
+                kl, g = _kd_rows(s, t_rows, temperature, top_k, divergence, beta)  # g = d(T^2 kl)/ds, fp32
+                del t_rows
+                kd_sum += temperature**2 * kl.sum()
+                # the LM term: -log softmax(s)[y], gradient softmax(s) - onehot(y)
+                logq = F.log_softmax(s, dim=-1, dtype=torch.float32)
+                del s
+                lm_sum -= (logq.gather(-1, safe_y).squeeze(-1) * valid).sum()
+                if need_grad:
+                    # d total / d s = (kd_weight * g + lm_weight * (softmax - onehot)) / N, valid rows only
+                    ds = logq.exp_().scatter_add_(-1, safe_y, torch.full_like(safe_y, -1.0, dtype=logq.dtype))
+                    ds.mul_(lm_weight * valid.unsqueeze(-1)).add_(g, alpha=kd_weight).div_(n)
+                del g
             if need_grad:
-                # d total / d s = (kd_weight * g + lm_weight * (softmax - onehot)) / N, valid rows only
-                ds = logp.exp_().scatter_add_(-1, safe_y, torch.full_like(safe_y, -1.0, dtype=logp.dtype))
-                ds.mul_(lm_weight * valid.unsqueeze(-1)).add_(g, alpha=kd_weight).div_(n)
-                del g, logp
                 ds = ds.to(hc.dtype)
                 grad_h[rows] = ds @ w_c
                 if hc.dtype == torch.float32:
                     grad_w.addmm_(ds.T, hc)
                 else:  # a low-precision chunk product, accumulated in fp32
                     grad_w += (ds.T @ hc).float()
+                del ds
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)
         kd, lm = kd_sum / n, lm_sum / n

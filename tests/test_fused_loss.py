@@ -68,6 +68,24 @@ def test_global_count_and_chunking_do_not_change_the_result():
         )
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # T = 1: the shared-softmax path; T = 2: the general one
+def test_a_padded_teacher_vocabulary_stays_finite_and_exact(temperature):
+    """Teacher logits of -inf (a padded vocabulary) give p = 0 there: no nan, the reference's values and gradients."""
+    h, w, th, tw, targets = _problem(seed=5)
+    t_logits = th @ tw.T
+    t_logits[..., -6:] = float("-inf")
+    h1, w1 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref, _, _ = _reference(h1, w1, t_logits, targets, 0.5, 0.5, temperature=temperature)
+    ref.backward()
+    h2, w2 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = fused_linear_kd_lm(h2, w2, t_logits, targets, chunk_tokens=3, temperature=temperature)
+    out.total.backward()
+    assert torch.isfinite(out.total) and torch.isfinite(h2.grad).all() and torch.isfinite(w2.grad).all()
+    torch.testing.assert_close(out.total, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_no_gradient_buffers_without_grad_and_bad_divergence_refused():
     h, w, th, tw, targets = _problem()
     out = fused_linear_kd_lm(h, w, (th, tw), targets)
