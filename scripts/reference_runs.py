@@ -3,7 +3,7 @@ their records and text samples written to notebooks/reference/<arm>/ (committed;
 
     python scripts/reference_runs.py                 # every arm not yet written (about 60 min on a quiet 2-core CPU)
     python scripts/reference_runs.py --arms default lm-only --force
-    python scripts/reference_runs.py --threads 1 --arms ... & python scripts/reference_runs.py --threads 1 --arms ...
+    python scripts/reference_runs.py --jobs 2 --force # every arm again, in two processes of one thread each
     python scripts/reference_runs.py --steps 1500 --batch-size 16 --seq-len 256   # the gpu profile's sizes
 
 Each arm folder holds `metrics.jsonl` (the run's records), `samples.json` (greedy and sampled
@@ -12,7 +12,9 @@ NLL of them) and `meta.json` (device, sizes, commit, seconds, settings). `_befor
 the teacher's and the untrained student's continuations of the same prompts. The notebooks overlay
 these runs on the learner's short ones and `KDLAB_PROFILE=reference` replays them without training.
 An arm whose meta.json already records the same settings and sizes is skipped, so an interrupted
-session continues where it stopped.
+session continues where it stopped. `--jobs N` runs the arms in N processes (one thread each unless
+--threads says otherwise), longest first onto the least loaded by each arm's last recorded seconds,
+and writes the whole run's wall time with every arm's seconds to `_timing.json`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ from kdlab.generation import distinct_n, generate, held_out_prompts, teacher_nll
 ALL_TERMS = dict(w_feature=0.5, w_attention=0.5, w_layerwise=0.5, w_contrastive=0.1)
 # arm -> (settings beyond the default run, the notebooks that use it)
 ARMS: dict[str, tuple[dict, str]] = {
-    "default": (dict(early_stopping=False), "00 quickstart, 02 dtype (policy run), 07 capstone (T=1 baseline)"),
+    "default": (
+        dict(early_stopping=False),
+        "00 quickstart, 02 dtype (policy run), 07 capstone (T=1 baseline), 08 on-policy (off-policy, lambda 0)",
+    ),
     "default-seed1": (dict(early_stopping=False, seed=1), "07 capstone (the seed-to-seed noise)"),
     "lm-only": (dict(early_stopping=False, alpha_kd=0.0), "00 quickstart (LM-only text), 07 capstone"),
     "temperature-2": (dict(early_stopping=False, temperature=2.0), "07 capstone"),
@@ -62,8 +67,13 @@ ARMS: dict[str, tuple[dict, str]] = {
         dict(early_stopping=True, lr=1e-3, train_blocks=8, es_patience=3, eval_every=2, log_every=1, **ALL_TERMS),
         "06 early stopping (kdlab's rule)",
     ),
+    # on-policy distillation (GKD's lambda): the default run, with this share of its steps on the student's
+    # own continuations (prompt: the first 32 tokens of each block; 96 tokens generated at T = 1)
+    "on-policy-mixed": (dict(early_stopping=False, on_policy=0.5), "08 on-policy (mixed, lambda 0.5)"),
+    "on-policy": (dict(early_stopping=False, on_policy=1.0), "08 on-policy (on-policy, lambda 1)"),
 }
 OUT = ROOT / kdlab.course.REFERENCE_DIR
+TIMING = OUT / "_timing.json"  # the wall time of the last --jobs run: every arm, side by side
 N_PROMPTS, NEW_TOKENS = 4, 32
 
 
@@ -101,6 +111,47 @@ def write(folder: Path, files: dict[str, str]) -> None:
     tmp.rename(folder)
 
 
+def run_jobs(args) -> int:
+    """The arms split over args.jobs processes of this script; the wall time of all of them recorded."""
+
+    def cost(arm: str) -> float:  # the arm's last recorded seconds, else a typical arm's
+        meta = OUT / arm / "meta.json"
+        return json.loads(meta.read_text())["seconds"] if meta.is_file() else 1500.0
+
+    lanes: list[list[str]] = [[] for _ in range(args.jobs)]
+    load = [0.0] * args.jobs
+    for arm in sorted(args.arms, key=cost, reverse=True):
+        i = load.index(min(load))
+        lanes[i].append(arm)
+        load[i] += cost(arm)
+    sizes = [f"--steps={args.steps}", f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}"]
+    sizes += [f"--eval-every={args.eval_every}", f"--eval-batches={args.eval_batches}"]
+    sizes += [f"--threads={args.threads or 1}"] + (["--force"] if args.force else [])
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen([sys.executable, __file__, *sizes, *([] if i == 0 else ["--no-before"]), "--arms", *lane])
+        for i, lane in enumerate(lanes)
+        if lane
+    ]
+    rcs = [p.wait() for p in procs]
+    wall = time.perf_counter() - t0
+    metas = {a: json.loads((OUT / a / "meta.json").read_text()) for a in args.arms if (OUT / a / "meta.json").is_file()}
+    timing = {
+        "device": kdlab.course.describe_machine().rsplit(",", 1)[0],
+        "processes": len(procs),
+        "threads_per_process": args.threads or 1,
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "wall_s": round(wall, 1),
+        "lanes": [lane for lane in lanes if lane],
+        "arms_s": {a: m["seconds"] for a, m in metas.items()},
+        "exit_codes": rcs,
+    }
+    TIMING.write_text(json.dumps(timing, indent=1) + "\n")
+    print(f"{len(args.arms)} arms in {len(procs)} processes: {wall / 60:.1f} min wall; {TIMING}", flush=True)
+    return max(rcs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arms", nargs="*", default=list(ARMS), help=f"arms to run (default all: {', '.join(ARMS)})")
@@ -116,10 +167,14 @@ def main() -> None:
         default=0,
         help="torch threads (0 = torch's default); 1 lets two processes share a 2-core machine",
     )
+    ap.add_argument("--jobs", type=int, default=1, help="processes to split the arms over (see above)")
+    ap.add_argument("--no-before", action="store_true", help=argparse.SUPPRESS)  # a --jobs lane other than the first
     args = ap.parse_args()
     bad = [a for a in args.arms if a not in ARMS]
     if bad:
         sys.exit(f"unknown arm {bad[0]!r}; choose from {', '.join(ARMS)}")
+    if args.jobs > 1:
+        sys.exit(run_jobs(args))
     if args.threads:
         torch.set_num_threads(args.threads)
     kdlab.course.quiet()
@@ -147,9 +202,10 @@ def main() -> None:
                 continue
         cfg = P.config(f"reference/{arm}", **overrides)
         trainer = kdlab.Trainer.from_config(cfg)
-        if prompts is None:
+        first = prompts is None
+        if first:
             prompts = held_out_prompts(cfg.data, cfg.data_dir, N_PROMPTS)
-        if not (OUT / "_before" / "samples.json").is_file():
+        if first and not args.no_before and (args.force or not (OUT / "_before" / "samples.json").is_file()):
             before = {
                 "prompts": prompts,
                 "teacher": samples_of(trainer.teacher, trainer, prompts),

@@ -107,7 +107,8 @@ def draw_terms(
                 alpha=alpha,
                 lw=width,
                 label=label_prefix + term if label else "_nolegend_",
-                marker="." if len(steps) < 30 and alpha == 1.0 else None,
+                # a generated step's term is marked x: in plot_runs, where each run has its own line style
+                marker=("x" if term.startswith(GENERATED) else ".") if len(steps) < 30 and alpha == 1.0 else None,
             )
     ax.set_title(f"loss terms ({show})" + ("" if show == "raw" else ", summing to the total"))
     ax.set_xlabel("optimizer step")
@@ -270,7 +271,12 @@ def plot_runs(runs: dict[str, Any], show: str = "raw", terms=None, reference: di
         shown |= set(draw_terms(a, rec, show, terms, label_prefix=f"{name}: ", style=styles[i % len(styles)]))
         if _val_kl(rec):
             b.plot(*zip(*_val_kl(rec), strict=True), styles[i % len(styles)], marker="o", ms=3, label=name)
-    handles = [Line2D([], [], color=COLORS.get(t), label=t) for t in [*term_order(), "total"] if t in shown]
+    order = [*term_order(), *(GENERATED + t for t in term_order()), "total"]
+    handles = [
+        Line2D([], [], color=COLORS.get(t), marker="x" if t.startswith(GENERATED) else None, label=t)
+        for t in order
+        if t in shown
+    ]
     handles += [Line2D([], [], color="0.3", ls=styles[i % len(styles)], label=n) for i, n in enumerate(runs)]
     a.legend(handles=handles, fontsize=6, ncol=2)
     b.set_title("validation KL(teacher‖student)")
