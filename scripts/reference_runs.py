@@ -249,7 +249,8 @@ def main() -> None:
             + (f"; {state.stop_reason}" if state.stop_reason else ""),
             flush=True,
         )
-        shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the weights stay out of the repository
+        if arm != "default":  # the weights stay out of the repository; the default student stays in runs/ (ignored)
+            shutil.rmtree(cfg.out_dir, ignore_errors=True)  # for `on_policy_compare.py --student` (GKD's start)
 
 
 if __name__ == "__main__":
