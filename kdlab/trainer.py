@@ -321,6 +321,8 @@ class Trainer:
                 with logging_redirect_tqdm():
                     while s.step < self.total_steps and not s.should_stop:
                         self.step()
+                    if self.metrics.steps:  # stopped between log lines: their record, so the history is complete
+                        self._log_interval()
                     if s.evals("validation")[-1]["step"] != s.step:
                         self.evaluate("validation")
                     fire(self.callbacks, "on_loop_end", self)  # BestWeights puts the best weights back here

@@ -253,3 +253,25 @@ def test_callback_lookup_prefers_the_exact_type(tiny_overrides):
     assert type(es) is kdlab.EarlyStopping and es.monitor == "val_kl"
     assert trainer.callback(OriginalTotalEarlyStopping) is watch
     assert trainer.callback(kdlab.ProgressBar) is not None and trainer.callback(LivePlot) is None
+
+
+class _StopAt(kdlab.Callback):
+    def __init__(self, step: int):
+        self.at = step
+
+    def on_step_end(self, trainer, out) -> None:
+        if trainer.state.step == self.at:
+            trainer.state.should_stop, trainer.state.stop_reason = True, f"stopped at {self.at}"
+
+
+def test_a_run_stopped_between_log_lines_records_its_last_steps(tiny_overrides, tmp_path):
+    """A callback that stops mid-interval: the steps since the last line get their record (history and file)."""
+    cfg = kdlab.load_config(
+        overrides={**tiny_overrides, "out_dir": str(tmp_path / "run"), "max_steps": 20, "log_every": 5, "log_first": 0}
+    )
+    state = kdlab.Trainer.from_config(cfg, callbacks=[_StopAt(7)]).fit()
+    train = [r for r in state.history if r["kind"] == "train"]
+    assert [(r["step"], r["steps"]) for r in train] == [(5, 5), (7, 2)] and state.stop_reason == "stopped at 7"
+    on_disk = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in on_disk if r["kind"] == "train"] == [5, 7]
+    assert state.tokens == 7 * cfg.batch_size * (cfg.seq_len - 1)  # every trained token counted (no padding here)
