@@ -21,6 +21,8 @@ Sections (see benchmarks/RESULTS.md for recorded figures and the machines they c
            then all six terms against KD+LM, with a profile of where a step's time goes.
   cache    time per step with the teacher's top-k precomputed on disk (kdlab.teacher_cache) against
            the live teacher, same run otherwise, taking turns.
+  flops    (CPU) the default step's achieved GFLOP/s against the rate of its own matrix products run
+           alone (the shapes read from the profiler), and where the rest of the step's time goes.
   cuda     (CUDA only) tokens/s, peak memory and MFU of the default pair, eager and torch.compile,
            and the largest batch that fits.
 
@@ -603,6 +605,127 @@ def bench_cache(args) -> None:
     shutil.rmtree(path)
 
 
+# ------------------------------------------------------------------------------------ 3b. CPU FLOP/s
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+OP_CLASSES = (  # where a step's time goes: the first class whose pattern is in the op's name
+    ("matrix products", GEMM_OPS),
+    ("attention (SDPA)", ("scaled_dot_product", "flash_attention")),
+    ("softmax / log-softmax / exp (losses)", ("softmax", "aten::exp", "logsumexp")),
+    ("optimizer (AdamW)", ("adam",)),
+    (
+        "copies, casts, layout",
+        ("copy_", "aten::to", "contiguous", "clone", "cat", "index", "gather", "scatter", "fill"),
+    ),
+    (
+        "elementwise (norms, SiLU, rotary, adds)",
+        ("mul", "add", "sub", "div", "silu", "pow", "rsqrt", "mean", "neg", "sum", "where", "clamp", "sigmoid", "norm"),
+    ),
+)
+
+
+def _gemm_flops(name: str, shapes: list) -> tuple[float, tuple] | None:
+    """2 x M x K x N (x batch) of one matrix-product call, and the shapes that define it."""
+    try:
+        if name == "aten::mm":
+            (m, k), (_, n) = shapes[0], shapes[1]
+            return 2.0 * m * k * n, ("mm", m, k, n)
+        if name == "aten::addmm":
+            (m, k), (_, n) = shapes[1], shapes[2]
+            return 2.0 * m * k * n, ("mm", m, k, n)
+        if name in ("aten::bmm", "aten::baddbmm"):
+            a, b = (shapes[0], shapes[1]) if name == "aten::bmm" else (shapes[1], shapes[2])
+            return 2.0 * a[0] * a[1] * a[2] * b[2], ("bmm", a[0], a[1], a[2], b[2])
+    except (ValueError, IndexError, TypeError):
+        return None
+    return None
+
+
+def _standalone_seconds(shape: tuple, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Median seconds of one matrix product of this shape on fresh tensors (after a warm-up)."""
+    if shape[0] == "mm":
+        _, m, k, n = shape
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        fn = lambda: torch.mm(a, b)  # noqa: E731
+    else:
+        _, bb, m, k, n = shape
+        a, b = torch.randn(bb, m, k, dtype=dtype), torch.randn(bb, k, n, dtype=dtype)
+        fn = lambda: torch.bmm(a, b)  # noqa: E731
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_flops(args) -> None:
+    """The default step's achieved GFLOP/s against the rate of its own matrix products run alone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    comp = args.components()
+    dev = comp.precision.device
+    if dev.type != "cpu":
+        print("\n## 3b. CPU FLOP/s: a CPU section (run with --device cpu)")
+        return
+    print(
+        f"\n## 3b. The default CPU step's FLOP/s against its matrix products' own rate "
+        f"(B{comp.batch_size} x T{comp.seq_len}, {comp.precision.describe()}, {torch.get_num_threads()} threads)"
+    )
+    step = trainer_arm(comp, 10_000)
+    for _ in range(args.warmup):
+        step()
+    walls = []
+    for _ in range(args.flops_steps):  # the step's time without the profiler's overhead
+        t0 = time.perf_counter()
+        step()
+        walls.append(time.perf_counter() - t0)
+    wall = statistics.median(walls)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    events = prof.key_averages(group_by_input_shape=True)
+    gemm_flops, gemm_in_step, shapes = 0.0, 0.0, {}
+    for e in events:
+        if e.key in GEMM_OPS:
+            got = _gemm_flops(e.key, e.input_shapes)
+            if got is None:
+                continue
+            flops, shape = got
+            gemm_flops += flops * e.count
+            gemm_in_step += e.self_cpu_time_total / 1e6
+            shapes[shape] = shapes.get(shape, 0) + e.count
+    alone = sum(_standalone_seconds(sh, torch.float32) * n for sh, n in shapes.items())
+    achieved, rate = gemm_flops / wall / 1e9, gemm_flops / alone / 1e9
+    print(
+        f"matrix-product FLOPs per step (from the profiler's shapes): {gemm_flops / 1e9:,.0f} GFLOP in "
+        f"{sum(shapes.values())} calls of {len(shapes)} shapes"
+    )
+    print(f"  the step:                      {wall:6.2f} s  -> {achieved:6.1f} GFLOP/s  (median of {len(walls)} steps)")
+    print(f"  the same products, run alone:  {alone:6.2f} s  -> {rate:6.1f} GFLOP/s")
+    print(
+        f"  the step reaches {achieved / rate:.0%} of its matrix products' own rate "
+        f"(inside the step they took {gemm_in_step:.2f} s, {gemm_in_step / alone:.2f}x their time alone)"
+    )
+    total_self = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+    by_class: dict[str, float] = {}
+    for e in prof.key_averages():
+        name = e.key.lower()
+        cls = next((c for c, pats in OP_CLASSES if any(p in name for p in pats)), "other")
+        if e.key.startswith("kdlab: ") or e.key.startswith("ProfilerStep"):
+            continue
+        by_class[cls] = by_class.get(cls, 0.0) + e.self_cpu_time_total / 1e6
+    print(
+        f"where the profiled step's time goes (self time per operator class; {total_self:.2f} s in all, the "
+        f"profiler's overhead included):"
+    )
+    for cls, sec in sorted(by_class.items(), key=lambda kv: -kv[1]):
+        print(f"  {cls:<42} {sec:6.2f} s  {sec / max(total_self, 1e-9):5.1%}")
+    top = sorted(
+        (e for e in prof.key_averages() if not e.key.startswith("kdlab: ")), key=lambda e: -e.self_cpu_time_total
+    )[:8]
+    print("  the eight largest operators: " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e6:.2f} s" for e in top))
+
+
 # ------------------------------------------------------------------------------------ 4. CUDA
 # dense bf16/fp16 tensor-core peak of the SXM parts, from NVIDIA's datasheets (FLOP/s)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -697,6 +820,7 @@ SECTIONS = {
     "step": bench_step,
     "trainer": bench_trainer,
     "cache": bench_cache,
+    "flops": bench_flops,
     "cuda": bench_cuda,
 }
 
@@ -725,6 +849,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="trainer, cache, cuda: untimed steps per arm first")
     ap.add_argument("--dry-run", action="store_true", help="cuda: run the section's code on any device, tiny batches")
     ap.add_argument("--profile-steps", type=int, default=3, help="trainer: steps under torch.profiler")
+    ap.add_argument("--flops-steps", type=int, default=3, help="flops: timed steps (then one under the profiler)")
     args = ap.parse_args()
     loaded = []
     args.components = lambda: loaded[0] if loaded else loaded.append(Components(args)) or loaded[0]

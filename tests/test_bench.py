@@ -50,3 +50,25 @@ def test_loss_section_measures_the_same_loss_both_ways(bench):
     assert chunked["grad_norm"] == pytest.approx(naive["grad_norm"], rel=1e-5)
     one = 512 * bench.VOCAB * 4  # one [N, V] fp32 tensor
     assert naive["peak"] > 3 * one and chunked["peak"] < naive["peak"]
+
+
+def test_the_flops_section_counts_a_known_workload_from_the_profiler(bench):
+    """The profiler's shapes give 2 M K N per product: a Linear forward+backward and a bmm, counted by hand."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    lin = torch.nn.Linear(48, 80)
+    x = torch.randn(6, 48, requires_grad=True)
+    a, b = torch.randn(3, 5, 7), torch.randn(3, 7, 2)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        lin(x).sum().backward()  # forward addmm; backward: dx = g W (mm), dW = g^T x (mm)
+        torch.bmm(a, b)
+    total = 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in bench.GEMM_OPS:
+            got = bench._gemm_flops(e.key, e.input_shapes)
+            assert got is not None, (e.key, e.input_shapes)
+            total += got[0] * e.count
+    assert total == 3 * 2 * 6 * 48 * 80 + 2 * 3 * 5 * 7 * 2
+    assert bench._standalone_seconds(("mm", 64, 32, 16), torch.float32) > 0
+    assert bench._standalone_seconds(("bmm", 2, 8, 4, 3), torch.float32) > 0
