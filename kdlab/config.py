@@ -165,7 +165,9 @@ class KDConfig:
         choices=LOGIT_PROJECTIONS,
     )
     loss_chunk_tokens: int = _loss(
-        128, "rows of the [tokens x vocab] logits upcast to fp32 at a time (memory vs speed; 128 is fastest on CPU)"
+        128,
+        "rows of the [tokens x vocab] logits held in fp32 at a time, by the chunked and the fused loss "
+        "(memory vs speed; 128 is fastest on CPU)",
     )
     fused_loss: bool = _loss(
         True,

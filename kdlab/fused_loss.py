@@ -1,7 +1,7 @@
 """A fused linear KD + LM loss: from hidden states and the output projection, never the [N, V] logits.
 
     out = fused_linear_kd_lm(h, lm_head.weight, (t_h, teacher_lm_head.weight), targets, mask,
-                             kd_weight=0.5, lm_weight=0.5)
+                             kd_weight=0.5, lm_weight=0.5)   # chunk_tokens=128: the trainer's loss_chunk_tokens
     out.total.backward()               # gradients into h and the weight
     out.kd, out.lm                     # the two terms, unweighted (for the records)
 
@@ -142,7 +142,7 @@ def fused_linear_kd_lm(
     top_k: int = 0,
     divergence: str = "forward_kl",
     beta: float = 0.5,
-    chunk_tokens: int = 64,
+    chunk_tokens: int = 128,
 ) -> FusedLoss:
     """kd_weight * kd_loss + lm_weight * lm_loss of the logits hidden @ weight^T, chunk by chunk.
 

@@ -161,6 +161,7 @@ class Objective:
                 top_k=cfg.kd_top_k,
                 divergence=cfg.kd_divergence,
                 beta=cfg.jsd_beta,
+                chunk_tokens=cfg.loss_chunk_tokens,
             )
         return self.terms_of(s_out, t_out, batch, counts, weights, reduce, fused=fused)
 
