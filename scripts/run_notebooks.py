@@ -3,7 +3,7 @@
     python scripts/run_notebooks.py --profile ci --inplace        # the stored outputs (a quiet machine!)
     python scripts/run_notebooks.py --profile reference --out /tmp/nb-reference
     python scripts/run_notebooks.py --profile cpu --only 00_quickstart --out /tmp/nb-cpu
-    python scripts/run_notebooks.py --time-lines      # each notebook's Time line from notebooks/timings.json
+    python scripts/run_notebooks.py --time-lines      # Time lines and time tables from notebooks/timings.json
 
 Each notebook runs in a fresh kernel with the environment nbval gives it (notebooks/conftest.py: quiet
 libraries, no progress bars) and the profile asked for, from the notebooks folder as working directory,
@@ -36,7 +36,7 @@ ENV = {
 
 
 NOTES = {  # what each notebook's Time line adds to the measured figures
-    "00_quickstart": "one training run with the live plot, and 32 continuations of four prompts.",
+    "00_quickstart": "one training run with the live plot, and the models' continuations of four prompts.",
     "01_concepts": "nothing is trained (the same cells at every profile); the slider needs a running kernel.",
     "02_dtype_mismatch": "the training run at the end is the only part that grows with the profile.",
     "03_loss_normalization": "forward passes on a few validation batches, then one short training run.",
@@ -44,7 +44,42 @@ NOTES = {  # what each notebook's Time line adds to the measured figures
     "05_logging": "two short runs of the real pair (they train under every profile: printed lines cannot be replayed).",
     "06_early_stopping": "two short runs with every term on.",
     "07_capstone": "one run with every term, six short arms, and the students' text.",
+    "08_on_policy": "three short arms (one generates every step) and the students' text; the equal-wall-time "
+    "comparison is read from its committed results.",
 }
+# the markdown files that show the per-notebook time table (between its header row and the "all" row)
+TABLE_FILES = ("README.md", "notebooks/README.md", "notebooks/INSTRUCTOR.md")
+TABLE_HEAD = "| notebook | `ci` | `reference` | `cpu` | `gpu` |"
+PROFILES_SHOWN = ("ci", "reference", "cpu", "gpu")
+
+
+def time_table(table: dict) -> str:
+    """The per-notebook time table (markdown) of timings.json, with a total row per profile."""
+    rows = [TABLE_HEAD, "|---|---|---|---|---|"]
+    names = sorted(table["notebooks"])
+    for name in names:
+        row = table["notebooks"][name]
+        rows.append(
+            f"| {name} | " + " | ".join(f"{row[p]} s" if row.get(p) else "not measured" for p in PROFILES_SHOWN) + " |"
+        )
+    totals = []
+    for p in PROFILES_SHOWN:
+        vals = [table["notebooks"][n].get(p) for n in names]
+        totals.append(f"{sum(vals)} s" if all(vals) else "not measured")
+    rows.append(f"| all {len(names)} | " + " | ".join(totals) + " |")
+    return "\n".join(rows)
+
+
+def write_tables(table: dict) -> None:
+    """Replace the time table in each of TABLE_FILES by the one timings.json gives."""
+    new = time_table(table)
+    for rel in TABLE_FILES:
+        path = ROOT / rel
+        lines = path.read_text().split("\n")
+        start = lines.index(TABLE_HEAD)
+        end = next(i for i in range(start, len(lines)) if lines[i].startswith("| all "))
+        path.write_text("\n".join(lines[:start] + new.split("\n") + lines[end + 1 :]))
+        print(f"{rel}: time table rewritten")
 
 
 def time_lines(table: dict) -> None:
@@ -91,7 +126,9 @@ def main() -> None:
     ap.add_argument("--no-record", action="store_true", help="do not write notebooks/timings.json")
     args = ap.parse_args()
     if args.time_lines:
-        return time_lines(json.loads((NOTEBOOKS / "timings.json").read_text()))
+        table = json.loads((NOTEBOOKS / "timings.json").read_text())
+        write_tables(table)
+        return time_lines(table)
     if not args.profile or not (args.inplace or args.out):
         ap.error("--profile and one of --inplace / --out are needed (or --time-lines)")
     from kdlab.course import PROFILES

@@ -30,6 +30,7 @@ LESSONS = [
     "05_logging",
     "06_early_stopping",
     "07_capstone",
+    "08_on_policy",
 ]
 MACHINE_PATHS = re.compile(r"(/work/|/tmp/|/home/|/root/|/Users/|\.venv/|site-packages)")
 
@@ -181,7 +182,7 @@ def test_figures_are_stored_at_100_dpi_or_more(name):
                 assert ppm * 0.0254 >= 99.5, f"{name}: a figure at {ppm * 0.0254:.0f} dpi"
 
 
-@pytest.mark.parametrize("name", ["00_quickstart", "07_capstone"])
+@pytest.mark.parametrize("name", ["00_quickstart", "07_capstone", "08_on_policy"])
 def test_quickstart_and_capstone_show_generated_text(name):
     text = _outputs_text(_cells(name))
     assert text.count("prompt: ") >= 4 and "distinct-2" in text and "teacher NLL" in text
@@ -209,6 +210,8 @@ def test_every_reference_arm_a_notebook_names_exists():
             src = "".join(c["source"])
             named |= set(re.findall(r"""reference\(\s*["']([\w-]+)["']""", src))
             named |= set(re.findall(r"""arm\s*=\s*["']([\w-]+)["']""", src))
+            for table in re.findall(r"REF\s*=\s*\{(.*?)\}", src, flags=re.S):  # {arm label: reference arm}
+                named |= set(re.findall(r""":\s*["']([\w-]+)["']""", table))
     have = {p.name for p in (NOTEBOOKS / "reference").iterdir() if (p / "meta.json").is_file()}
     assert named and named <= have, f"notebooks name reference arms that are not committed: {sorted(named - have)}"
 

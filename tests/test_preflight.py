@@ -29,6 +29,7 @@ LESSONS = [
     "05_logging",
     "06_early_stopping",
     "07_capstone",
+    "08_on_policy",
 ]
 
 
@@ -266,3 +267,13 @@ def test_setup_sh_without_apt_get_says_one_line_about_chromium(tmp_path):
         timeout=60,
     )
     assert calls.read_text().splitlines()[-1] == "-m kdlab prepare --data my text.txt"
+
+
+def test_the_time_tables_in_the_docs_are_timings_json():
+    # README.md, notebooks/README.md and INSTRUCTOR.md show the table that `run_notebooks.py --time-lines` writes
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import run_notebooks
+
+    want = run_notebooks.time_table(json.loads((ROOT / "notebooks" / "timings.json").read_text()))
+    for rel in run_notebooks.TABLE_FILES:
+        assert want in (ROOT / rel).read_text(), f"{rel}: its time table is not notebooks/timings.json's"
