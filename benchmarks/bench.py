@@ -659,10 +659,49 @@ def _standalone_seconds(shape: tuple, dtype: torch.dtype, repeats: int = 5) -> f
     return statistics.median(times)
 
 
-def bench_flops(args) -> None:
-    """The default step's achieved GFLOP/s against the rate of its own matrix products run alone."""
+def _flops_of(comp, args, **overrides) -> dict:
+    """One arm of the flops section: the step's time, its matrix products alone, its profile by class."""
     from torch.profiler import ProfilerActivity, profile
 
+    step = trainer_arm(comp, 10_000, **overrides)
+    for _ in range(args.warmup):
+        step()
+    walls = []
+    for _ in range(args.flops_steps):  # the step's time without the profiler's overhead
+        t0 = time.perf_counter()
+        step()
+        walls.append(time.perf_counter() - t0)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    gemm_flops, gemm_in_step, shapes = 0.0, 0.0, {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in GEMM_OPS and (got := _gemm_flops(e.key, e.input_shapes)) is not None:
+            flops, shape = got
+            gemm_flops += flops * e.count
+            gemm_in_step += e.self_cpu_time_total / 1e6
+            shapes[shape] = shapes.get(shape, 0) + e.count
+    by_class: dict[str, float] = {}
+    ops = [e for e in prof.key_averages() if not e.key.startswith(("kdlab: ", "ProfilerStep"))]
+    for e in ops:
+        cls = next((c for c, pats in OP_CLASSES if any(p in e.key.lower() for p in pats)), "other")
+        by_class[cls] = by_class.get(cls, 0.0) + e.self_cpu_time_total / 1e6
+    return {
+        "wall": statistics.median(walls),
+        "steps": len(walls),
+        "gemm_flops": gemm_flops,
+        "gemm_in_step": gemm_in_step,
+        "calls": sum(shapes.values()),
+        "shapes": len(shapes),
+        "alone": sum(_standalone_seconds(sh, torch.float32) * n for sh, n in shapes.items()),
+        "by_class": by_class,
+        "profiled": sum(by_class.values()),
+        "top": [(e.key, e.self_cpu_time_total / 1e6) for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:8]],
+    }
+
+
+def bench_flops(args) -> None:
+    """The default step's achieved GFLOP/s against the rate of its own matrix products run alone; the
+    fused loss (the default) and the logits path side by side."""
     comp = args.components()
     dev = comp.precision.device
     if dev.type != "cpu":
@@ -672,58 +711,36 @@ def bench_flops(args) -> None:
         f"\n## 3b. The default CPU step's FLOP/s against its matrix products' own rate "
         f"(B{comp.batch_size} x T{comp.seq_len}, {comp.precision.describe()}, {torch.get_num_threads()} threads)"
     )
-    step = trainer_arm(comp, 10_000)
-    for _ in range(args.warmup):
-        step()
-    walls = []
-    for _ in range(args.flops_steps):  # the step's time without the profiler's overhead
-        t0 = time.perf_counter()
-        step()
-        walls.append(time.perf_counter() - t0)
-    wall = statistics.median(walls)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        step()
-    events = prof.key_averages(group_by_input_shape=True)
-    gemm_flops, gemm_in_step, shapes = 0.0, 0.0, {}
-    for e in events:
-        if e.key in GEMM_OPS:
-            got = _gemm_flops(e.key, e.input_shapes)
-            if got is None:
-                continue
-            flops, shape = got
-            gemm_flops += flops * e.count
-            gemm_in_step += e.self_cpu_time_total / 1e6
-            shapes[shape] = shapes.get(shape, 0) + e.count
-    alone = sum(_standalone_seconds(sh, torch.float32) * n for sh, n in shapes.items())
-    achieved, rate = gemm_flops / wall / 1e9, gemm_flops / alone / 1e9
+    print("matrix-product FLOPs from the profiler's shapes (2 M K N per call); 'alone': each shape timed on fresh")
+    print(f"tensors (median of 5) x its calls; step: median of {args.flops_steps} steps after {args.warmup} warm-up")
+    arms = {"fused loss (default)": {}, "logits path (fused_loss=false)": {"fused_loss": False}}
+    got = {name: _flops_of(comp, args, **over) for name, over in arms.items()}
     print(
-        f"matrix-product FLOPs per step (from the profiler's shapes): {gemm_flops / 1e9:,.0f} GFLOP in "
-        f"{sum(shapes.values())} calls of {len(shapes)} shapes"
+        f"  {'arm':<32} {'GFLOP':>6} {'step s':>7} {'GFLOP/s':>8} {'alone s':>8} {'GFLOP/s':>8} "
+        f"{'reached':>8} {'in-step':>8}"
     )
-    print(f"  the step:                      {wall:6.2f} s  -> {achieved:6.1f} GFLOP/s  (median of {len(walls)} steps)")
-    print(f"  the same products, run alone:  {alone:6.2f} s  -> {rate:6.1f} GFLOP/s")
+    for name, r in got.items():
+        g = r["gemm_flops"] / 1e9
+        print(
+            f"  {name:<32} {g:6.0f} {r['wall']:7.2f} {g / r['wall']:8.1f} {r['alone']:8.2f} {g / r['alone']:8.1f} "
+            f"{r['alone'] / r['wall']:8.0%} {r['gemm_in_step'] / r['alone']:7.2f}x"
+        )
     print(
-        f"  the step reaches {achieved / rate:.0%} of its matrix products' own rate "
-        f"(inside the step they took {gemm_in_step:.2f} s, {gemm_in_step / alone:.2f}x their time alone)"
+        "  (reached = the step's GFLOP/s over its products' own rate; in-step = their time inside the step over alone)"
     )
-    total_self = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
-    by_class: dict[str, float] = {}
-    for e in prof.key_averages():
-        name = e.key.lower()
-        cls = next((c for c, pats in OP_CLASSES if any(p in name for p in pats)), "other")
-        if e.key.startswith("kdlab: ") or e.key.startswith("ProfilerStep"):
-            continue
-        by_class[cls] = by_class.get(cls, 0.0) + e.self_cpu_time_total / 1e6
-    print(
-        f"where the profiled step's time goes (self time per operator class; {total_self:.2f} s in all, the "
-        f"profiler's overhead included):"
+    classes = list(
+        dict.fromkeys(c for r in got.values() for c in sorted(r["by_class"], key=lambda c: -r["by_class"][c]))
     )
-    for cls, sec in sorted(by_class.items(), key=lambda kv: -kv[1]):
-        print(f"  {cls:<42} {sec:6.2f} s  {sec / max(total_self, 1e-9):5.1%}")
-    top = sorted(
-        (e for e in prof.key_averages() if not e.key.startswith("kdlab: ")), key=lambda e: -e.self_cpu_time_total
-    )[:8]
-    print("  the eight largest operators: " + ", ".join(f"{e.key} {e.self_cpu_time_total / 1e6:.2f} s" for e in top))
+    print("where a profiled step's time goes (self time per operator class, the profiler's overhead included):")
+    print(f"  {'class':<42} " + " ".join(f"{n[:20]:>20}" for n in got))
+    for cls in classes:
+        cells = [
+            f"{r['by_class'].get(cls, 0.0):7.2f} s {r['by_class'].get(cls, 0.0) / r['profiled']:6.1%}"
+            for r in got.values()
+        ]
+        print(f"  {cls:<42} " + " ".join(f"{c:>20}" for c in cells))
+    for name, r in got.items():
+        print(f"  largest operators, {name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["top"]))
 
 
 # ------------------------------------------------------------------------------------ 4. CUDA
