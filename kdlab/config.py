@@ -246,6 +246,9 @@ class KDConfig:
     # --- evaluation, logging, checkpoints ---------------------------------------------------
     eval_every: int = _evaluation(20, "optimizer steps between evaluations (0 = only before and after training)")
     eval_batches: int = _evaluation(4, "micro-batches per evaluation (0 = the whole split)")
+    eval_cache_mb: int = _evaluation(
+        1024, "MiB of the frozen teacher's evaluation logits kept between evaluations (0 = recompute each time)"
+    )
     log_every: int = _evaluation(100, "optimizer steps per log line (interval means; no per-step host sync)")
     log_first: int = _evaluation(3, "also log each of the first N steps")
     log_style: str = _evaluation(
@@ -418,7 +421,7 @@ class KDConfig:
         choice("lr_scheduler")
         need(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         need(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1")
-        for name in ("eval_every", "eval_batches", "save_every"):
+        for name in ("eval_every", "eval_batches", "eval_cache_mb", "save_every"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
         need(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
         need(self.log_first >= 0, f"log_first={self.log_first} must be >= 0")

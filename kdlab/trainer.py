@@ -37,7 +37,7 @@ from .config import KDConfig
 from .data import PackedSplit
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_from_env
 from .errors import KDLabError
-from .evaluation import evaluate
+from .evaluation import TeacherEvalCache, evaluate
 from .metrics import IntervalMetrics, log_run_start, log_train_record, train_record
 from .objective import Objective, StepCounts, phase
 from .precision import Precision
@@ -73,6 +73,7 @@ class Trainer:
         self.precision, self.tokenizer = precision, tokenizer
         self.dist: DistInfo = init_from_env(precision.device.type)
         self.state, self.out_dir = TrainState(), Path(cfg.out_dir)
+        self._eval_caches: dict[str, TeacherEvalCache] = {}  # split -> the teacher's logits there
         if not self.dist.is_main:  # only rank 0 talks
             log.setLevel(logging.WARNING)
         check_positions(cfg.seq_len, teacher, student)
@@ -266,8 +267,20 @@ class Trainer:
         # every process evaluates the same global batches, so a torchrun run evaluates what one
         # process with the same global batch would
         batches = self.data[split].eval_batches(self.cfg.batch_size * self.dist.world, self.cfg.eval_batches)
+        # the same batches every time and a frozen teacher: its logits are computed once per split,
+        # within one budget for all splits (validation, evaluated most often, asks first)
+        if split not in self._eval_caches:
+            left = self.cfg.eval_cache_mb * 2**20 - sum(c.bytes for c in self._eval_caches.values())
+            self._eval_caches[split] = TeacherEvalCache(max(0, left))
+        cache = self._eval_caches[split]
         metrics = evaluate(
-            self.student, self.teacher, batches, self.precision, self.cfg.loss_chunk_tokens, self.objective.match_logits
+            self.student,
+            self.teacher,
+            batches,
+            self.precision,
+            self.cfg.loss_chunk_tokens,
+            self.objective.match_logits,
+            teacher_cache=cache,
         )
         record = {"kind": "eval", "split": split, "step": self.state.step, **metrics, **extra}
         self._record(record)

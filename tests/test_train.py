@@ -147,7 +147,8 @@ def test_lm_only_run_skips_the_teacher_in_training(tiny_overrides, monkeypatch):
     real_forward = trainer.teacher.forward
     monkeypatch.setattr(trainer.teacher, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
     state = trainer.fit()
-    n_eval_batches = 3 * cfg.eval_batches  # validation before, validation and test after
+    # validation before (kept: kdlab.evaluation.TeacherEvalCache) and after, then test: two splits' batches
+    n_eval_batches = 2 * cfg.eval_batches
     assert len(calls) == n_eval_batches
     assert all("kd" not in r and "lm" in r for r in state.history if r["kind"] == "train")
 

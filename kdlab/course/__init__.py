@@ -137,8 +137,9 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # ~1.8 s per step on a 2-core CPU: each notebook's runs fit in about two minutes
     "ci": Profile("ci", steps=30, batch_size=4, seq_len=64, eval_every=10, eval_batches=4, measure_batches=2),
-    # a laptop: a few minutes per notebook, longer curves
-    "cpu": Profile("cpu", steps=120, batch_size=4, seq_len=128, eval_every=10, eval_batches=8, measure_batches=4),
+    # a laptop: 4x the ci run at its block length, the sizes of the committed reference runs, so a
+    # participant's main run redraws its reference curve
+    "cpu": Profile("cpu", steps=120, batch_size=4, seq_len=64, eval_every=10, eval_batches=8, measure_batches=4),
     # one GPU: the default run's sequence length, long enough for the curriculum's phases to matter
     "gpu": Profile("gpu", steps=1500, batch_size=16, seq_len=256, eval_every=50, eval_batches=16, measure_batches=8),
     # no training: every run is the committed reference run replayed; other cells at `ci` sizes
