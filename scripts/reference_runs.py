@@ -68,7 +68,7 @@ ARMS: dict[str, tuple[dict, str]] = {
         "06 early stopping (kdlab's rule)",
     ),
     # on-policy distillation (GKD's lambda): the default run, with this share of its steps on the student's
-    # own continuations (prompt: the first 32 tokens of each block; 96 tokens generated at T = 1)
+    # own continuations (prompt: the first 32 tokens of each block; the other 32 generated at T = 1)
     "on-policy-mixed": (dict(early_stopping=False, on_policy=0.5), "08 on-policy (mixed, lambda 0.5)"),
     "on-policy": (dict(early_stopping=False, on_policy=1.0), "08 on-policy (on-policy, lambda 1)"),
 }
@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--arms", nargs="*", default=list(ARMS), help=f"arms to run (default all: {', '.join(ARMS)})")
     ap.add_argument("--steps", type=int, default=120, help="optimizer steps per arm")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--force", action="store_true", help="rerun arms already written")
