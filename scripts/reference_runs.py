@@ -1,9 +1,9 @@
 """The course's reference runs: each notebook's arms trained much longer than the `ci` profile does,
 their records and text samples written to notebooks/reference/<arm>/ (committed; small files).
 
-    python scripts/reference_runs.py                 # every arm not yet written (about 60 min on a quiet 2-core CPU)
+    python scripts/reference_runs.py                 # every arm not yet written, one process
     python scripts/reference_runs.py --arms default lm-only --force
-    python scripts/reference_runs.py --jobs 2 --force # every arm again, in two processes of one thread each
+    python scripts/reference_runs.py --jobs 2 --force # every arm again, two one-thread processes: 58.6 min (2-core CPU)
     python scripts/reference_runs.py --steps 1500 --batch-size 16 --seq-len 256   # the gpu profile's sizes
 
 Each arm folder holds `metrics.jsonl` (the run's records), `samples.json` (greedy and sampled
@@ -61,7 +61,7 @@ ARMS: dict[str, tuple[dict, str]] = {
     # kdlab's stopper where stopping matters: the all-terms run on a corpus of 8 blocks (train_blocks=8,
     # two steps per epoch) at lr 1e-3, so the student memorises them and validation KL reaches a best
     # and then rises (overfitting). At lr 1e-2 on the whole corpus validation KL still improved at step
-    # 120 (measured: 2.482), so nothing longer than the ci run had a best to find; checks every 2 steps,
+    # 120 (measured at 4 x 128: 2.482), so nothing longer than the ci run had a best to find; checks every 2 steps,
     # patience 3, the default warmup
     "early-stopping": (
         dict(early_stopping=True, lr=1e-3, train_blocks=8, es_patience=3, eval_every=2, log_every=1, **ALL_TERMS),
