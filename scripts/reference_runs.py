@@ -61,8 +61,8 @@ ARMS: dict[str, tuple[dict, str]] = {
     # kdlab's stopper where stopping matters: the all-terms run on a corpus of 8 blocks (train_blocks=8,
     # two steps per epoch) at lr 1e-3, so the student memorises them and validation KL reaches a best
     # and then rises (overfitting). At lr 1e-2 on the whole corpus validation KL still improved at step
-    # 120 (measured at 4 x 128: 2.482), so nothing longer than the ci run had a best to find; checks every 2 steps,
-    # patience 3, the default warmup
+    # 120 (measured at 4 x 128: 2.482), so nothing longer than the ci run had a best to find; checks
+    # every 2 steps, patience 3, the default warmup
     "early-stopping": (
         dict(early_stopping=True, lr=1e-3, train_blocks=8, es_patience=3, eval_every=2, log_every=1, **ALL_TERMS),
         "06 early stopping (kdlab's rule)",
@@ -155,11 +155,12 @@ def run_jobs(args) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arms", nargs="*", default=list(ARMS), help=f"arms to run (default all: {', '.join(ARMS)})")
-    ap.add_argument("--steps", type=int, default=120, help="optimizer steps per arm")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--eval-batches", type=int, default=8)
+    cpu = kdlab.course.PROFILES["cpu"]  # the reference runs are at the cpu profile's sizes (one place for them)
+    ap.add_argument("--steps", type=int, default=cpu.steps, help="optimizer steps per arm")
+    ap.add_argument("--batch-size", type=int, default=cpu.batch_size)
+    ap.add_argument("--seq-len", type=int, default=cpu.seq_len)
+    ap.add_argument("--eval-every", type=int, default=cpu.eval_every)
+    ap.add_argument("--eval-batches", type=int, default=cpu.eval_batches)
     ap.add_argument("--force", action="store_true", help="rerun arms already written")
     ap.add_argument(
         "--threads",
