@@ -348,31 +348,29 @@ def bench_step(args) -> None:
     dev = torch.device(args.device)
     b, t = args.step_batch
     print(f"\n## 1c. A whole default-pair step, B{b} x T{t}, logits path against the fused loss ({device_name(dev)})")
-    print("peak: the process's peak resident set (CPU) during the measured steps, and its rise above the")
-    print(f"level before them; time: mean of {args.steps_measured} steps after one warm-up; arms alternate, twice each")
-    rows: dict[bool, list[dict]] = {False: [], True: []}
-    for _ in range(2):
-        for fused in (False, True):
-            cmd = [sys.executable, __file__, "_step_child", str(int(fused)), str(b), str(t), args.device]
-            out = subprocess.run([*cmd, str(args.steps_measured)], capture_output=True, text=True, env=CHILD_ENV)
-            if out.returncode:
-                print(f"fused={fused}: failed: {(out.stderr.strip().splitlines() or ['killed'])[-1]}")
-                return
-            rows[fused].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'path':<14} {'peak RSS GB':>11} {'rise GB':>8} {'s/step':>7} (each of two runs)")
+    print("peak RSS: each path in a fresh process, the peak resident set during its measured steps and its rise")
+    print("above the level before them, with glibc returning every allocation over 1 MiB at once (so the peak is")
+    print("what the tensors hold); time: both paths in one process without that setting (it slows allocation-heavy")
+    print(f"code, the fused loss's chunks more), taking turns step by step, {args.step_rounds} rounds, one warm-up")
+    rss: dict[bool, dict] = {}
+    for fused in (False, True):
+        cmd = [sys.executable, __file__, "_step_child", str(int(fused)), str(b), str(t), args.device]
+        out = subprocess.run([*cmd, str(args.steps_measured)], capture_output=True, text=True, env=CHILD_ENV)
+        if out.returncode:
+            print(f"fused={fused}: failed: {(out.stderr.strip().splitlines() or ['killed'])[-1]}")
+            return
+        rss[fused] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {'path':<14} {'peak RSS GB':>11} {'rise GB':>8}")
     for fused, label in ((False, "logits"), (True, "fused")):
-        rs = rows[fused]
-
-        def cells(key: str, scale: float, fmt: str, rs=rs) -> str:
-            return " / ".join(format(r[key] / scale, fmt) for r in rs)
-
-        print(
-            f"{label:<14} {cells('peak_total', 1e9, '.2f'):>11} {cells('peak_above', 1e9, '.2f'):>8} "
-            f"{cells('seconds', 1.0, '.1f')}"
-        )
-    peak = {f: min(r["peak_total"] for r in rows[f]) for f in rows}
-    sec = {f: statistics.median(r["seconds"] for r in rows[f]) for f in rows}
-    print(f"fused / logits: peak RSS {peak[True] / peak[False]:.2f}x, time {sec[True] / sec[False]:.2f}x")
+        print(f"  {label:<14} {rss[fused]['peak_total'] / 1e9:>11.2f} {rss[fused]['peak_above'] / 1e9:>8.2f}")
+    comp = args.components()
+    names = {False: "logits path (fused_loss=false)", True: "fused loss (the default)"}
+    arms = {names[f]: trainer_arm(comp, 10_000, batch_size=b, seq_len=t, fused_loss=f) for f in (False, True)}
+    ratio = report(interleaved(arms, args.step_rounds, 1, dev), names[False], b * (t - 1))
+    print(
+        f"  -> fused / logits: peak RSS {rss[True]['peak_total'] / rss[False]['peak_total']:.2f}x, "
+        f"time {ratio[names[True]]:.2f}x"
+    )
 
 
 def _available_memory() -> int:
@@ -662,18 +660,11 @@ def _standalone_seconds(shape: tuple, dtype: torch.dtype, repeats: int = 5) -> f
     return statistics.median(times)
 
 
-def _flops_of(comp, args, **overrides) -> dict:
-    """One arm of the flops section: the step's time, its matrix products alone, its profile by class."""
+def _flops_of(step, walls: list[float]) -> dict:
+    """One arm of the flops section: its step's times (`walls`, measured without the profiler), its
+    matrix products alone, its profile by class."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = trainer_arm(comp, 10_000, **overrides)
-    for _ in range(args.warmup):
-        step()
-    walls = []
-    for _ in range(args.flops_steps):  # the step's time without the profiler's overhead
-        t0 = time.perf_counter()
-        step()
-        walls.append(time.perf_counter() - t0)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
     gemm_flops, gemm_in_step, shapes = 0.0, 0.0, {}
@@ -715,9 +706,15 @@ def bench_flops(args) -> None:
         f"(B{comp.batch_size} x T{comp.seq_len}, {comp.precision.describe()}, {torch.get_num_threads()} threads)"
     )
     print("matrix-product FLOPs from the profiler's shapes (2 M K N per call); 'alone': each shape timed on fresh")
-    print(f"tensors (median of 5) x its calls; step: median of {args.flops_steps} steps after {args.warmup} warm-up")
+    print(
+        f"tensors (median of 5) x its calls; step: median of {args.flops_steps} steps after {args.warmup} warm-up, "
+        "the arms taking turns step by step"
+    )
     arms = {"fused loss (default)": {}, "logits path (fused_loss=false)": {"fused_loss": False}}
-    got = {name: _flops_of(comp, args, **over) for name, over in arms.items()}
+    steps = {name: trainer_arm(comp, 10_000, **over) for name, over in arms.items()}
+    # the steps' times without the profiler, the arms taking turns (the machine drifts within minutes)
+    walls = interleaved(steps, args.flops_steps, args.warmup, dev)
+    got = {name: _flops_of(steps[name], walls[name]) for name in arms}
     print(
         f"  {'arm':<32} {'GFLOP':>6} {'step s':>7} {'GFLOP/s':>8} {'alone s':>8} {'GFLOP/s':>8} "
         f"{'reached':>8} {'in-step':>8}"
@@ -864,7 +861,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384], help="loss: N of the [N, V] logits")
     ap.add_argument("--repeats", type=int, default=3, help="loss: timed calls per measurement (after one warm-up)")
     ap.add_argument("--step-batch", type=int, nargs=2, default=[16, 256], help="step: batch size and sequence length")
-    ap.add_argument("--steps-measured", type=int, default=2, help="step: measured steps per run")
+    ap.add_argument("--steps-measured", type=int, default=2, help="step: measured steps per peak-RSS process")
+    ap.add_argument("--step-rounds", type=int, default=4, help="step: timed rounds, the two paths taking turns")
     ap.add_argument("--steps", type=int, default=12, help="trainer, cache, cuda: timed steps per arm")
     ap.add_argument("--warmup", type=int, default=2, help="trainer, cache, cuda: untimed steps per arm first")
     ap.add_argument("--dry-run", action="store_true", help="cuda: run the section's code on any device, tiny batches")
