@@ -1,4 +1,5 @@
-"""Command line: `kdlab prepare`, `kdlab train`, `kdlab eval`, `kdlab cache-teacher`, `kdlab preflight`
+"""Command line: `kdlab prepare`, `kdlab train`, `kdlab eval`, `kdlab correct-teacher`, `kdlab cache-teacher`,
+`kdlab preflight`
 (also `python -m kdlab ...`).
 
 Every config field has a flag (`alpha_kd` -> `--alpha-kd`); precedence is defaults < --config
@@ -104,12 +105,13 @@ def _setup_logging(verbose: int) -> None:
 
 def cmd_prepare(args) -> int:
     from .data import prepare_data
-    from .models import load_tokenizer, prepare_teacher
+    from .models import BUILTIN_TEACHERS, load_tokenizer, prepare_teacher
 
     cfg = _config(args)
     t0 = time.perf_counter()
-    if cfg.teacher == "smollm2-135m":
-        log.info("teacher: %s", prepare_teacher(cfg.data_dir))
+    if cfg.teacher in BUILTIN_TEACHERS:  # both built-in teachers: the course and the CLI use either
+        for name in BUILTIN_TEACHERS:
+            log.info("teacher %s: %s", name, prepare_teacher(cfg.data_dir, name))
     tok = load_tokenizer(cfg.teacher, cfg.data_dir)
     data = prepare_data(cfg.data, cfg.data_dir, tok, cfg.seq_len)  # builds Austen + the token cache
     for split, d in data.items():
@@ -164,6 +166,23 @@ def cmd_eval(args) -> int:
             f"{split:10}  {m['tokens']:>8,}  {m['student_ppl']:>11.2f}  {m['teacher_ppl']:>11.2f}  "
             f"{m['kl']:>8.4f}  {m['top1_agree']:>6.3f}"
         )
+    return 0
+
+
+def cmd_correct_teacher(args) -> int:
+    from .correction import correct_teacher
+
+    cfg = _config(args)
+    r = correct_teacher(cfg, progress=not args.verbose < 0)
+    print(f"{'teacher':28}  {'val ppl':>8}  {'test ppl':>8}")
+    for who, key in ((cfg.teacher, "before"), (f"{cfg.teacher} + adapter", "after")):
+        ppl = r[key]["perplexity"]
+        print(f"{who:28}  {ppl['validation']:>8.2f}  {ppl['test']:>8.2f}")
+    print(
+        f"({r['eval_tokens']:,} tokens per split; {r['steps']} steps, {r['tokens']:,} tokens in {r['train_seconds']:.0f} s "
+        f"on {r['device']}); adapter {cfg.correct_out}/adapter ({r['adapter_bytes'] / 1e6:.1f} MB, "
+        f"sha256 {r['adapter_sha256'][:16]}...)"
+    )
     return 0
 
 
@@ -244,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the split(s) to evaluate (default: both)",
     )
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser(
+        "correct-teacher",
+        help="fine-tune a LoRA adapter of the teacher on the corpus (teacher correction)",
+        usage=CONFIG_FLAGS_USAGE,
+        description="Trains a LoRA adapter of the frozen teacher on the training split (--correct-steps, "
+        "--correct-rank, --correct-lr, ...) and reports validation and test perplexity before and after; "
+        "the adapter goes to --correct-out. " + CONFIG_FLAGS_DESCRIPTION,
+    )
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_correct_teacher)
     p = sub.add_parser(
         "cache-teacher",
         help="precompute the teacher's top-k for the training set (--teacher-cache)",

@@ -21,7 +21,7 @@ from .config import KDConfig
 from .data import prepare_data
 from .distributed import init_from_env
 from .errors import KDLabError
-from .models import build_student, count_parameters, load_teacher, load_tokenizer
+from .models import STUDENT_PRESETS, build_student, count_parameters, load_teacher, load_tokenizer
 from .precision import resolve_precision
 
 log = logging.getLogger("kdlab")
@@ -79,18 +79,39 @@ def build_components(cfg: KDConfig):
     data = prepare_data(cfg.data, cfg.data_dir, tokenizer, cfg.seq_len)
     if cfg.train_blocks:
         data["train"] = data["train"].head(cfg.train_blocks)
-    student = build_student(cfg.student, teacher, cfg.student_init, cfg.data_dir, precision, len(tokenizer))
+    calibration = [data["train"].batch(list(range(min(cfg.calib_blocks, len(data["train"])))))]
+    student = build_student(
+        cfg.student,
+        teacher,
+        cfg.student_init,
+        cfg.data_dir,
+        precision,
+        len(tokenizer),
+        depth=cfg.student_depth,
+        layers=cfg.student_layers,
+        calibration=calibration,
+    )
     log.info(
-        "teacher %s (%.1fM params) -> student %s (%.1fM params, init=%s); %s",
+        "teacher %s (%.1fM params) -> student %s (%.1fM params, %s); %s",
         cfg.teacher,
         count_parameters(teacher) / 1e6,
         cfg.student,
         count_parameters(student) / 1e6,
-        cfg.student_init,
+        describe_init(cfg, student),
         precision.describe(),
     )
     log.info("data %s: %s", cfg.data, ", ".join(f"{s} {d.num_tokens:,} tokens" for s, d in data.items()))
     return precision, tokenizer, teacher, data, student
+
+
+def describe_init(cfg: KDConfig, student) -> str:
+    """How the student started, as the log says it: its teacher layers, random, or loaded from a folder."""
+    if cfg.student not in STUDENT_PRESETS:
+        return f"loaded from {cfg.student}"
+    if cfg.student_init == "random":
+        return f"{student.config.num_hidden_layers} layers, random init"
+    layers = getattr(student.config, "kdlab_teacher_layers", [])
+    return f"teacher layers {','.join(map(str, layers))} ({student.config.kdlab_layer_choice})"
 
 
 def batches_for_run(cfg: KDConfig, split, tokenizer, student, teacher, precision, dist):

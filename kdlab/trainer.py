@@ -41,7 +41,7 @@ from .evaluation import TeacherEvalCache, evaluate
 from .metrics import IntervalMetrics, log_run_start, log_train_record, train_record
 from .objective import Objective, StepCounts, phase
 from .precision import Precision
-from .run_folder import open_run_folder, save_final
+from .run_folder import open_run_folder, save_final, save_student_record
 from .schedule import lr_scheduler
 from .state import TrainState
 from .terms import display_order
@@ -325,6 +325,8 @@ class Trainer:
         cfg, s = self.cfg, self.state
         with quiet_hf_progress():
             self._metrics_file = open_run_folder(cfg, self.dist, self._resume, lambda: self.state.history)
+            if not cfg.resume:
+                save_student_record(self.out_dir, self.student, self.dist)
             log_run_start(self)
             fire(self.callbacks, "on_train_begin", self)
             if s.step == 0 and not s.evals("validation"):

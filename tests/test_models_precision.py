@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kdlab
-from kdlab.models import _layer_map
+from kdlab.pruning import even_layers
 
 
 def test_cpu_policy_defaults():
@@ -40,9 +40,9 @@ def test_cuda_policy_defaults():
 
 
 def test_layer_map_spreads_evenly_and_keeps_first_and_last():
-    assert _layer_map(4, 30) == [0, 10, 19, 29]
-    assert _layer_map(1, 30) == [29]
-    assert _layer_map(30, 30) == list(range(30))
+    assert even_layers(4, 30) == [0, 10, 19, 29]
+    assert even_layers(1, 30) == [29]
+    assert even_layers(30, 30) == list(range(30))
 
 
 def test_teacher_layer_init_copies_weights(tiny_teacher):
