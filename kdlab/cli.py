@@ -9,6 +9,7 @@ YAML < flags. User mistakes print one `kdlab: error: ...` line and exit with cod
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -148,25 +149,57 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .components import build_components
-    from .evaluation import evaluate
+    from .correction import device_name
+    from .generation import generate, held_out_prompts
+    from .models import build_student
+    from .payoff import format_payoff, payoff_rows
 
+    speed_batches = _int_list(args.speed_batches, "--speed-batches")
     cfg = _config(args, {"student_init": "random"})  # --student names a trained model folder
-    precision, _, teacher, data, student = build_components(cfg)
-    splits = ["validation", "test"] if args.split == "both" else [args.split]
-    print(f"{'split':10}  {'tokens':>8}  {'student ppl':>11}  {'teacher ppl':>11}  {'KL':>8}  {'top-1':>6}")
-    for split in splits:
-        m = evaluate(
-            student,
-            teacher,
-            data[split].eval_batches(cfg.batch_size, cfg.eval_batches),
-            precision,
-            cfg.loss_chunk_tokens,
-        )
-        print(
-            f"{split:10}  {m['tokens']:>8,}  {m['student_ppl']:>11.2f}  {m['teacher_ppl']:>11.2f}  "
-            f"{m['kl']:>8.4f}  {m['top1_agree']:>6.3f}"
-        )
+    precision, tokenizer, teacher, data, student = build_components(cfg)
+    students = {cfg.student: student}
+    for folder in args.students:  # more students to compare, each a saved model folder
+        students[folder] = build_student(folder, teacher, "random", cfg.data_dir, precision, len(tokenizer))
+    splits = ("validation", "test") if args.split == "both" else (args.split,)
+    rows = payoff_rows(
+        teacher,
+        students,
+        data,
+        precision,
+        tokenizer,
+        batch_size=cfg.batch_size,
+        eval_batches=cfg.eval_batches,
+        speed_batches=speed_batches,
+        splits=splits,
+    )
+    print(format_payoff(rows))
+    print(f"(on {device_name(precision.device)})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device_name(precision.device), "rows": rows}, indent=1))
+    if args.samples:
+        prompts = held_out_prompts(cfg.data, cfg.data_dir, n=args.samples)
+        settings = {
+            "greedy": dict(sample=False),
+            "sampled (T 0.8, top-p 0.9, repetition penalty 1.1, seed 0)": dict(
+                sample=True, temperature=0.8, top_p=0.9, repetition_penalty=1.1, seed=0
+            ),
+        }
+        for title, options in settings.items():
+            print(f"\n# {title}, 32 new tokens")
+            for name, model in {"teacher": teacher, **students}.items():
+                for c in generate(model, tokenizer, prompts, max_new_tokens=32, precision=precision, **options):
+                    print(f"{name[:24]:24} | {c.prompt} ... {' '.join(c.text.split())}")
     return 0
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = (0,)
+    if any(v < 1 for v in values):
+        raise KDLabError(f"{flag}={text!r} must list batch sizes >= 1 such as 1,8 ('' = no speed measurement)")
+    return values
 
 
 def cmd_correct_teacher(args) -> int:
@@ -251,10 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser(
         "eval",
-        help="evaluate a student (e.g. runs/default/final) against the teacher",
-        usage=CONFIG_FLAGS_USAGE + " [--split {validation,test,both}]",
-        description="Evaluates a student against the teacher: --student names a trained model folder "
-        "(e.g. runs/default/final). " + CONFIG_FLAGS_DESCRIPTION,
+        help="the payoff: students (e.g. runs/default/final) against the teacher on quality and speed",
+        usage=CONFIG_FLAGS_USAGE + " [--split {validation,test,both}] [--speed-batches LIST] [--samples N] "
+        "[--json FILE] [STUDENT ...]",
+        description="Measures the teacher and each student (--student, a trained model folder such as "
+        "runs/default/final, and any STUDENT folders after the flags): parameters, generation speed "
+        "(tokens/s, KV cache, greedy), perplexity and bits per byte, KL(teacher || student) and top-1 "
+        "agreement, and the ratios to the teacher. " + CONFIG_FLAGS_DESCRIPTION,
     )
     _add_config_flags(p)
     p.add_argument(
@@ -263,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="both",
         help="the split(s) to evaluate (default: both)",
     )
+    p.add_argument("students", nargs="*", metavar="STUDENT", help="more saved student folders to compare")
+    p.add_argument(
+        "--speed-batches",
+        default="1,8",
+        metavar="LIST",
+        help="batch sizes at which generation speed is measured (default: 1,8; '' = none)",
+    )
+    p.add_argument(
+        "--samples", type=int, default=0, metavar="N", help="print N held-out prompts continued by each model"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the table's rows to FILE")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser(
         "correct-teacher",

@@ -76,6 +76,12 @@ def build_components(cfg: KDConfig):
     tokenizer = load_tokenizer(cfg.teacher, cfg.data_dir)
     teacher = load_teacher(cfg.teacher, cfg.data_dir, precision)
     check_positions(cfg.seq_len, teacher)  # before the data is packed at that length
+    vocab = teacher.config.vocab_size
+    if cfg.kd_top_k > vocab:
+        raise KDLabError(
+            f"kd_top_k={cfg.kd_top_k} is larger than the teacher's vocabulary ({vocab:,}); use 1 to {vocab}, "
+            f"or 0 for the full vocabulary"
+        )
     data = prepare_data(cfg.data, cfg.data_dir, tokenizer, cfg.seq_len)
     if cfg.train_blocks:
         data["train"] = data["train"].head(cfg.train_blocks)

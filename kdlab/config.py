@@ -494,7 +494,7 @@ class KDConfig:
         need(self.correct_alpha >= 1, f"correct_alpha={self.correct_alpha} must be >= 1")
         need(
             any(m.strip() for m in self.correct_targets.split(",")),
-            f"correct_targets={self.correct_targets!r} names no layer; list the linear layers to adapt, e.g. q_proj,v_proj",
+            f"correct_targets={self.correct_targets!r} names no layer; list the layers to adapt, e.g. q_proj,v_proj",
         )
         need(self.correct_steps >= 1, f"correct_steps={self.correct_steps} must be >= 1")
         need(math.isfinite(self.correct_lr) and self.correct_lr > 0, f"correct_lr={self.correct_lr} must be > 0")

@@ -8,6 +8,8 @@ Metrics (all per-token means over valid next-token positions):
     teacher_ce / teacher_ppl   the same for the teacher (the floor the student aims at)
     kl                         KL(teacher || student) at T = 1, full vocabulary
     top1_agree                 fraction of positions where both models' argmax agree
+    student_bpb / teacher_bpb  bits per byte, with `token_bytes` (kdlab.payoff): nats over the
+                               targets' UTF-8 bytes / ln 2, a measure free of the tokenizer
 
 The teacher is frozen and a run evaluates the same batches every time, so its logits there never
 change: `TeacherEvalCache` keeps them between evaluations up to a byte budget (config
@@ -22,6 +24,7 @@ from collections.abc import Iterable
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from .losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
 from .precision import Precision, student_logits, teacher_logits
@@ -61,16 +64,25 @@ def evaluate(
     chunk_tokens: int = 128,
     match_logits=None,
     teacher_cache: TeacherEvalCache | None = None,
+    token_bytes: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """`match_logits(s, t) -> (s, t)` makes the vocabularies comparable (an Objective's); default:
     by token id, so a student with a padded vocabulary is compared on the teacher's ids.
-    `teacher_cache`: the teacher's logits from earlier calls on the same `batches` (see above)."""
+    `teacher_cache`: the teacher's logits from earlier calls on the same `batches` (see above).
+    `token_bytes`: (V,) UTF-8 bytes per token id (kdlab.payoff.token_bytes); adds bits per byte."""
     if match_logits is None:
         match_logits = partial(match_by_id, None)
     was_training = student.training
     student.eval()
-    sums = {"student_ce": 0.0, "teacher_ce": 0.0, "kl": 0.0, "top1_agree": 0.0}
-    tokens = 0
+    sums = {
+        "student_ce": 0.0,
+        "teacher_ce": 0.0,
+        "kl": 0.0,
+        "top1_agree": 0.0,
+        "student_nats": 0.0,
+        "teacher_nats": 0.0,
+    }
+    tokens, n_bytes = 0, 0
     for i, batch in enumerate(batches):
         batch = {k: v.to(precision.device) for k, v in batch.items()}
         targets = next_token_labels(batch["labels"])  # (B, T)
@@ -81,6 +93,11 @@ def evaluate(
         s = student_logits(student, batch, precision)  # (B, T, V)
         # losses return per-token means; times n gives sums that add up across batches exactly
         sums["student_ce"] += float(lm_loss(s, targets, chunk_tokens=chunk_tokens)) * n
+        if token_bytes is not None:  # bits per byte: the targets that stand for text (special tokens have 0 bytes)
+            tb = token_bytes.to(targets.device)[targets.clamp_min(0)] * mask
+            counted = tb > 0
+            n_bytes += int(tb.sum())
+            sums["student_nats"] += float(_token_nats(s, targets)[counted].sum())
         if teacher is not None:
             cached = teacher_cache.get(i) if teacher_cache is not None else None
             if cached is None:
@@ -91,6 +108,8 @@ def evaluate(
             else:
                 t, t_ce = cached
             sums["teacher_ce"] += t_ce * n
+            if token_bytes is not None:
+                sums["teacher_nats"] += float(_token_nats(t, targets)[counted].sum())
             s, t = match_logits(s, t)
             sums["kl"] += float(kd_loss(s, t, mask, temperature=1.0, chunk_tokens=chunk_tokens)) * n
             sums["top1_agree"] += float(((s.argmax(-1) == t.argmax(-1)) & mask).sum())
@@ -100,12 +119,24 @@ def evaluate(
         raise ValueError("evaluation got no valid tokens")
     out = {"tokens": tokens, "student_ce": sums["student_ce"] / tokens}
     out["student_ppl"] = math.exp(min(out["student_ce"], 700.0))
+    if token_bytes is not None:
+        out["bytes"] = n_bytes
+        out["student_bpb"] = sums["student_nats"] / (math.log(2) * n_bytes) if n_bytes else float("nan")
     if teacher is not None:
         out["teacher_ce"] = sums["teacher_ce"] / tokens
         out["teacher_ppl"] = math.exp(min(out["teacher_ce"], 700.0))
         out["kl"] = sums["kl"] / tokens
         out["top1_agree"] = sums["top1_agree"] / tokens
+        if token_bytes is not None:
+            out["teacher_bpb"] = sums["teacher_nats"] / (math.log(2) * n_bytes) if n_bytes else float("nan")
     return out
+
+
+def _token_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T) -log p(target) in fp32 (0 where the target is IGNORE_INDEX)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    nats = F.cross_entropy(flat, targets.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX)
+    return nats.view(targets.shape)
 
 
 def format_summary(history: list[dict]) -> str:

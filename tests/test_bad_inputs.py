@@ -74,6 +74,21 @@ CASES = [
         "cached teacher with an intermediate term: `--teacher-cache c --kd-top-k 256 --w-feature 0.5`",
         lambda e: ["train", "--teacher-cache", "c", "--kd-top-k", "256", "--w-feature", "0.5"],
     ),
+    (
+        "model",
+        "top-k above the teacher's vocabulary: `--kd-top-k 100000000`",
+        lambda e: ["train", *_tiny(e), "--kd-top-k", "100000000"],
+    ),
+    (
+        "model",
+        "a student deeper than the teacher: `--student-init teacher-layers --student-depth 3`",
+        lambda e: ["train", *_tiny(e), "--student-init", "teacher-layers", "--student-depth", "3"],
+    ),
+    (
+        "config",
+        "a layer list that is not one: `--student-layers 0,x`",
+        lambda e: ["train", "--student-layers", "0,x"],
+    ),
     ("cache", "`kdlab cache-teacher` without `--teacher-cache`", lambda e: ["cache-teacher"]),
     (
         "cache",

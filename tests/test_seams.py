@@ -209,13 +209,13 @@ def test_eval_of_a_student_with_a_padded_vocabulary(tiny_overrides, tmp_path, ca
     over = {**tiny_overrides, "student": str(tmp_path / "padded"), "max_steps": 2}
     assert main(["-q", "train", *_flags(over)]) == 0
     capsys.readouterr()
-    assert (
-        main(["-q", "eval", *_flags({**over, "student": str(tmp_path / "run" / "final")}), "--split", "validation"])
-        == 0
-    )
+    final = str(tmp_path / "run" / "final")
+    flags = [*_flags({**over, "student": final}), "--split", "validation", "--speed-batches", "1"]
+    assert main(["-q", "eval", *flags, "--json", str(tmp_path / "eval.json")]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
-    assert rows[0].split()[:2] == ["split", "tokens"] and rows[1].startswith("validation")
-    kl = float(rows[1].split()[4])
+    assert rows[0].split()[:2] == ["model", "params"] and "val KL" in rows[0] and "test ppl" not in rows[0]
+    assert rows[1].startswith("teacher") and rows[2].startswith(final[:24])
+    kl = json.loads((tmp_path / "eval.json").read_text())["rows"][1]["val_kl"]
     trained = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-2])  # final validation
     assert trained["split"] == "validation" and kl == pytest.approx(trained["kl"], rel=1e-4)
 
