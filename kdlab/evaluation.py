@@ -154,12 +154,15 @@ def format_summary(history: list[dict]) -> str:
             return format(r[key], fmt) if r is not None and key in r else "-"
 
         if who == "teacher":
-            return [f(v, "teacher_ppl", ".2f"), "0", "1", f(t, "teacher_ppl", ".2f"), "0", "1"]
+            return [f(v, "teacher_ppl", ".2f"), f(v, "teacher_bpb", ".4f"), "0", "1",
+                    f(t, "teacher_ppl", ".2f"), f(t, "teacher_bpb", ".4f"), "0", "1"]  # fmt: skip
         return [
             f(v, "student_ppl", ".2f"),
+            f(v, "student_bpb", ".4f"),
             f(v, "kl", ".4f"),
             f(v, "top1_agree", ".3f"),
             f(t, "student_ppl", ".2f"),
+            f(t, "student_bpb", ".4f"),
             f(t, "kl", ".4f"),
             f(t, "top1_agree", ".3f"),
         ]
@@ -169,7 +172,7 @@ def format_summary(history: list[dict]) -> str:
         [f"student before (step {before['step']})", *cells(before, None, "student")],
         [f"student after (step {after['step']})", *cells(after, after_test, "student")],
     ]
-    head = ["", "val ppl", "val KL", "val top-1", "test ppl", "test KL", "test top-1"]
+    head = ["", "val ppl", "val bpb", "val KL", "val top-1", "test ppl", "test bpb", "test KL", "test top-1"]
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     tokens = f"(validation: {after['tokens']:,} tokens" + (

@@ -40,6 +40,7 @@ from .errors import KDLabError
 from .evaluation import TeacherEvalCache, evaluate
 from .metrics import IntervalMetrics, log_run_start, log_train_record, train_record
 from .objective import Objective, StepCounts, phase
+from .payoff import token_bytes
 from .precision import Precision
 from .run_folder import open_run_folder, save_final, save_student_record
 from .schedule import lr_scheduler
@@ -74,6 +75,8 @@ class Trainer:
         self.dist: DistInfo = init_from_env(precision.device.type)
         self.state, self.out_dir = TrainState(), Path(cfg.out_dir)
         self._eval_caches: dict[str, TeacherEvalCache] = {}  # split -> the teacher's logits there
+        # UTF-8 bytes per token id: evaluations report bits per byte too (kdlab.payoff)
+        self.token_bytes = token_bytes(tokenizer) if tokenizer is not None else None
         if not self.dist.is_main:  # only rank 0 talks
             log.setLevel(logging.WARNING)
         check_positions(cfg.seq_len, teacher, student)
@@ -281,6 +284,7 @@ class Trainer:
             self.cfg.loss_chunk_tokens,
             self.objective.match_logits,
             teacher_cache=cache,
+            token_bytes=self.token_bytes,
         )
         record = {"kind": "eval", "split": split, "step": self.state.step, **metrics, **extra}
         self._record(record)

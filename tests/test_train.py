@@ -44,7 +44,8 @@ def test_end_to_end_run_writes_its_files_and_learns(tiny_overrides, tmp_path):
     assert [r["step"] for r in val] == [0, 3, 6]
     assert val[-1]["kl"] < val[0]["kl"]  # it distils
     table = kdlab.format_summary(state.history)
-    assert "student before (step 0)" in table and "student after (step 6)" in table
+    assert "student before (step 0)" in table and "student after (step 6)" in table and "val bpb" in table
+    assert 0 < val[-1]["student_bpb"] < val[0]["student_bpb"] and val[-1]["teacher_bpb"] > 0
     # the saved student reloads as a plain HF model and gives the same evaluation
     from transformers import AutoModelForCausalLM
 
@@ -78,11 +79,14 @@ def test_cli_eval_of_a_saved_student(tiny_overrides, tmp_path, capsys):
         "--device",
         "cpu",
     ]
-    assert main(args) == 0
+    assert main([*args, "--speed-batches", "1,2"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["split", "tokens", "student", "ppl", "teacher", "ppl", "KL", "top-1"]
-    assert [line.split()[0] for line in out[1:]] == ["validation", "test"]
-    assert int(out[1].split()[1].replace(",", "")) == 2 * 2 * 31  # 2 batches of 2 blocks, 31 targets each
+    assert out[0].split()[:6] == ["model", "params", "tok/s", "b1", "tok/s", "b2"]
+    for column in ("val ppl", "val bpb", "val KL", "test ppl", "test bpb", "ppl x T", "speed x T"):
+        assert column in out[0]
+    assert out[1].startswith("teacher") and out[2].startswith(str(tmp_path / "run" / "final")[:24])
+    assert "(validation 124 tokens" in out[3]  # 2 batches of 2 blocks, 31 targets each
+    assert out[4].startswith("(on ")
 
 
 class _InterruptAt:
