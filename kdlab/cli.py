@@ -212,7 +212,8 @@ def cmd_correct_teacher(args) -> int:
         ppl = r[key]["perplexity"]
         print(f"{who:28}  {ppl['validation']:>8.2f}  {ppl['test']:>8.2f}")
     print(
-        f"({r['eval_tokens']:,} tokens per split; {r['steps']} steps, {r['tokens']:,} tokens in "
+        f"(validation {r['eval_tokens']['validation']:,} tokens, test {r['eval_tokens']['test']:,}; "
+        f"{r['steps']} steps, {r['tokens']:,} tokens in "
         f"{r['train_seconds']:.0f} s "
         f"on {r['device']}); adapter {cfg.correct_out}/adapter ({r['adapter_bytes'] / 1e6:.1f} MB, "
         f"sha256 {r['adapter_sha256'][:16]}...)"

@@ -109,7 +109,11 @@ class KDConfig:
     )
 
     # --- models -----------------------------------------------------------------------------
-    teacher: str = _models("smollm2-135m", "teacher: the built-in smollm2-135m, a local model folder or an HF id")
+    teacher: str = _models(
+        "smollm2-135m-austen",
+        "teacher: built-in smollm2-135m-austen (corrected on Austen by a committed LoRA adapter) or smollm2-135m "
+        "(as released), a local model folder or an HF id",
+    )
     student: str = _models(
         "small",
         "student: a size preset (kdlab.models.STUDENT_PRESETS: tiny, small, medium), a local model folder or an HF id",
@@ -350,7 +354,7 @@ class KDConfig:
         need(bool(self.data.strip()), "data='' is empty; give 'austen', a text file/folder or an HF dataset name")
         need(self.seq_len >= 2, f"seq_len={self.seq_len} must be >= 2 (one token to read, one to predict)")
         need(self.train_blocks >= 0, f"train_blocks={self.train_blocks} must be >= 0 (0 = every training block)")
-        need(bool(self.teacher.strip()), "teacher='' is empty; give 'smollm2-135m', a local folder or an HF id")
+        need(bool(self.teacher.strip()), "teacher='' is empty; give 'smollm2-135m-austen', a local folder or an HF id")
         need(bool(self.student.strip()), "student='' is empty; give a size preset, a local folder or an HF id")
         choice("student_init")
         need(self.student_depth >= 0, f"student_depth={self.student_depth} must be >= 0 (0 = the preset's depth)")

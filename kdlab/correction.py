@@ -91,11 +91,10 @@ def _git_commit() -> str:
 
 
 def _perplexities(model, data, cfg: KDConfig, precision: Precision) -> dict[str, float]:
-    out = {}
+    out: dict[str, float] = {}
     for split in ("validation", "test"):
         m = evaluate(model, None, data[split].eval_batches(cfg.batch_size, cfg.eval_batches), precision)
-        out[split] = round(m["student_ppl"], 4)
-    out["tokens"] = m["tokens"]
+        out[split], out[f"{split}_tokens"] = round(m["student_ppl"], 4), m["tokens"]
     return out
 
 
@@ -270,7 +269,7 @@ def correct_teacher(cfg: KDConfig, progress: bool = True) -> dict[str, Any]:
         "lr": cfg.correct_lr,
         "seed": cfg.seed,
         "train_seconds": round(train_seconds, 1),
-        "eval_tokens": before["perplexity"]["tokens"],
+        "eval_tokens": {k: before["perplexity"][f"{k}_tokens"] for k in ("validation", "test")},
         "before": before,
         "after": after,
         "sample_settings": SAMPLE_SETTINGS,

@@ -116,7 +116,9 @@ def cmd_run(args) -> None:
         row = summarise(out, a, seconds)
         fresh = load()  # the other lane may have added its arm since
         fresh["arms"][name(a)] = row
-        fresh["settings"] = {"extra_flags": args.extra, "threads_per_arm": 1, "jobs": args.jobs}
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        fresh["settings"] = {"extra_flags": args.extra, "threads_per_arm": 1, "jobs": args.jobs,
+                             "commit": commit.stdout.strip()}  # fmt: skip
         save(fresh)
         print(f"{name(a)}: val ppl {row['step0_val_ppl']:.1f} -> {row['val_ppl']:.2f} in {seconds:.0f} s", flush=True)
 

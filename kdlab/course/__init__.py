@@ -42,6 +42,13 @@ CORPUS_VAR = "KDLAB_CORPUS"
 REFERENCE_DIR = Path("notebooks") / "reference"  # under the repository root
 
 
+# The pair every notebook trains, its reference runs and stored outputs were made with: the uncorrected
+# teacher and 4 evenly spaced layers of it. `kdlab train`'s defaults have since moved on (a corrected
+# teacher, a deeper student of its most important layers: docs/pruning.md); the course moves with them
+# when it is rebuilt on that payoff, its reference runs and outputs made again.
+COURSE_PAIR = {"teacher": "smollm2-135m", "student": "small", "student_depth": 0, "student_layers": "even"}
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -85,6 +92,7 @@ class Profile:
             "warmup_steps": max(1, steps // 10),
             "checkpoints": False,
             "overwrite": True,  # running a notebook again replaces its runs
+            **COURSE_PAIR,
         }
         corpus = os.environ.get(CORPUS_VAR, "").strip()
         if corpus:
