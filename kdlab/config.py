@@ -115,8 +115,9 @@ class KDConfig:
         "(as released), a local model folder or an HF id",
     )
     student: str = _models(
-        "small",
-        "student: a size preset (kdlab.models.STUDENT_PRESETS: tiny, small, medium), a local model folder or an HF id",
+        "large",
+        "student: a size preset, the teacher's width at a depth (kdlab.models.STUDENT_PRESETS: small 4 layers, "
+        "medium 8, large 15, xl 22; tiny for tests), a local model folder or an HF id",
     )
     student_init: str = _models(
         "teacher-layers",
@@ -125,10 +126,10 @@ class KDConfig:
         choices=STUDENT_INITS,
     )
     student_depth: int = _models(
-        0, "decoder layers of a preset student (0 = the preset's: small 4, medium 8); at most the teacher's"
+        0, "decoder layers of a preset student (0 = the preset's depth); at most the teacher's"
     )
     student_layers: str = _models(
-        "even",
+        "importance",
         "which teacher layers a teacher-layers student copies: even (evenly spaced, first and last kept), "
         "importance (highest block influence on calibration blocks), drop-one (those whose removal raises the "
         "teacher's loss most), or a list such as 0,5,29 (kdlab.pruning)",

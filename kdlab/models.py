@@ -47,6 +47,12 @@ STUDENT_PRESETS: dict[str, dict[str, int]] = {
     "medium": dict(
         hidden_size=576, num_hidden_layers=8, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
     ),
+    "large": dict(  # the default: half the teacher's layers, chosen by docs/payoff.md's grid
+        hidden_size=576, num_hidden_layers=15, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
+    ),
+    "xl": dict(
+        hidden_size=576, num_hidden_layers=22, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
+    ),
 }
 
 

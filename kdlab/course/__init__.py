@@ -44,7 +44,7 @@ REFERENCE_DIR = Path("notebooks") / "reference"  # under the repository root
 
 # The pair every notebook trains, its reference runs and stored outputs were made with: the uncorrected
 # teacher and 4 evenly spaced layers of it. `kdlab train`'s defaults have since moved on (a corrected
-# teacher, a deeper student of its most important layers: docs/pruning.md); the course moves with them
+# teacher, a deeper student of its most important layers: docs/payoff.md); the course moves with them
 # when it is rebuilt on that payoff, its reference runs and outputs made again.
 COURSE_PAIR = {"teacher": "smollm2-135m", "student": "small", "student_depth": 0, "student_layers": "even"}
 
