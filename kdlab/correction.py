@@ -18,6 +18,7 @@ file, the same way `kdlab prepare` merges it, so the figure describes what is sh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +76,21 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft asks transformers' deprecated `is_gradient_checkpointing`, a FutureWarning on every adapter
+    it builds or loads: nothing a user can act on, and it would break `kdlab prepare`'s one-line errors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def merge_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
     """The base model with the adapter folded into its weights (a plain HF model, no peft layers)."""
     from peft import PeftModel
 
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with _quiet_peft():
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     return merged.eval().requires_grad_(False)
 
 
@@ -193,7 +205,8 @@ def correct_teacher(cfg: KDConfig, progress: bool = True) -> dict[str, Any]:
     )
 
     try:
-        model = get_peft_model(base.requires_grad_(False), lcfg)
+        with _quiet_peft():
+            model = get_peft_model(base.requires_grad_(False), lcfg)
     except ValueError as e:  # e.g. a target module the model does not have
         raise KDLabError(f"correct_targets={cfg.correct_targets!r}: {str(e).splitlines()[0]}") from None
     model.train()
