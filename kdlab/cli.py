@@ -149,10 +149,10 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .components import build_components
-    from .correction import device_name
     from .generation import generate, held_out_prompts
     from .models import build_student
     from .payoff import format_payoff, payoff_rows
+    from .precision import describe_device
 
     speed_batches = _int_list(args.speed_batches, "--speed-batches")
     cfg = _config(args, {"student_init": "random"})  # --student names a trained model folder
@@ -173,9 +173,9 @@ def cmd_eval(args) -> int:
         splits=splits,
     )
     print(format_payoff(rows))
-    print(f"(on {device_name(precision.device)})")
+    print(f"(on {describe_device(precision.device)})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device_name(precision.device), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": describe_device(precision.device), "rows": rows}, indent=1))
     if args.samples:
         prompts = held_out_prompts(cfg.data, cfg.data_dir, n=args.samples)
         settings = {

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import subprocess
 import time
@@ -39,7 +38,7 @@ from .errors import KDLabError
 from .evaluation import evaluate
 from .losses import lm_loss, next_token_labels
 from .models import load_teacher, load_tokenizer
-from .precision import Precision, resolve_precision
+from .precision import Precision, describe_device, resolve_precision
 from .schedule import lr_scheduler
 
 log = logging.getLogger("kdlab")
@@ -59,21 +58,6 @@ def lora_config(cfg: KDConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
-
-
-def device_name(device: torch.device) -> str:
-    """The machine in words: the GPU's name, or the CPU's model and the threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 @contextlib.contextmanager
@@ -272,7 +256,7 @@ def correct_teacher(cfg: KDConfig, progress: bool = True) -> dict[str, Any]:
         "teacher": cfg.teacher,
         "data": cfg.data,
         "commit": _git_commit(),
-        "device": device_name(precision.device),
+        "device": describe_device(precision.device),
         "rank": cfg.correct_rank,
         "alpha": cfg.correct_alpha,
         "targets": cfg.correct_targets,
@@ -307,4 +291,4 @@ def correct_teacher(cfg: KDConfig, progress: bool = True) -> dict[str, Any]:
     return report
 
 
-__all__ = ["correct_teacher", "merge_adapter", "lora_config", "save_adapter", "device_name", "SAMPLE_SETTINGS"]
+__all__ = ["correct_teacher", "merge_adapter", "lora_config", "save_adapter", "SAMPLE_SETTINGS"]

@@ -24,7 +24,6 @@ from collections.abc import Iterable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from .losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
 from .precision import Precision, student_logits, teacher_logits
@@ -44,6 +43,7 @@ class TeacherEvalCache:
         self.bytes = 0
         self.logits: dict[int, torch.Tensor] = {}
         self.teacher_ce: dict[int, float] = {}  # per-token mean CE of the teacher on batch i
+        self.text_nats: dict[int, float] = {}  # the teacher's summed CE over batch i's text tokens (bits per byte)
 
     def get(self, i: int) -> tuple[torch.Tensor, float] | None:
         return (self.logits[i], self.teacher_ce[i]) if i in self.logits else None
@@ -83,6 +83,8 @@ def evaluate(
         "teacher_nats": 0.0,
     }
     tokens, n_bytes = 0, 0
+    if token_bytes is not None:
+        token_bytes = token_bytes.to(precision.device)
     for i, batch in enumerate(batches):
         batch = {k: v.to(precision.device) for k, v in batch.items()}
         targets = next_token_labels(batch["labels"])  # (B, T)
@@ -93,11 +95,12 @@ def evaluate(
         s = student_logits(student, batch, precision)  # (B, T, V)
         # losses return per-token means; times n gives sums that add up across batches exactly
         sums["student_ce"] += float(lm_loss(s, targets, chunk_tokens=chunk_tokens)) * n
-        if token_bytes is not None:  # bits per byte: the targets that stand for text (special tokens have 0 bytes)
-            tb = token_bytes.to(targets.device)[targets.clamp_min(0)] * mask
-            counted = tb > 0
+        if token_bytes is not None:  # bits per byte over the targets that stand for text
+            tb = token_bytes[targets.clamp_min(0)] * mask
+            text_targets = targets.masked_fill(tb == 0, IGNORE_INDEX)  # special tokens have 0 bytes: out of both sums
+            n_text = int((tb > 0).sum())
             n_bytes += int(tb.sum())
-            sums["student_nats"] += float(_token_nats(s, targets)[counted].sum())
+            sums["student_nats"] += float(lm_loss(s, text_targets, chunk_tokens=chunk_tokens)) * n_text
         if teacher is not None:
             cached = teacher_cache.get(i) if teacher_cache is not None else None
             if cached is None:
@@ -108,8 +111,12 @@ def evaluate(
             else:
                 t, t_ce = cached
             sums["teacher_ce"] += t_ce * n
-            if token_bytes is not None:
-                sums["teacher_nats"] += float(_token_nats(t, targets)[counted].sum())
+            if token_bytes is not None:  # the teacher's, like its logits, computed once per cached batch
+                known = teacher_cache.text_nats.get(i) if teacher_cache is not None else None
+                t_text = float(lm_loss(t, text_targets, chunk_tokens=chunk_tokens)) * n_text if known is None else known
+                if teacher_cache is not None and i in teacher_cache.logits:
+                    teacher_cache.text_nats[i] = t_text
+                sums["teacher_nats"] += t_text
             s, t = match_logits(s, t)
             sums["kl"] += float(kd_loss(s, t, mask, temperature=1.0, chunk_tokens=chunk_tokens)) * n
             sums["top1_agree"] += float(((s.argmax(-1) == t.argmax(-1)) & mask).sum())
@@ -130,13 +137,6 @@ def evaluate(
         if token_bytes is not None:
             out["teacher_bpb"] = sums["teacher_nats"] / (math.log(2) * n_bytes) if n_bytes else float("nan")
     return out
-
-
-def _token_nats(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, T) -log p(target) in fp32 (0 where the target is IGNORE_INDEX)."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    nats = F.cross_entropy(flat, targets.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX)
-    return nats.view(targets.shape)
 
 
 def format_summary(history: list[dict]) -> str:

@@ -16,7 +16,9 @@ because training ran under autocast and evaluation did not. Here both call `teac
 from __future__ import annotations
 
 import contextlib
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -133,4 +135,30 @@ def student_logits(student: torch.nn.Module, batch: dict[str, torch.Tensor], pre
     return student_outputs(student, batch, precision).logits
 
 
-__all__ = ["Precision", "resolve_precision", "teacher_logits", "student_logits", "teacher_outputs", "student_outputs"]
+def cpu_names() -> list[str]:
+    """The "model name" of every logical CPU in /proc/cpuinfo (empty where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+    return [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+
+
+def describe_device(device: torch.device) -> str:
+    """The device in words, for recorded timings: the GPU's name, or the CPU's model and torch's threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    names = cpu_names()
+    return f"{names[0] if names else platform.machine()}, {torch.get_num_threads()} threads"
+
+
+__all__ = [
+    "cpu_names",
+    "describe_device",
+    "Precision",
+    "resolve_precision",
+    "teacher_logits",
+    "student_logits",
+    "teacher_outputs",
+    "student_outputs",
+]

@@ -25,6 +25,7 @@ import torch
 from .config import KDConfig, save_config
 from .distributed import DistInfo, barrier
 from .errors import KDLabError
+from .models import count_parameters
 
 
 def open_run_folder(
@@ -67,7 +68,7 @@ def save_student_record(out_dir: str | Path, student: torch.nn.Module, dist: Dis
         return
     c = student.config
     record = {
-        "parameters": sum(p.numel() for p in student.parameters()),
+        "parameters": count_parameters(student),
         "layers": c.num_hidden_layers,
         "teacher_layers": getattr(c, "kdlab_teacher_layers", None),
         "layer_choice": getattr(c, "kdlab_layer_choice", None),

@@ -173,12 +173,12 @@ def cmd_speed(args) -> None:
     import torch
 
     kdlab, cfg, precision, tokenizer, teacher, data = _components()
-    from kdlab.correction import device_name
     from kdlab.payoff import generation_speed
+    from kdlab.precision import describe_device
 
     torch.set_num_threads(args.threads)
     prompts = data["validation"].input_ids[:8, :32]
-    out = {"device": device_name(precision.device), "new_tokens": 64, "prompt_tokens": 32, "models": {}}
+    out = {"device": describe_device(precision.device), "new_tokens": 64, "prompt_tokens": 32, "models": {}}
     models = {"teacher": teacher}
     for depth in DEPTHS:
         models[f"d{depth}"] = kdlab.build_student("small", teacher, "teacher-layers", cfg.data_dir, precision,

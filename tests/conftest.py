@@ -83,3 +83,27 @@ def tiny_overrides(tiny_teacher, austen_ready, tmp_path) -> dict:
         "out_dir": str(tmp_path / "run"),
         "device": "cpu",
     }
+
+
+@pytest.fixture
+def add_preset():
+    """`add_preset(name, layers)`: a student preset of the tiny teachers' width (64, 4 heads, 2 KV heads,
+    MLP 128) with `layers` layers, registered for one test and removed after it."""
+    from kdlab.models import STUDENT_PRESETS
+
+    added = []
+
+    def add(name: str, layers: int) -> str:
+        STUDENT_PRESETS[name] = dict(
+            hidden_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+        )
+        added.append(name)
+        return name
+
+    yield add
+    for name in added:
+        STUDENT_PRESETS.pop(name, None)

@@ -45,17 +45,11 @@ def test_layer_map_spreads_evenly_and_keeps_first_and_last():
     assert even_layers(30, 30) == list(range(30))
 
 
-def test_teacher_layer_init_copies_weights(tiny_teacher):
+def test_teacher_layer_init_copies_weights(tiny_teacher, add_preset):
     p = kdlab.resolve_precision("cpu")
     teacher = kdlab.load_teacher(str(tiny_teacher), "data", p)
     # a 1-layer student of the tiny teacher's width takes its last layer
-    kdlab.STUDENT_PRESETS["_test_1layer"] = dict(
-        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
-    )
-    try:
-        student = kdlab.build_student("_test_1layer", teacher, "teacher-layers", "data", p)
-    finally:
-        del kdlab.STUDENT_PRESETS["_test_1layer"]
+    student = kdlab.build_student(add_preset("_test_1layer", 1), teacher, "teacher-layers", "data", p)
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     for (name, s), (_, t) in zip(
         student.model.layers[0].state_dict().items(), teacher.model.layers[1].state_dict().items()

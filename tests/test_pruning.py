@@ -106,18 +106,12 @@ def test_layer_lists_parse_or_fail_in_one_line():
 
 
 @pytest.mark.parametrize("choice", ["importance", "drop-one", "0,3,5"])
-def test_a_pruned_student_before_training_is_exactly_the_teacher_with_those_layers(choice):
+def test_a_pruned_student_before_training_is_exactly_the_teacher_with_those_layers(choice, add_preset):
     teacher = _toy(seed=3)
     p = kdlab.resolve_precision("cpu")
-    kdlab.STUDENT_PRESETS["_toy3"] = dict(
-        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
-    )
-    try:
-        student = kdlab.build_student(
-            "_toy3", teacher, "teacher-layers", "data", p, layers=choice, calibration=_batches()
-        ).eval()
-    finally:
-        del kdlab.STUDENT_PRESETS["_toy3"]
+    preset = add_preset("_toy3", 3)
+    student = kdlab.build_student(preset, teacher, "teacher-layers", "data", p, layers=choice, calibration=_batches())
+    student.eval()
     kept = student.config.kdlab_teacher_layers
     assert len(kept) == 3 and kept == sorted(kept) and 2 not in kept
     if choice == "0,3,5":
@@ -135,20 +129,15 @@ def test_a_pruned_student_before_training_is_exactly_the_teacher_with_those_laye
         )
 
 
-def test_depth_overrides_the_preset_and_is_checked_against_the_teacher(tiny_teacher):
+def test_depth_overrides_the_preset_and_is_checked_against_the_teacher(tiny_teacher, add_preset):
     p = kdlab.resolve_precision("cpu")
     teacher = kdlab.load_teacher(str(tiny_teacher), "data", p)
-    kdlab.STUDENT_PRESETS["_w64"] = dict(
-        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
-    )
-    try:
-        assert kdlab.build_student("_w64", teacher, "teacher-layers", "data", p, depth=2).config.num_hidden_layers == 2
-        with pytest.raises(kdlab.KDLabError, match="student_depth=3 is deeper than the teacher \\(2 layers\\)"):
-            kdlab.build_student("_w64", teacher, "teacher-layers", "data", p, depth=3)
-        with pytest.raises(kdlab.KDLabError, match="names layer 7; the teacher has 0 to 1"):
-            kdlab.build_student("_w64", teacher, "teacher-layers", "data", p, layers="0,7")
-    finally:
-        del kdlab.STUDENT_PRESETS["_w64"]
+    preset = add_preset("_w64", 1)
+    assert kdlab.build_student(preset, teacher, "teacher-layers", "data", p, depth=2).config.num_hidden_layers == 2
+    with pytest.raises(kdlab.KDLabError, match="student_depth=3 is deeper than the teacher \\(2 layers\\)"):
+        kdlab.build_student(preset, teacher, "teacher-layers", "data", p, depth=3)
+    with pytest.raises(kdlab.KDLabError, match="names layer 7; the teacher has 0 to 1"):
+        kdlab.build_student(preset, teacher, "teacher-layers", "data", p, layers="0,7")
 
 
 def test_a_run_records_and_prints_the_kept_layers(tiny_overrides, caplog):

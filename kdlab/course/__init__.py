@@ -215,14 +215,9 @@ def describe_machine() -> str:
 
     import torch
 
-    try:
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-    except OSError:
-        names = []
+    from ..precision import cpu_names
+
+    names = cpu_names()
     cpu = f"{len(names)}-core {names[0]}" if names else platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
