@@ -5,6 +5,14 @@ their records and text samples written to notebooks/reference/<arm>/ (committed;
     python scripts/reference_runs.py --arms default lm-only --force
     python scripts/reference_runs.py --jobs 2 --force # every arm again, two one-thread processes: 58.6 min (2-core CPU)
     python scripts/reference_runs.py --steps 1500 --batch-size 16 --seq-len 256   # the gpu profile's sizes
+    python scripts/reference_runs.py --size ci --jobs 2 --arms default default-seed1 default-seed2
+
+An arm named `<arm>-seed<N>` is that arm with run seed N (another data order and, for the student's
+new parts, another initialisation): the seed-to-seed spread every verdict is judged against comes from
+three seeds of each arm it compares, at the same size and step. `--size cpu` (the default) writes the
+reference runs at the `cpu` profile's sizes to notebooks/reference/<arm>/; `--size ci` writes runs of
+exactly a notebook's live `ci` run to notebooks/reference/ci/<arm>/ (records only, no samples): the noise a
+`ci` run is judged against, measured once and committed.
 
 Each arm folder holds `metrics.jsonl` (the run's records), `samples.json` (greedy and sampled
 continuations of held-out prompts by the final student, with distinct-2 and the teacher's per-token
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -44,7 +53,6 @@ ARMS: dict[str, tuple[dict, str]] = {
         dict(early_stopping=False),
         "00 quickstart, 02 dtype (policy run), 07 capstone (T=1 baseline), 08 on-policy (off-policy, lambda 0)",
     ),
-    "default-seed1": (dict(early_stopping=False, seed=1), "07 capstone (the seed-to-seed noise)"),
     "lm-only": (dict(early_stopping=False, alpha_kd=0.0), "00 quickstart (LM-only text), 07 capstone"),
     "temperature-2": (dict(early_stopping=False, temperature=2.0), "07 capstone"),
     "temperature-3": (dict(early_stopping=False, temperature=3.0), "07 capstone"),
@@ -72,8 +80,22 @@ ARMS: dict[str, tuple[dict, str]] = {
     "on-policy-mixed": (dict(early_stopping=False, on_policy=0.5), "08 on-policy (mixed, lambda 0.5)"),
     "on-policy": (dict(early_stopping=False, on_policy=1.0), "08 on-policy (on-policy, lambda 1)"),
 }
-OUT = ROOT / kdlab.course.REFERENCE_DIR
-TIMING = OUT / "_timing.json"  # the wall time of the last --jobs run: every arm, side by side
+SEEDED = re.compile(r"(.+)-seed(\d+)$")
+
+
+def arm_settings(arm: str) -> tuple[dict, str]:
+    """ARMS[arm], or for `<arm>-seed<N>` that arm's settings with seed N."""
+    if arm in ARMS:
+        return ARMS[arm]
+    m = SEEDED.match(arm)
+    if not m or m.group(1) not in ARMS:
+        raise KeyError(arm)
+    settings, used_by = ARMS[m.group(1)]
+    return {**settings, "seed": int(m.group(2))}, f"{used_by} (seed {m.group(2)}: the seed-to-seed spread)"
+
+
+ROOT_OUT = ROOT / kdlab.course.REFERENCE_DIR
+OUT = ROOT_OUT  # --size ci: ROOT_OUT / "ci"
 N_PROMPTS, NEW_TOKENS = 4, 32
 
 
@@ -126,7 +148,7 @@ def run_jobs(args) -> int:
         load[i] += cost(arm)
     sizes = [f"--steps={args.steps}", f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}"]
     sizes += [f"--eval-every={args.eval_every}", f"--eval-batches={args.eval_batches}"]
-    sizes += [f"--threads={args.threads or 1}"] + (["--force"] if args.force else [])
+    sizes += [f"--threads={args.threads or 1}", f"--size={args.size}"] + (["--force"] if args.force else [])
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen([sys.executable, __file__, *sizes, *([] if i == 0 else ["--no-before"]), "--arms", *lane])
@@ -147,20 +169,28 @@ def run_jobs(args) -> int:
         "arms_s": {a: m["seconds"] for a, m in metas.items()},
         "exit_codes": rcs,
     }
-    TIMING.write_text(json.dumps(timing, indent=1) + "\n")
-    print(f"{len(args.arms)} arms in {len(procs)} processes: {wall / 60:.1f} min wall; {TIMING}", flush=True)
+    timing_file = OUT / "_timing.json"  # the wall time of the last --jobs run: every arm, side by side
+    timing_file.write_text(json.dumps(timing, indent=1) + "\n")
+    print(f"{len(args.arms)} arms in {len(procs)} processes: {wall / 60:.1f} min wall; {timing_file}", flush=True)
     return max(rcs)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arms", nargs="*", default=list(ARMS), help=f"arms to run (default all: {', '.join(ARMS)})")
-    cpu = kdlab.course.PROFILES["cpu"]  # the reference runs are at the cpu profile's sizes (one place for them)
-    ap.add_argument("--steps", type=int, default=cpu.steps, help="optimizer steps per arm")
-    ap.add_argument("--batch-size", type=int, default=cpu.batch_size)
-    ap.add_argument("--seq-len", type=int, default=cpu.seq_len)
-    ap.add_argument("--eval-every", type=int, default=cpu.eval_every)
-    ap.add_argument("--eval-batches", type=int, default=cpu.eval_batches)
+    ap.add_argument(
+        "--arms", nargs="*", default=list(ARMS), help=f"arms, each optionally -seedN (default: {', '.join(ARMS)})"
+    )
+    ap.add_argument(
+        "--size",
+        choices=("cpu", "ci"),
+        default="cpu",
+        help="the profile whose sizes the arms take: cpu = the reference runs, ci = a notebook's live run (noise)",
+    )
+    ap.add_argument("--steps", type=int, help="optimizer steps per arm (default: the profile's)")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--eval-every", type=int)
+    ap.add_argument("--eval-batches", type=int)
     ap.add_argument("--force", action="store_true", help="rerun arms already written")
     ap.add_argument(
         "--threads",
@@ -171,9 +201,17 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="processes to split the arms over (see above)")
     ap.add_argument("--no-before", action="store_true", help=argparse.SUPPRESS)  # a --jobs lane other than the first
     args = ap.parse_args()
-    bad = [a for a in args.arms if a not in ARMS]
-    if bad:
-        sys.exit(f"unknown arm {bad[0]!r}; choose from {', '.join(ARMS)}")
+    size = kdlab.course.PROFILES[args.size]  # one place for each size: the course's profiles
+    for field in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+        if getattr(args, field) is None:
+            setattr(args, field, getattr(size, field))
+    for arm in args.arms:
+        try:
+            arm_settings(arm)
+        except KeyError:
+            sys.exit(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}, each optionally with -seed<N>")
+    global OUT
+    OUT = ROOT_OUT / "ci" if args.size == "ci" else ROOT_OUT
     if args.jobs > 1:
         sys.exit(run_jobs(args))
     if args.threads:
@@ -187,26 +225,29 @@ def main() -> None:
         seq_len=args.seq_len,
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,
-        log_every=5,
+        log_every=5 if args.size == "cpu" else max(1, args.steps // 20),  # as Profile.config logs
         warmup_steps=max(1, args.steps // 10),
     )
+    samples_wanted = args.size == "cpu"  # ci runs are the noise yardstick: records only
     prompts = None
     for arm in args.arms:
-        settings, used_by = ARMS[arm]
+        settings, used_by = arm_settings(arm)
         overrides = {**sizes, **settings}
         folder = OUT / arm
         meta_file = folder / "meta.json"
+        cfg = P.config(f"reference/{arm}" if args.size == "cpu" else f"reference/ci/{arm}", **overrides)
+        settled = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "data_dir")}
         if meta_file.is_file() and not args.force:
             old = json.loads(meta_file.read_text())
-            if old.get("overrides") == overrides:
+            if old.get("config") == settled:  # the same pair, settings and sizes
                 print(f"{arm}: already written ({old['commit']}); --force to rerun", flush=True)
                 continue
-        cfg = P.config(f"reference/{arm}", **overrides)
         trainer = kdlab.Trainer.from_config(cfg)
         first = prompts is None
         if first:
             prompts = held_out_prompts(cfg.data, cfg.data_dir, N_PROMPTS)
-        if first and not args.no_before and (args.force or not (OUT / "_before" / "samples.json").is_file()):
+        before_missing = args.force or not (OUT / "_before" / "samples.json").is_file()
+        if first and samples_wanted and not args.no_before and before_missing:
             before = {
                 "prompts": prompts,
                 "teacher": samples_of(trainer.teacher, trainer, prompts),
@@ -216,7 +257,7 @@ def main() -> None:
         t0 = time.perf_counter()
         state = trainer.fit()
         seconds = time.perf_counter() - t0
-        samples = {"prompts": prompts, **samples_of(trainer.student, trainer, prompts)}
+        samples = {"prompts": prompts, **samples_of(trainer.student, trainer, prompts)} if samples_wanted else {}
         meta = {
             "arm": arm,
             "used_by": used_by,
@@ -232,25 +273,22 @@ def main() -> None:
             "stop_reason": state.stop_reason,
             "skipped_steps": state.skipped_steps,
             "overrides": overrides,
-            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "data_dir")},
+            "config": settled,
         }
         records = (Path(cfg.out_dir) / "metrics.jsonl").read_text()
-        write(
-            folder,
-            {
-                "metrics.jsonl": records,
-                "samples.json": json.dumps(samples, indent=1) + "\n",
-                "meta.json": json.dumps(meta, indent=1) + "\n",
-            },
-        )
+        files = {"metrics.jsonl": records, "meta.json": json.dumps(meta, indent=1) + "\n"}
+        if samples:
+            files["samples.json"] = json.dumps(samples, indent=1) + "\n"
+        write(folder, files)
         val = state.evals("validation")[-1]
         print(
-            f"{arm}: {state.step} steps in {seconds:.0f} s; val KL {val['kl']:.4f}, ppl {val['student_ppl']:.1f}; "
-            f"distinct-2 {samples['distinct_2']:.3f}, teacher NLL {samples['teacher_nll']:.3f}"
+            f"{arm}: {state.step} steps in {seconds:.0f} s; val KL {val['kl']:.4f}, ppl {val['student_ppl']:.1f}"
+            + (f"; distinct-2 {samples['distinct_2']:.3f}, teacher NLL {samples['teacher_nll']:.3f}" if samples else "")
             + (f"; {state.stop_reason}" if state.stop_reason else ""),
             flush=True,
         )
-        if arm != "default":  # the weights stay out of the repository; the default student stays in runs/ (ignored)
+        # the weights stay out of the repository; the default student stays in runs/ (ignored)
+        if arm != "default" or args.size != "cpu":
             shutil.rmtree(cfg.out_dir, ignore_errors=True)  # for `on_policy_compare.py --student` (GKD's start)
 
 
