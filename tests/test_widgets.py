@@ -209,6 +209,29 @@ def test_live_plot_leaves_the_final_figure_as_a_png_not_a_widget(monkeypatch):
     assert len(handle.updates) == 2 and handle.updates[1][0]["image/png"] != data["image/png"]
 
 
+def test_a_full_live_frame_fits_two_rows_and_1400_px():
+    """Every panel at once (changing weights, on-policy shares, a 15-layer router): two rows at most,
+    no wider than JupyterLab shows without shrinking, every axis labelled."""
+    lp = LivePlot(widgets=False)
+    trainer = FakeTrainer()
+    lp.on_train_begin(trainer)
+    layers = [{"utilisation": [0.4, 0.3, 0.2, 0.1], "entropy": 1.28} for _ in range(15)]
+    for step in range(1, 9):
+        r = {**record(step), "router": layers, "on_policy_share": 0.5, "generate_share": 0.3}
+        lp.on_log(trainer, r)
+        if step % 4 == 0:
+            lp.on_eval(trainer, val(step, 2.0 / step))
+    lp.on_train_end(trainer)
+    fig = lp.figure
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 6  # terms, weights, perplexity, KL, on-policy, router
+    assert len({round(ax.get_position().y0, 3) for ax in panels}) == 2
+    from kdlab.course.widgets import png_bundle
+
+    assert fig.get_figwidth() <= plots.MAX_WIDTH_IN and png_width(png_bundle(fig)["data"]["image/png"]) <= 1400
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in panels)
+
+
 def test_temperature_stats_are_the_soft_targets_numbers():
     V = 1000
     uniform = temperature_stats(torch.zeros(V), 1.0, k=10)
@@ -258,7 +281,12 @@ def test_temperature_explorer_redraws_on_the_slider():
 
 def test_plots_from_files_compare_runs(tiny_overrides, tmp_path):
     over = {**tiny_overrides, "w_feature": 0.5, "curriculum": "constant", "log_every": 1}
-    kdlab.train(kdlab.load_config(overrides={**over, "out_dir": str(tmp_path / "a")}))
+    lp = LivePlot(widgets=False)
+    kdlab.train(kdlab.load_config(overrides={**over, "out_dir": str(tmp_path / "a")}), callbacks=[lp])
+    # the live plot knows from the trainer's curriculum that the weights never change: no weights panel
+    live_titles = [ax.get_title() for ax in lp.figure.axes if ax.get_label() != "<colorbar>"]
+    assert live_titles[:3] == ["loss terms (raw)", "validation perplexity", "validation KL(teacher‖student)"]
+    assert "curriculum weights" not in live_titles
     kdlab.train(kdlab.load_config(overrides={**over, "alpha_kd": 0.0, "out_dir": str(tmp_path / "b")}))
     records = plots.load_metrics(tmp_path / "a")
     fig = plots.plot_run(records)
@@ -268,8 +296,22 @@ def test_plots_from_files_compare_runs(tiny_overrides, tmp_path):
     both = plots.plot_runs({"KD": tmp_path / "a", "LM only": tmp_path / "b"})
     labels = {line.get_label() for line in both.axes[0].lines}
     assert {"KD: kd", "KD: total", "LM only: lm", "LM only: total"} <= labels and "LM only: kd" not in labels
+    # constant weights: no weights panel; every panel has its axes labelled and a legend for what it draws
+    assert [ax.get_title() for ax in fig.axes] == [
+        "loss terms (raw)",
+        "validation perplexity",
+        "validation KL(teacher‖student)",
+    ]
+    assert all(ax.get_xlabel() and ax.get_ylabel() and ax.get_legend() for ax in fig.axes)
+    teacher_ppl = [r["teacher_ppl"] for r in records if r["kind"] == "eval" and r["split"] == "validation"][-1]
+    assert "teacher" in [line.get_label() for line in fig.axes[1].lines]
+    assert [line.get_ydata()[0] for line in fig.axes[1].lines if line.get_label() == "teacher"] == [teacher_ppl]
     router = plots.plot_router(records)
-    assert len(router.axes) == 2  # the tiny student's two layers
+    (image,) = router.axes[0].images
+    last = [r for r in records if r.get("router")][-1]["router"]
+    assert image.get_array().shape == (2, len(last[0]["utilisation"]))  # the tiny student's two layers x experts
+    assert image.get_array().tolist() == [layer["utilisation"] for layer in last]
+    assert len(router.axes[1].lines) == 2 + 1  # each layer's entropy, and log E
     with pytest.raises(kdlab.KDLabError, match="no metrics file"):
         plots.load_metrics(tmp_path / "nowhere")
 

@@ -3,7 +3,8 @@
     records = load_metrics("runs/default")                 # a run folder or its metrics.jsonl
     fig = plot_run(records)                                # terms, curriculum weights, validation
     fig = plot_runs({"seed form": "runs/seed", "kdlab": "runs/default"})   # side by side
-    fig = plot_router(records)                             # expert utilisation per student layer
+    fig = plot_router(records)                             # expert shares per student layer, entropy
+    fig = plot_differences(Arm.reference("default"), {"LM only": Arm.reference("lm-only")})   # seed bands
 
 Figures are `matplotlib.figure.Figure` objects made without pyplot, so they never pop up or
 display themselves twice; `display(fig)` shows one in a notebook and `fig.savefig(path)` writes it.
@@ -38,7 +39,6 @@ class _Colors(dict):
 
 
 COLORS = _Colors()
-VAL_METRICS = {"kl": "val KL(teacher‖student)", "student_ce": "val CE (student)"}
 
 
 def load_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -112,6 +112,7 @@ def draw_terms(
             )
     ax.set_title(f"loss terms ({show})" + ("" if show == "raw" else ", summing to the total"))
     ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats per token")
     if any(v > 0 for line in lines.values() for v in line.get_ydata()):
         ax.set_yscale("log")
     return lines
@@ -132,48 +133,100 @@ def draw_weights(ax, records, terms=None) -> dict:
             )
     ax.set_title("curriculum weights")
     ax.set_xlabel("optimizer step")
+    ax.set_ylabel("weight")
     return lines
 
 
-def draw_validation(ax, records, early_stopping: dict | None = None) -> dict:
-    """Validation KL and CE over the run; the early-stopping best, if given, as a star."""
+def _val(records, key: str) -> list[tuple[int, float]]:
+    return [
+        (r["step"], r[key])
+        for r in records
+        if r.get("kind") == "eval" and r.get("split") == "validation" and key in r and "restored_from" not in r
+    ]
+
+
+def draw_perplexity(ax, records, early_stopping: dict | None = None, label: str = "student") -> dict:
+    """Validation perplexity of the student (log scale) and the teacher's, the floor it aims at."""
     lines = {}
-    val = [r for r in records if r.get("kind") == "eval" and r.get("split") == "validation"]
-    for i, (key, label) in enumerate(VAL_METRICS.items()):
-        pts = [(r["step"], r[key]) for r in val if key in r]
-        if pts:
-            axis = ax if i == 0 else ax.twinx()
-            (lines[key],) = axis.plot(
-                *zip(*pts, strict=True), "o-" if i == 0 else "s--", ms=3, color="C0" if i == 0 else "C7", label=label
-            )
-            axis.set_ylabel(label, color="C0" if i == 0 else "C7")
-    if early_stopping and early_stopping.get("best_step") is not None:
-        ax.plot(
-            [early_stopping["best_step"]],
-            [early_stopping["best"]],
-            "*",
-            ms=12,
-            color="gold",
-            mec="k",
-            label="best (restored at the end)",
-        )
-    ax.set_title("validation")
+    pts = _val(records, "student_ppl")
+    if pts:
+        (lines["student_ppl"],) = ax.plot(*zip(*pts, strict=True), "o-", ms=3, color="C0", label=label)
+    teacher = _val(records, "teacher_ppl")
+    if teacher:
+        lines["teacher_ppl"] = ax.axhline(teacher[-1][1], color="k", ls="--", lw=1.0, label="teacher")
+    if early_stopping and early_stopping.get("best_step") is not None and early_stopping.get("monitor") == "val_ce":
+        _star(ax, records, early_stopping, "student_ppl")
+    ax.set_yscale("log")
+    ax.set_title("validation perplexity")
     ax.set_xlabel("optimizer step")
+    ax.set_ylabel("perplexity (log scale)")
     return lines
+
+
+def draw_kl(ax, records, early_stopping: dict | None = None, label: str = "student") -> dict:
+    """Validation KL(teacher || student) at T = 1 over the full vocabulary; the early-stopping best
+    (when it monitors KL) as a star."""
+    lines = {}
+    pts = _val(records, "kl")
+    if pts:
+        (lines["kl"],) = ax.plot(*zip(*pts, strict=True), "o-", ms=3, color="C1", label=label)
+    es = early_stopping or {}
+    if es.get("best_step") is not None and es.get("monitor", "val_kl") == "val_kl":
+        _star(ax, records, es, "kl")
+    ax.set_title("validation KL(teacher‖student)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats per token")
+    return lines
+
+
+def _star(ax, records, es: dict, key: str) -> None:
+    best = dict(_val(records, key)).get(es["best_step"])
+    if best is not None:
+        ax.plot([es["best_step"]], [best], "*", ms=12, color="gold", mec="k", label="best (restored at the end)")
+
+
+def draw_validation(ax_ppl, ax_kl, records, early_stopping: dict | None = None) -> dict:
+    """The two validation panels: perplexity (with the teacher's) and KL."""
+    lines = draw_perplexity(ax_ppl, records, early_stopping)
+    lines |= draw_kl(ax_kl, records, early_stopping)
+    for ax in (ax_ppl, ax_kl):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return lines
+
+
+MAX_WIDTH_IN = 14.0  # at 100 dpi: 1,400 px, what JupyterLab shows without shrinking (course-review.md)
 
 
 def new_figure(
-    panels: int, width: float = 4.2, height: float = 3.2, fast: bool = False, dpi: int = 100
+    panels: int, width: float = 4.2, height: float = 3.2, fast: bool = False, dpi: int = 100, cols: int | None = None
 ) -> tuple[Figure, list]:
-    """`fast`: fixed margins instead of constrained layout, which costs half of a redraw (live plots).
-    `dpi`: what a notebook renders the figure at (the PNG stored in its output)."""
-    fig = Figure(figsize=(width * panels, height), layout=None if fast else "constrained", dpi=dpi)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    """`panels` axes on at most two rows and at most MAX_WIDTH_IN inches (panels narrowed to fit).
+    `cols`: panels per row (default: all on one row up to 4, else two rows). `fast`: fixed margins
+    instead of constrained layout, which costs half of a redraw (live plots). `dpi`: what a notebook
+    renders the figure at (the PNG stored in its output)."""
+    if cols is None:
+        cols = panels if panels <= 4 else -(-panels // 2)
+    cols = max(1, min(cols, panels))
+    rows = -(-panels // cols)
+    if rows > 2:
+        raise ValueError(f"{panels} panels in {cols} columns need {rows} rows; at most 2 are readable")
+    width = min(width, MAX_WIDTH_IN / cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout=None if fast else "constrained", dpi=dpi)
+    grid = fig.subplots(rows, cols, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[panels:]:
+        ax.remove()
     if fast:
         fig.subplots_adjust(
-            left=0.6 / (width * panels), right=1 - 0.5 / (width * panels), bottom=0.16, top=0.88, wspace=0.45
+            left=0.7 / (width * cols),
+            right=1 - 0.2 / (width * cols),
+            bottom=0.5 / (height * rows),
+            top=1 - 0.35 / (height * rows),
+            wspace=0.5,
+            hspace=0.55,
         )
-    return fig, list(axes)
+    return fig, axes[:panels]
 
 
 def _records(run) -> list[dict[str, Any]]:
@@ -203,22 +256,16 @@ def draw_on_policy(ax, records) -> dict:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("on-policy: share per log interval")
     ax.set_xlabel("optimizer step")
+    ax.set_ylabel("share")
     if lines:
         ax.legend(fontsize=6)
     return lines
 
 
-def _weights_vary(records) -> bool:
+def weights_vary(records) -> bool:
+    """Whether the curriculum weights change during the run (else no weights panel: it would be flat)."""
     seen = {tuple(sorted(r["weights"].items())) for r in records if r.get("kind") == "train" and "weights" in r}
     return len(seen) > 1
-
-
-def _val_kl(records) -> list[tuple[int, float]]:
-    return [
-        (r["step"], r["kl"])
-        for r in records
-        if r.get("kind") == "eval" and r.get("split") == "validation" and "restored_from" not in r
-    ]
 
 
 def plot_run(
@@ -229,48 +276,53 @@ def plot_run(
     reference=None,
     reference_label: str = "reference",
 ) -> Figure:
-    """The loss terms and total, the curriculum weights (a panel only when they change), validation KL
-    and CE. `reference` (records, a run folder or a kdlab.course.Reference): a longer run of the same
-    arm, drawn thin and grey under this one (terms and validation KL)."""
+    """The loss terms and total, the curriculum weights (a panel only when they change), validation
+    perplexity (with the teacher's) and KL, and an on-policy run's shares. `reference` (records, a run
+    folder or a kdlab.course.Reference): a longer run of the same arm, drawn thin and grey under this one."""
     records = _records(records)
     ref = _records(reference) if reference is not None else None
     label = getattr(reference, "label", reference_label)
-    vary = _weights_vary(records) or (ref is not None and _weights_vary(ref))
+    vary = weights_vary(records) or (ref is not None and weights_vary(ref))
     on_policy = on_policy_run(records)
-    fig, axes = new_figure(2 + vary + on_policy)
-    a, c = axes[0], axes[1 + vary]
-    if on_policy:
-        draw_on_policy(axes[-1], records)
+    fig, axes = new_figure(3 + vary + on_policy)
+    a, p, k = axes[0], axes[1 + vary], axes[2 + vary]
     if ref is not None:
         draw_terms(a, ref, show, terms, style="-", alpha=0.35, lw=0.8, label=False)
-    if draw_terms(a, records, show, terms):
-        a.legend(fontsize=7, ncol=2)
+        a.plot([], [], "-", color="0.55", lw=0.8, label=label)  # one legend entry for all reference terms
+    draw_terms(a, records, show, terms)
+    a.legend(fontsize=7, ncol=2)
     if vary and draw_weights(axes[1], records, terms):
         axes[1].legend(fontsize=7)
-    draw_validation(c, records, early_stopping)
-    if ref is not None and _val_kl(ref):
-        c.plot(*zip(*_val_kl(ref), strict=True), "-", color="0.55", lw=1.0, label=f"{label}: val KL")
-        c.legend(fontsize=7)
-        a.plot([], [], "-", color="0.55", lw=0.8, label=label)  # one legend entry for all reference terms
-        a.legend(fontsize=7, ncol=2)
+    draw_perplexity(p, records, early_stopping, label="this run")
+    draw_kl(k, records, early_stopping, label="this run")
+    if ref is not None:
+        for ax, key in ((p, "student_ppl"), (k, "kl")):
+            if _val(ref, key):
+                ax.plot(*zip(*_val(ref, key), strict=True), "-", color="0.55", lw=1.0, label=label)
+    for ax in (p, k):
+        ax.legend(fontsize=7)
+    if on_policy:
+        draw_on_policy(axes[-1], records)
     return fig
 
 
 def plot_runs(runs: dict[str, Any], show: str = "raw", terms=None, reference: dict[str, Any] | None = None) -> Figure:
     """Several runs on shared axes, one line style per run and one colour per term (a legend entry
-    for each, not for each pair): the loss terms and validation KL. `reference`: {name: the longer
-    run of that arm}, drawn on a third panel with the same styles."""
+    for each, not for each pair): the loss terms, validation perplexity and KL. `reference`: {name: the
+    longer run of that arm}, its validation perplexity on a fourth panel with the same styles."""
     from matplotlib.lines import Line2D
 
     styles = ["-", "--", ":", "-."]
-    fig, axes = new_figure(3 if reference else 2, width=4.6)
-    a, b = axes[0], axes[1]
+    fig, axes = new_figure(4 if reference else 3, width=3.5)
+    a, p, k = axes[0], axes[1], axes[2]
     shown: set[str] = set()
     for i, (name, rec) in enumerate(runs.items()):
         rec = _records(rec)
-        shown |= set(draw_terms(a, rec, show, terms, label_prefix=f"{name}: ", style=styles[i % len(styles)]))
-        if _val_kl(rec):
-            b.plot(*zip(*_val_kl(rec), strict=True), styles[i % len(styles)], marker="o", ms=3, label=name)
+        style = styles[i % len(styles)]
+        shown |= set(draw_terms(a, rec, show, terms, label_prefix=f"{name}: ", style=style))
+        for ax, key in ((p, "student_ppl"), (k, "kl")):
+            if _val(rec, key):
+                ax.plot(*zip(*_val(rec, key), strict=True), style, color=f"C{i}", marker="o", ms=3, label=name)
     order = [*term_order(), *(GENERATED + t for t in term_order()), "total"]
     handles = [
         Line2D([], [], color=COLORS.get(t), marker="x" if t.startswith(GENERATED) else None, label=t)
@@ -279,47 +331,114 @@ def plot_runs(runs: dict[str, Any], show: str = "raw", terms=None, reference: di
     ]
     handles += [Line2D([], [], color="0.3", ls=styles[i % len(styles)], label=n) for i, n in enumerate(runs)]
     a.legend(handles=handles, fontsize=6, ncol=2)
-    b.set_title("validation KL(teacher‖student)")
-    b.set_xlabel("optimizer step")
-    b.legend(fontsize=7)
+    p.set_yscale("log")
+    for ax, title, unit in (
+        (p, "validation perplexity", "perplexity (log scale)"),
+        (k, "validation KL(teacher‖student)", "nats per token"),
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=7)
     if reference:
-        r_ax = axes[2]
+        r_ax = axes[3]
         for i, (name, rec) in enumerate(reference.items()):
             rec_ = _records(rec)
-            if _val_kl(rec_):
-                r_ax.plot(*zip(*_val_kl(rec_), strict=True), styles[i % len(styles)], ms=2, marker="o", label=name)
+            if _val(rec_, "student_ppl"):
+                pts = _val(rec_, "student_ppl")
+                r_ax.plot(*zip(*pts, strict=True), styles[i % len(styles)], color=f"C{i}", ms=2, marker="o", label=name)
         first = next(iter(reference.values()))
-        r_ax.set_title(f"validation KL, {getattr(first, 'label', 'reference runs')}", fontsize=9)
+        r_ax.set_yscale("log")
+        r_ax.set_title(f"val perplexity, {getattr(first, 'label', 'reference runs')}", fontsize=9)
         r_ax.set_xlabel("optimizer step")
+        r_ax.set_ylabel("perplexity (log scale)")
         r_ax.legend(fontsize=7)
     return fig
 
 
-def draw_router(axes, records) -> int:
-    """Stacked expert utilisation over steps, one axis per student layer; returns the layer count."""
+def plot_differences(
+    baseline,
+    arms: dict[str, Any],
+    metric: str = "student_ppl",
+    start: int | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Each arm's difference to the baseline over the run, with seed bands: the arm's mean minus the
+    baseline's mean at every evaluation step (a line), the arm's seeds' range of that difference (a
+    band), and the baseline's own seed band around zero (grey): a line inside the grey band is noise.
+    `baseline` and the values of `arms` are kdlab.course.verdicts.Arm; `start`: the first step drawn
+    (default: the second evaluation, after the shared initialisation). The y-axis is scaled to the
+    differences, not to the metric's range."""
+    from .verdicts import METRICS
+
+    fig, (ax,) = new_figure(1, width=6.4, height=3.4)
+    steps = baseline.steps()
+    start = steps[1] if start is None and len(steps) > 1 else (start or 0)
+    base = {s: baseline.at(metric, s) for s in steps if s >= start}
+    xs = list(base)
+    lo = [base[s].lo - base[s].mean for s in xs]
+    hi = [base[s].hi - base[s].mean for s in xs]
+    ax.fill_between(xs, lo, hi, color="0.8", label=f"{baseline.name}: its {baseline.seeds} seeds")
+    ax.axhline(0.0, color="0.4", lw=0.8)
+    for i, (name, arm) in enumerate(arms.items()):
+        common = [s for s in xs if s in set(arm.steps())]
+        spreads = {s: arm.at(metric, s) for s in common}
+        mean = [spreads[s].mean - base[s].mean for s in common]
+        ax.plot(common, mean, "o-", ms=3, color=f"C{i}", label=f"{name} ({arm.seeds} seeds)")
+        if arm.seeds > 1:
+            ax.fill_between(
+                common,
+                [spreads[s].lo - base[s].mean for s in common],
+                [spreads[s].hi - base[s].mean for s in common],
+                color=f"C{i}",
+                alpha=0.2,
+            )
+    name = METRICS.get(metric, metric)
+    ax.set_title(title or f"{name}: each arm minus {baseline.name}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"Δ {name} (arm − {baseline.name})")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def draw_router(ax, records) -> int:
+    """The last interval's expert shares as a heatmap, one row per student layer; returns the layer count."""
     train = [r for r in records if r.get("kind") == "train" and r.get("router")]
     if not train:
         return 0
-    steps = [r["step"] for r in train]
-    for layer, ax in enumerate(axes[: len(train[0]["router"])]):
-        util = [r["router"][layer]["utilisation"] for r in train]
-        ax.stackplot(steps, *zip(*util, strict=True), labels=[f"expert {e}" for e in range(len(util[0]))])
-        ax.set_ylim(0, 1)
-        ax.set_title(f"student layer {layer}: H = {train[-1]['router'][layer]['entropy']:.2f}", fontsize=9)
-        ax.set_xlabel("optimizer step")
-    axes[0].set_ylabel("share of routed tokens")
-    axes[0].legend(fontsize=6, loc="lower left")
-    return len(train[0]["router"])
+    last = train[-1]["router"]
+    shares = [layer["utilisation"] for layer in last]
+    image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(shares[0])))
+    ax.set_xlabel("expert (teacher block)")
+    ax.set_ylabel("student layer")
+    ax.set_title(f"router shares, step {train[-1]['step']}", fontsize=9)
+    ax.figure.colorbar(image, ax=ax, label="share of routed tokens", fraction=0.08)
+    return len(last)
 
 
 def plot_router(records) -> Figure:
-    """Is the router routing? Expert utilisation per student layer over the run."""
+    """Is the router routing? The last interval's expert shares per student layer (a heatmap), and the
+    entropy of each layer's shares over the run (log E when all E experts are used equally)."""
+    import math
+
     records = _records(records)
     train = [r for r in records if r.get("kind") == "train" and r.get("router")]
-    n = len(train[0]["router"]) if train else 1
-    fig, axes = new_figure(n, width=3.0)
-    if not draw_router(axes, records):
-        axes[0].set_title("no router records (w_feature = 0)")
+    fig, (heat, ent) = new_figure(2, width=5.0, height=3.6)
+    if not draw_router(heat, records):
+        heat.set_title("no router records (w_feature = 0)")
+        return fig
+    steps = [r["step"] for r in train]
+    n = len(train[0]["router"])
+    for layer in range(n):
+        ent.plot(steps, [r["router"][layer]["entropy"] for r in train], lw=1.0, color=f"C{layer % 10}",
+                 label=f"layer {layer}" if n <= 6 else None)  # fmt: skip
+    experts = len(train[0]["router"][0]["utilisation"])
+    ent.axhline(math.log(experts), color="k", ls="--", lw=0.8, label=f"log {experts}: all used equally")
+    ent.set_title("entropy of each layer's expert shares")
+    ent.set_xlabel("optimizer step")
+    ent.set_ylabel("entropy (nats)")
+    ent.legend(fontsize=6)
     return fig
 
 
@@ -333,5 +452,10 @@ __all__ = [
     "draw_terms",
     "draw_weights",
     "draw_validation",
+    "draw_perplexity",
+    "draw_kl",
     "draw_router",
+    "new_figure",
+    "plot_differences",
+    "weights_vary",
 ]

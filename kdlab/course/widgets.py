@@ -38,14 +38,16 @@ from ..callbacks import Callback
 from ..curriculum import PRESETS, SHAPES, CurriculumScheduler, Ramp
 from ..early_stopping import EarlyStopping
 from .plots import (
+    draw_kl,
     draw_on_policy,
+    draw_perplexity,
     draw_router,
     draw_terms,
-    draw_validation,
     draw_weights,
     new_figure,
     on_policy_run,
     terms_of,
+    weights_vary,
 )
 
 
@@ -132,6 +134,7 @@ class LivePlot(Callback):
         self.renders, self.busy_s = 0, 0.0
         self._last_t, self._last_step = float("-inf"), None
         self.total_steps = 0
+        self.weights_change: bool | None = None
         self.figure = None
         self.widget = None
         self._handle = None  # the display of the widget, replaced by the final figure at the end
@@ -162,6 +165,13 @@ class LivePlot(Callback):
     def on_train_begin(self, trainer) -> None:
         self.total_steps = trainer.total_steps
         self.records = list(trainer.state.history)  # a resumed run starts with its past
+        # a weights panel only for a curriculum that changes a weight during this run (a flat line says nothing)
+        curriculum = getattr(getattr(trainer, "objective", None), "curriculum", None)
+        if curriculum is not None:
+            grid = range(0, self.total_steps + 1, max(1, self.total_steps // 50))
+            self.weights_change = len({tuple(sorted(curriculum.weights_at(s).items())) for s in grid}) > 1
+        else:
+            self.weights_change = None  # unknown (a replayed run): decided from the records
         if self.use_widgets:
             import ipywidgets as W
 
@@ -208,7 +218,7 @@ class LivePlot(Callback):
         es = next((cb for cb in getattr(trainer, "callbacks", ()) if isinstance(cb, EarlyStopping)), None)
         self.early_stopping = es.state_dict() if es is not None else None
         if es is not None:
-            self.early_stopping["patience"] = es.patience
+            self.early_stopping["patience"], self.early_stopping["monitor"] = es.patience, es.monitor
 
     def _update(self, trainer, record: dict[str, Any]) -> None:
         t0 = time.perf_counter()
@@ -249,21 +259,28 @@ class LivePlot(Callback):
         return "<br>".join(html.escape(p) for p in parts)
 
     def draw(self):
-        """The current figure (a new Figure each time; the widget shows its PNG)."""
+        """The current figure (a new Figure each time; the widget shows its PNG): loss terms, the
+        curriculum weights when they change, validation perplexity and KL, an on-policy run's shares,
+        the router's expert shares; at most two rows and MAX_WIDTH_IN inches."""
+        vary = self.weights_change if self.weights_change is not None else weights_vary(self.records)
         router = any(r.get("router") for r in self.records if r.get("kind") == "train")
-        n_router = len(next(r["router"] for r in self.records if r.get("router"))) if router else 0
         on_policy = on_policy_run(self.records)
-        fig, axes = new_figure(3 + on_policy + n_router, width=3.6, height=2.9, fast=True)
+        fig, axes = new_figure(3 + vary + on_policy + router, width=3.5, height=2.9, fast=True)
         self.lines = draw_terms(axes[0], self.records, self.show, self.terms())
         if self.lines:
             axes[0].legend(fontsize=6, ncol=2)
-        if draw_weights(axes[1], self.records, self.terms()):
+        if vary and draw_weights(axes[1], self.records, self.terms()):
             axes[1].legend(fontsize=6)
-        draw_validation(axes[2], self.records, self.early_stopping)
+        p, k = axes[1 + vary], axes[2 + vary]
+        draw_perplexity(p, self.records, self.early_stopping)
+        draw_kl(k, self.records, self.early_stopping)
+        for ax in (p, k):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
         if on_policy:
-            draw_on_policy(axes[3], self.records)
-        if n_router:
-            draw_router(axes[3 + on_policy :], self.records)
+            draw_on_policy(axes[3 + vary], self.records)
+        if router:
+            draw_router(axes[-1], self.records)
         return fig
 
     def render(self) -> None:
