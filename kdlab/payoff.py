@@ -111,6 +111,7 @@ def payoff_rows(
     new_tokens: int = 64,
     prompt_tokens: int = 32,
     splits: tuple[str, ...] = ("validation", "test"),
+    repeats: int = 3,
 ) -> list[dict[str, Any]]:
     """One row per model (the teacher first): parameters, tokens/s at each batch size, validation and
     test perplexity and bits per byte, KL(teacher || student) and top-1 agreement, and the ratios to
@@ -125,7 +126,7 @@ def payoff_rows(
     for name, model in models.items():
         row: dict[str, Any] = {"model": name, "parameters": count_parameters(model)}
         for b in speed_batches:
-            row[f"tokens_per_s_b{b}"] = generation_speed(model, prompts, b, new_tokens)
+            row[f"tokens_per_s_b{b}"] = generation_speed(model, prompts, b, new_tokens, repeats)
         for split in splits:
             batches = data[split].eval_batches(batch_size, eval_batches)
             m = evaluate(model, None if model is teacher else teacher, batches, precision, token_bytes=tb)

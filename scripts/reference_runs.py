@@ -169,8 +169,11 @@ def run_jobs(args) -> int:
         "arms_s": {a: m["seconds"] for a, m in metas.items()},
         "exit_codes": rcs,
     }
-    timing_file = OUT / "_timing.json"  # the wall time of the last --jobs run: every arm, side by side
-    timing_file.write_text(json.dumps(timing, indent=1) + "\n")
+    # every --jobs run's wall time, its arms side by side; a later batch is appended, not written over
+    timing_file = OUT / "_timing.json"
+    batches = json.loads(timing_file.read_text()) if timing_file.is_file() else []
+    batches = batches if isinstance(batches, list) else [batches]
+    timing_file.write_text(json.dumps([*batches, timing], indent=1) + "\n")
     print(f"{len(args.arms)} arms in {len(procs)} processes: {wall / 60:.1f} min wall; {timing_file}", flush=True)
     return max(rcs)
 

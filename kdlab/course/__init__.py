@@ -100,6 +100,15 @@ class Profile:
         values.update(overrides)
         return load_config(overrides=values)
 
+    def noise(self, arm: str):
+        """Three committed seeds of `arm` (kdlab.course.verdicts.Arm) at exactly this profile's size: the
+        yardstick a live run of that arm is judged against. `ci` runs: notebooks/reference/ci/; `cpu`
+        runs and the replayed reference runs: notebooks/reference/. None at `gpu` (not measured)."""
+        from .verdicts import Arm
+
+        prefix = {"ci": "ci/", "cpu": "", "reference": ""}.get(self.name)
+        return None if prefix is None else Arm.reference(prefix + arm, name=f"{arm}, {self.name} size")
+
     @property
     def replays(self) -> bool:
         """True for the `reference` profile: `fit` replays committed runs instead of training."""

@@ -145,6 +145,17 @@ def _val(records, key: str) -> list[tuple[int, float]]:
     ]
 
 
+def plain_log(ax) -> None:
+    """A log-scale y axis labelled 40, 60, 100, 200 rather than 4 x 10^1 (perplexities read as numbers)."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    fmt = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def draw_perplexity(ax, records, early_stopping: dict | None = None, label: str = "student") -> dict:
     """Validation perplexity of the student (log scale) and the teacher's, the floor it aims at."""
     lines = {}
@@ -156,7 +167,7 @@ def draw_perplexity(ax, records, early_stopping: dict | None = None, label: str 
         lines["teacher_ppl"] = ax.axhline(teacher[-1][1], color="k", ls="--", lw=1.0, label="teacher")
     if early_stopping and early_stopping.get("best_step") is not None and early_stopping.get("monitor") == "val_ce":
         _star(ax, records, early_stopping, "student_ppl")
-    ax.set_yscale("log")
+    plain_log(ax)
     ax.set_title("validation perplexity")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("perplexity (log scale)")
@@ -331,7 +342,7 @@ def plot_runs(runs: dict[str, Any], show: str = "raw", terms=None, reference: di
     ]
     handles += [Line2D([], [], color="0.3", ls=styles[i % len(styles)], label=n) for i, n in enumerate(runs)]
     a.legend(handles=handles, fontsize=6, ncol=2)
-    p.set_yscale("log")
+    plain_log(p)
     for ax, title, unit in (
         (p, "validation perplexity", "perplexity (log scale)"),
         (k, "validation KL(teacher‖student)", "nats per token"),
@@ -348,7 +359,7 @@ def plot_runs(runs: dict[str, Any], show: str = "raw", terms=None, reference: di
                 pts = _val(rec_, "student_ppl")
                 r_ax.plot(*zip(*pts, strict=True), styles[i % len(styles)], color=f"C{i}", ms=2, marker="o", label=name)
         first = next(iter(reference.values()))
-        r_ax.set_yscale("log")
+        plain_log(r_ax)
         r_ax.set_title(f"val perplexity, {getattr(first, 'label', 'reference runs')}", fontsize=9)
         r_ax.set_xlabel("optimizer step")
         r_ax.set_ylabel("perplexity (log scale)")
@@ -397,6 +408,41 @@ def plot_differences(
     ax.set_title(title or f"{name}: each arm minus {baseline.name}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"Δ {name} (arm − {baseline.name})")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_tradeoff(grid: dict[str, Any], points: dict[str, tuple[float, float]] | None = None, batch: int = 8) -> Figure:
+    """Quality against speed: each student depth of the pruning grid (kdlab.course.payoff.load_grid) as
+    validation perplexity (mean, min-max over its seeds) against generation speed x the teacher's at
+    `batch`, KD + LM and LM only; the teacher at (1, its perplexity); `points`: {label: (speed x teacher,
+    val ppl)} more students (your own run) drawn as stars."""
+    from .payoff import grid_arms
+
+    arms, speed = grid_arms(grid), grid["speed"]["models"]
+    fig, (ax,) = new_figure(1, width=7.0, height=4.2)
+    t = speed["teacher"][f"b{batch}"]
+    for i, (mode, label) in enumerate((("kd", "KD + LM"), ("lm", "LM only"))):
+        depths = sorted(d for d, m in arms if m == mode)
+        xs = [speed[f"d{d}"][f"b{batch}"] / t for d in depths]
+        spreads = [arms[d, mode].at("student_ppl") for d in depths]
+        ys = [s.mean for s in spreads]
+        err = [[s.mean - s.lo for s in spreads], [s.hi - s.mean for s in spreads]]
+        ax.errorbar(xs, ys, yerr=err, fmt="o-" if mode == "kd" else "s--", color=f"C{i}", ms=5, capsize=3,
+                    label=f"{label} ({arms[depths[0], mode].seeds} seeds, min–max)")  # fmt: skip
+        if mode == "kd":
+            for d, x, y in zip(depths, xs, ys, strict=True):
+                ax.annotate(f"{d} layers", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    first = next(iter(grid["arms"].values()))
+    ax.plot([1.0], [first["teacher_val_ppl"]], "k*", ms=12, label="teacher (30 layers)")
+    for j, (label, (x, y)) in enumerate((points or {}).items()):
+        ax.plot([x], [y], "*", ms=14, color=f"C{3 + j}", mec="k", label=label)
+    plain_log(ax)
+    ax.set_xlabel(f"generation speed × the teacher's (greedy, batch {batch})")
+    ax.set_ylabel("validation perplexity (log scale)")
+    steps = first["steps"]
+    title = f"students cut from the teacher, {steps} steps each (the default run): quality against speed"
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     return fig
 
@@ -457,5 +503,6 @@ __all__ = [
     "draw_router",
     "new_figure",
     "plot_differences",
+    "plot_tradeoff",
     "weights_vary",
 ]

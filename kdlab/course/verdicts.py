@@ -186,14 +186,16 @@ def compare(
     noise: Sequence[Arm] | None = None,
 ) -> Comparison:
     """`a` against `b` at `step` (default: the last step both have). The noise is the largest seed
-    range of `a` and `b`; give `noise` (arms of committed runs of the same size) to judge runs with a
-    single seed, e.g. a notebook's live runs against `Arm.reference("ci/default")`."""
+    range of `a` and `b` when both have two seeds or more (else the comparison is not judged); give
+    `noise` (arms of committed runs of the same size) to judge runs with a single seed, e.g. a
+    notebook's live runs against `Arm.reference("ci/default")`."""
     if step is None:
         common = sorted(set(a.steps(split)) & set(b.steps(split)))
         if not common:
             raise KDLabError(f"arms {a.name!r} and {b.name!r} have no {split} evaluation step in common")
         step = common[-1]
-    yardstick = list(noise) if noise is not None else [a, b]
+    # without a yardstick of runs of the same size, both arms must have seeds of their own
+    yardstick = list(noise) if noise is not None else ([a, b] if min(a.seeds, b.seeds) >= 2 else [])
     if noise is not None:  # the yardstick must be measured at the compared step, on runs of the same size
         for arm in yardstick:
             if step not in arm.steps(split):
