@@ -30,7 +30,9 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# says which course profile the notebooks will pick, and how to choose another, before JupyterLab starts
 lab: setup
+	@$(PY) -c "import kdlab.course as c; print('kdlab course:', c.profile()); print('  another size: KDLAB_PROFILE=ci|cpu|gpu|reference make lab (ci: ~2 min a notebook on 2 cores; reference: replays, no training)')"
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean:

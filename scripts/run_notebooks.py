@@ -3,7 +3,7 @@
     python scripts/run_notebooks.py --profile ci --inplace        # the stored outputs (a quiet machine!)
     python scripts/run_notebooks.py --profile reference --out /tmp/nb-reference
     python scripts/run_notebooks.py --profile cpu --only 00_quickstart --out /tmp/nb-cpu
-    python scripts/run_notebooks.py --time-lines      # Time lines and time tables from notebooks/timings.json
+    python scripts/run_notebooks.py --time-lines      # Time lines, time tables (timings.json), words of prose
 
 Each notebook runs in a fresh kernel with the environment nbval gives it (notebooks/conftest.py: quiet
 libraries, no progress bars) and the profile asked for, from the notebooks folder as working directory,
@@ -70,6 +70,28 @@ def time_table(table: dict) -> str:
     return "\n".join(rows)
 
 
+WORDS_HEAD = "| notebook | words of prose | minutes to read (200 words/min) |"
+WORDS_FILES = ("notebooks/INSTRUCTOR.md",)
+
+
+def prose_words(name: str) -> int:
+    """Words in the markdown cells of notebook `name` (what a participant reads; code and outputs not counted)."""
+    import re
+
+    nb = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())
+    return sum(len(re.findall(r"\S+", "".join(c["source"]))) for c in nb["cells"] if c["cell_type"] == "markdown")
+
+
+def words_table() -> str:
+    names = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    counts = {n: prose_words(n) for n in names}
+    rows = [WORDS_HEAD, "|---|---|---|"]
+    rows += [f"| {n} | {w:,} | {w / 200:.0f} |" for n, w in counts.items()]
+    total = sum(counts.values())
+    rows.append(f"| all {len(names)} | {total:,} | {total / 200:.0f} |")
+    return "\n".join(rows)
+
+
 def write_tables(table: dict) -> None:
     """Replace the time table in each of TABLE_FILES by the one timings.json gives."""
     new = time_table(table)
@@ -80,6 +102,14 @@ def write_tables(table: dict) -> None:
         end = next(i for i in range(start, len(lines)) if lines[i].startswith("| all "))
         path.write_text("\n".join(lines[:start] + new.split("\n") + lines[end + 1 :]))
         print(f"{rel}: time table rewritten")
+    words = words_table()
+    for rel in WORDS_FILES:
+        path = ROOT / rel
+        lines = path.read_text().split("\n")
+        start = lines.index(WORDS_HEAD)
+        end = next(i for i in range(start, len(lines)) if lines[i].startswith("| all "))
+        path.write_text("\n".join(lines[:start] + words.split("\n") + lines[end + 1 :]))
+        print(f"{rel}: words table rewritten")
 
 
 def time_lines(table: dict) -> None:

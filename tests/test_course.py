@@ -146,7 +146,7 @@ def test_no_stale_progress_bars_or_widget_fallbacks(name):
 @pytest.mark.parametrize("name", LESSONS)
 def test_every_lesson_ends_with_a_verdict_table_and_levelled_exercises(name):
     cells = _cells(name)
-    assert "| claim | measured | holds |" in _outputs_text(cells) + "\n".join(
+    assert "| claim | measured | noise (runs, step) | holds |" in _outputs_text(cells) + "\n".join(
         "".join(c["source"]) for c in cells if c["cell_type"] == "markdown"
     ), f"{name}: no verdict table"
     exercises = "\n".join(
@@ -176,6 +176,8 @@ def test_figures_are_stored_at_100_dpi_or_more(name):
             raw = base64.b64decode(png if isinstance(png, str) else "".join(png))
             width = struct.unpack(">I", raw[16:20])[0]
             assert width >= 400, f"{name}: a {width}-pixel-wide figure"
+            # wider than 1,400 px, JupyterLab shrinks a figure until its labels are unreadable
+            assert width <= 1400, f"{name}: a {width}-pixel-wide figure (at most 1,400)"
             if b"pHYs" in raw:
                 i = raw.index(b"pHYs") + 4
                 ppm = struct.unpack(">I", raw[i : i + 4])[0]
@@ -190,7 +192,7 @@ def test_quickstart_and_capstone_show_generated_text(name):
 
 def test_reference_runs_name_their_device_sizes_and_commit():
     ref = NOTEBOOKS / "reference"
-    arms = sorted(p for p in ref.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    arms = sorted(p for p in ref.iterdir() if (p / "meta.json").is_file())
     assert arms, "no reference runs committed"
     total = sum(f.stat().st_size for f in ref.rglob("*") if f.is_file())
     assert total <= 2_000_000, f"reference runs hold {total:,} bytes (at most 2 MB)"
@@ -201,6 +203,53 @@ def test_reference_runs_name_their_device_sizes_and_commit():
         r = kdlab.course.reference(arm.name)
         assert r.history and r.evals() and r.samples["greedy"], arm.name
         assert r.history[-1]["step"] <= meta["steps"] or r.history[-1]["kind"] == "eval"
+
+
+@pytest.mark.parametrize("size", ["ci", "cpu"])
+def test_noise_comes_from_three_seeds_of_exactly_the_compared_size(size):
+    """Every verdict's yardstick: the committed seeds of the default and LM-only arms, made at exactly the
+    sizes of the profile whose live runs they judge (steps, batch, block, evaluation), the pair included."""
+    from kdlab.course.verdicts import compare
+
+    P, cfg = profile(size), profile(size).config("hygiene")
+    for arm in ("default", "lm-only"):
+        noise = P.noise(arm)
+        assert noise.seeds == 3, f"{arm} at {size}: {noise.describe()}"
+        for label, _ in noise.runs:
+            meta = json.loads((NOTEBOOKS / "reference" / label / "meta.json").read_text())
+            sizes = {k: meta["config"][k] for k in ("max_steps", "batch_size", "seq_len", "eval_every", "eval_batches")}
+            assert sizes == {
+                "max_steps": P.steps,
+                "batch_size": P.batch_size,
+                "seq_len": P.seq_len,
+                "eval_every": P.eval_every,
+                "eval_batches": P.eval_batches,
+            }, f"{label} is not a run of the {size} profile's size"
+            for key in ("teacher", "student", "student_layers", "student_depth", "lr", "temperature"):
+                assert meta["config"][key] == getattr(cfg, key), f"{label}: {key} is not the course's"
+        assert noise.steps()[-1] == P.steps
+    # and a yardstick of another size is refused at the step compared
+    other = profile("cpu" if size == "ci" else "ci").noise("default")
+    with pytest.raises(kdlab.KDLabError, match="not a run of the compared size"):
+        compare(P.noise("default"), P.noise("lm-only"), noise=[other])
+
+
+def test_the_course_trains_kdlabs_default_pair():
+    """The course's pinned pair is `kdlab train`'s default: a change of defaults must rebuild the course."""
+    cfg = kdlab.load_config()
+    for key, value in kdlab.course.COURSE_PAIR.items():
+        assert getattr(cfg, key) == value, f"COURSE_PAIR[{key!r}] = {value!r}, kdlab's default is {getattr(cfg, key)!r}"
+
+
+def test_the_instructors_words_table_counts_the_notebooks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
+    run_notebooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_notebooks)
+    assert run_notebooks.words_table() in (NOTEBOOKS / "INSTRUCTOR.md").read_text(), (
+        "INSTRUCTOR.md's words table is stale: python scripts/run_notebooks.py --time-lines"
+    )
 
 
 def test_every_reference_arm_a_notebook_names_exists():

@@ -61,4 +61,8 @@ def test_the_verdict_table_names_the_noise_and_its_runs():
     assert rows[0] == "| claim | measured | noise (runs, step) | holds |"
     measured = "val ppl 10.5 (10.0–11.0) vs 20.2 (20.0–20.5): -9.8"
     assert rows[2] == f"| KD beats LM | {measured} | 1.0 (kd-a, kd-b; lm-a, lm-b; step 5) | yes |"
+    seeds = Arm.of("kd", run({5: 1.0}), run({5: 2.0}), run({5: 3.0}), labels=["kd", "kd-seed1", "kd-seed2"])
+    assert seeds.describe() == "kd ×3 seeds"
+    test = compare(seeds, seeds, split="validation")
+    assert test.name == "val ppl" and compare(seeds, seeds, "kl").measured().startswith("val KL 1.0000 ")
     assert rows[3] == "| completes | 5/5 steps | — | yes |"

@@ -380,7 +380,7 @@ def plot_differences(
     `baseline` and the values of `arms` are kdlab.course.verdicts.Arm; `start`: the first step drawn
     (default: the second evaluation, after the shared initialisation). The y-axis is scaled to the
     differences, not to the metric's range."""
-    from .verdicts import METRICS
+    from .verdicts import metric_name
 
     fig, (ax,) = new_figure(1, width=6.4, height=3.4)
     steps = baseline.steps()
@@ -404,7 +404,7 @@ def plot_differences(
                 color=f"C{i}",
                 alpha=0.2,
             )
-    name = METRICS.get(metric, metric)
+    name = metric_name(metric)
     ax.set_title(title or f"{name}: each arm minus {baseline.name}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"Δ {name} (arm − {baseline.name})")

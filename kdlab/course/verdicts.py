@@ -24,13 +24,28 @@ from typing import Any
 
 from ..errors import KDLabError
 
-METRICS = {
-    "student_ppl": "val ppl",
-    "student_bpb": "val bpb",
-    "kl": "val KL",
-    "top1_agree": "val top-1",
-    "student_ce": "val CE",
+METRICS = {  # record key -> (name, format)
+    "student_ppl": ("ppl", ".1f"),
+    "student_bpb": ("bpb", ".4f"),
+    "kl": ("KL", ".4f"),
+    "top1_agree": ("top-1", ".3f"),
+    "student_ce": ("CE", ".4f"),
+    "teacher_nll": ("teacher NLL", ".3f"),
+    "distinct_2": ("distinct-2", ".3f"),
 }
+SPLITS = {"validation": "val", "test": "test"}
+
+
+def metric_name(metric: str, split: str = "validation") -> str:
+    """ "val ppl", "test bpb", ...: how a comparison names what it compares."""
+    name = METRICS.get(metric, (metric, ""))[0]
+    return f"{SPLITS.get(split, split)} {name}"
+
+
+def metric_format(metric: str) -> str:
+    return METRICS.get(metric, (metric, ".4g"))[1]
+
+
 SEEDS = (0, 1, 2)
 
 
@@ -128,7 +143,12 @@ class Arm:
         return Spread(tuple(values))
 
     def describe(self) -> str:
-        """Which runs the arm is: "default, default-seed1, default-seed2"."""
+        """Which runs the arm is: "default ×3 seeds", or the runs' labels when they are not seeds of one arm."""
+        import re
+
+        bases = {re.sub(r"-seed\d+$", "", label) for label, _ in self.runs}
+        if len(bases) == 1 and self.seeds > 1:
+            return f"{bases.pop()} ×{self.seeds} seeds"
         return ", ".join(label for label, _ in self.runs)
 
 
@@ -141,7 +161,8 @@ class Comparison:
     a: Spread
     b: Spread
     noise: float | None  # None: no arm had two seeds, so nothing to judge against
-    noise_from: str  # the runs the noise was measured on, and their size
+    noise_from: str  # the runs the noise was measured on
+    split: str = "validation"
 
     @property
     def diff(self) -> float:
@@ -161,11 +182,20 @@ class Comparison:
         v = self.verdict
         return "yes" if v == expected else v if not v.startswith(("lower", "higher")) else "no"
 
+    @property
+    def name(self) -> str:
+        return metric_name(self.metric, self.split)
+
+    def measured(self, fmt: str | None = None) -> str:
+        """ "val ppl 110.4 (107.0–116.0) vs 121.7 (118.8–126.2): -11.3"."""
+        fmt = fmt or metric_format(self.metric)
+        return f"{self.name} {self.a.format(fmt)} vs {self.b.format(fmt)}: {self.diff:+{fmt}}"
+
     def format(self, fmt: str | None = None) -> str:
-        fmt = fmt or (".4f" if self.metric in ("student_bpb", "kl", "top1_agree") else ".1f")
-        name = METRICS.get(self.metric, self.metric)
+        fmt = fmt or metric_format(self.metric)
         noise = "no noise measured" if self.noise is None else f"noise {self.noise:{fmt}}"
-        return f"{name} {self.a.format(fmt)} vs {self.b.format(fmt)} at step {self.step}: {self.diff:+{fmt}}; {noise}"
+        a, b = self.a.format(fmt), self.b.format(fmt)
+        return f"{self.name} {a} vs {b} at step {self.step}: {self.diff:+{fmt}}; {noise}"
 
     def __str__(self) -> str:
         return f"{self.format()} → {self.verdict}"
@@ -204,7 +234,7 @@ def compare(
                 )
     spread = noise_of(yardstick, metric, step, split)
     source = "; ".join(f"{arm.describe()}" for arm in yardstick if arm.seeds >= 2)
-    return Comparison(metric, step, a.at(metric, step, split), b.at(metric, step, split), spread, source)
+    return Comparison(metric, step, a.at(metric, step, split), b.at(metric, step, split), spread, source, split)
 
 
 Row = tuple  # (claim, Comparison | str measured, expected "lower"/"higher" | bool | str verdict)
@@ -219,10 +249,8 @@ def table(rows: Sequence[Row]) -> Any:
     for claim, measured, expected in rows:
         if isinstance(measured, Comparison):
             c = measured
-            fmt = ".4f" if c.metric in ("student_bpb", "kl", "top1_agree") else ".1f"
-            name = METRICS.get(c.metric, c.metric)
-            text = f"{name} {c.a.format(fmt)} vs {c.b.format(fmt)}: {c.diff:+{fmt}}"
-            noise = "—" if c.noise is None else f"{c.noise:{fmt}} ({c.noise_from}; step {c.step})"
+            text = c.measured()
+            noise = "—" if c.noise is None else f"{c.noise:{metric_format(c.metric)}} ({c.noise_from}; step {c.step})"
             holds = c.holds(expected)
         else:
             text, noise = str(measured), "—"
@@ -236,4 +264,15 @@ def table(rows: Sequence[Row]) -> Any:
     return Markdown(markdown)
 
 
-__all__ = ["Arm", "Comparison", "Spread", "METRICS", "compare", "evals", "noise_of", "table"]
+__all__ = [
+    "Arm",
+    "Comparison",
+    "Spread",
+    "METRICS",
+    "compare",
+    "evals",
+    "metric_format",
+    "metric_name",
+    "noise_of",
+    "table",
+]
