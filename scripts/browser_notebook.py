@@ -29,6 +29,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# outputs worth a screenshot of their own: {notebook: {name: text the cell's rendered output shows}}
+SHOTS = {"00_quickstart.ipynb": {"payoff-table": "retention (bpb)", "decoding": "teacher NLL (nats/token)"}}
 
 
 def free_port() -> int:
@@ -204,7 +206,16 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="KDLAB_PROFILE for the kernel (default: as set, else auto)")
     ap.add_argument("--out", default="docs/images")
     ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument(
+        "--shoot",
+        nargs="*",
+        default=None,
+        metavar="NAME=TEXT",
+        help="screenshot the output of the first cell whose output shows TEXT, as <stem>-NAME.png "
+        "(default for 00: its payoff table and its decoding lesson)",
+    )
     args = ap.parse_args()
+    shots = dict(kv.split("=", 1) for kv in args.shoot) if args.shoot is not None else SHOTS.get(args.notebook, {})
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -255,6 +266,14 @@ def main() -> None:
             slider = None
             if page.locator(".kdlab-temperature").count():
                 slider = move_temperature_slider(page, out, stem)
+            missing = []
+            for name, text in shots.items():  # a cell's rendered output, as a reader sees it
+                area = page.locator(".jp-Cell-outputArea", has_text=text).first
+                if not area.count():
+                    missing.append(name)
+                    continue
+                area.scroll_into_view_if_needed()
+                area.screenshot(path=str(out / f"{stem}-{name}.png"))
             page.screenshot(path=str(out / f"{stem}-page.png"))
             browser.close()
     finally:
@@ -285,6 +304,8 @@ def main() -> None:
         sys.exit("browser_notebook: moving the temperature slider did not redraw its figure")
     if state["errors"]:
         sys.exit("browser_notebook: a cell raised an error (see the page screenshot)")
+    if missing:
+        sys.exit(f"browser_notebook: no cell output shows the text for {', '.join(missing)}")
 
 
 if __name__ == "__main__":

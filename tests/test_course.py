@@ -257,11 +257,18 @@ def test_every_reference_arm_a_notebook_names_exists():
     for nb in NOTEBOOKS.glob("*.ipynb"):
         for c in json.loads(nb.read_text())["cells"]:
             src = "".join(c["source"])
-            named |= set(re.findall(r"""reference\(\s*["']([\w-]+)["']""", src))
+            named |= set(re.findall(r"""reference\(\s*["']([\w/-]+)["']""", src))
             named |= set(re.findall(r"""arm\s*=\s*["']([\w-]+)["']""", src))
             for table in re.findall(r"REF\s*=\s*\{(.*?)\}", src, flags=re.S):  # {arm label: reference arm}
                 named |= set(re.findall(r""":\s*["']([\w-]+)["']""", table))
-    have = {p.name for p in (NOTEBOOKS / "reference").iterdir() if (p / "meta.json").is_file()}
+            # an arm of three seeds: Arm.reference("x") (unless seeds=(0,)) and P.noise("x"), at both sizes
+            for arm, seeds in re.findall(r"""Arm\.reference\(\s*["']([\w/-]+)["']([^)]*)""", src):
+                if "seeds=(0,)" not in seeds:
+                    named |= {f"{arm}-seed1", f"{arm}-seed2"}
+            for arm in re.findall(r"""\.noise\(\s*["']([\w-]+)["']""", src):
+                named |= {f"{prefix}{arm}{seed}" for prefix in ("", "ci/") for seed in ("", "-seed1", "-seed2")}
+    ref = NOTEBOOKS / "reference"
+    have = {str(p.parent.relative_to(ref)) for p in ref.rglob("meta.json")}
     assert named and named <= have, f"notebooks name reference arms that are not committed: {sorted(named - have)}"
 
 

@@ -47,6 +47,44 @@ def payoff_table(rows: list[dict[str, Any]]) -> Any:
     return _markdown("\n".join(lines))
 
 
+def payoff_from_runs(
+    teacher,
+    runs: dict[str, tuple[Any, Any]],
+    prompts,
+    speed_batches: tuple[int, ...] = (1, 8),
+    new_tokens: int = 32,
+    repeats: int = 1,
+) -> list[dict[str, Any]]:
+    """The rows of kdlab.payoff.payoff_rows for students just trained: {name: (model, TrainState)}.
+    Quality comes from each run's last validation and test evaluation (the blocks every evaluation of
+    the run used, the teacher's figures recorded beside them), so nothing is evaluated twice; only the
+    generation speed is measured here, on `prompts` ((N, P) token ids)."""
+    from ..models import count_parameters
+    from ..payoff import generation_speed
+    from .verdicts import evals
+
+    def speeds(model) -> dict[str, float]:
+        return {f"tokens_per_s_b{b}": generation_speed(model, prompts, b, new_tokens, repeats) for b in speed_batches}
+
+    first = next(iter(runs.values()))[1]
+    last = {split: evals(first.history, split)[max(evals(first.history, split))] for split in ("validation", "test")}
+    rows = [{"model": "teacher", "parameters": count_parameters(teacher), **speeds(teacher)}]
+    for split, key in (("validation", "val"), ("test", "test")):
+        rows[0] |= {f"{key}_ppl": last[split]["teacher_ppl"], f"{key}_bpb": last[split]["teacher_bpb"]}
+    for name, (model, state) in runs.items():
+        row = {"model": name, "parameters": count_parameters(model), **speeds(model)}
+        for split, key in (("validation", "val"), ("test", "test")):
+            r = evals(state.history, split)
+            r = r[max(r)]
+            row |= {f"{key}_ppl": r["student_ppl"], f"{key}_bpb": r["student_bpb"], f"{key}_kl": r["kl"]}
+        rows.append(row)
+    for row in rows:
+        row["ppl_x_teacher"] = row["val_ppl"] / rows[0]["val_ppl"]
+        for b in speed_batches:
+            row[f"speed_x_teacher_b{b}"] = row[f"tokens_per_s_b{b}"] / rows[0][f"tokens_per_s_b{b}"]
+    return rows
+
+
 def model_quality(models: dict[str, Any], batches: list[dict], precision, tokenizer) -> dict[str, dict[str, float]]:
     """{name: {"ppl", "bpb", "tokens", "bytes"}} of each model on the same held-out `batches`."""
     from ..evaluation import evaluate
@@ -170,6 +208,7 @@ __all__ = [
     "load_grid",
     "measures_table",
     "model_quality",
+    "payoff_from_runs",
     "payoff_table",
     "retention",
 ]
