@@ -72,7 +72,17 @@ ARMS: dict[str, tuple[dict, str]] = {
     # 120 (measured at 4 x 128: 2.482), so nothing longer than the ci run had a best to find; checks
     # every 2 steps, patience 3, the default warmup
     "early-stopping": (
-        dict(early_stopping=True, lr=1e-3, train_blocks=8, es_patience=3, eval_every=2, log_every=1, **ALL_TERMS),
+        # 4 evaluation blocks, not 16: it evaluates every 2 steps, so evaluation would be most of its time
+        dict(
+            early_stopping=True,
+            lr=1e-3,
+            train_blocks=8,
+            es_patience=3,
+            eval_every=2,
+            eval_batches=4,
+            log_every=1,
+            **ALL_TERMS,
+        ),
         "06 early stopping (kdlab's rule)",
     ),
     # on-policy distillation (GKD's lambda): the default run, with this share of its steps on the student's
