@@ -36,14 +36,16 @@ ENV = {
 
 
 NOTES = {  # what each notebook's Time line adds to the measured figures
-    "00_quickstart": "one training run with the live plot, and the models' continuations of four prompts.",
+    "00_quickstart": "two training runs with the live plot (KD + LM, then LM only), the teachers' evaluation, "
+    "the payoff table's speed timings and the decoding lesson.",
     "01_concepts": "nothing is trained (the same cells at every profile); the slider needs a running kernel.",
     "02_dtype_mismatch": "the training run at the end is the only part that grows with the profile.",
     "03_loss_normalization": "forward passes on a few validation batches, then one short training run.",
     "04_curriculum": "two short training runs with every term on.",
     "05_logging": "two short runs of the real pair (they train under every profile: printed lines cannot be replayed).",
     "06_early_stopping": "two short runs with every term on.",
-    "07_capstone": "one run with every term, six short arms, and the students' text.",
+    "07_capstone": "one run of the default arm, measured the grid's way; the grid and the write-up's questions "
+    "are read from committed runs.",
     "08_on_policy": "three short arms (one generates every step) and the students' text; the equal-wall-time "
     "comparison is read from its committed results.",
 }
@@ -125,14 +127,10 @@ def time_lines(table: dict) -> None:
         start = text.index("**Time.**")
         end = text.find("\n\n", start)
         figures = " · ".join(f"`{p}` {row[p]} s" for p in ("ci", "reference", "cpu", "gpu") if row.get(p))
-        missing = [f"`{p}`" for p in ("cpu", "gpu") if not row.get(p)]
+        missing = [f"`{p}`" for p in ("reference", "cpu", "gpu") if not row.get(p)]
         line = (
             f"**Time.** Measured with *Run All* in a fresh kernel on {machine_}: {figures}"
-            + (
-                f"; {' and '.join(missing)} not measured (`kdlab preflight` estimates them for your machine)"
-                if missing
-                else ""
-            )
+            + (f"; {', '.join(missing)} not measured yet" if missing else "")
             + f". {NOTES.get(name, '')[:1].upper()}{NOTES.get(name, '')[1:]}".rstrip()
         )
         text = text[:start] + line + (text[end:] if end >= 0 else "")

@@ -206,7 +206,8 @@ def draw_validation(ax_ppl, ax_kl, records, early_stopping: dict | None = None) 
     return lines
 
 
-MAX_WIDTH_IN = 14.0  # at 100 dpi: 1,400 px, what JupyterLab shows without shrinking (course-review.md)
+MAX_WIDTH_IN = 13.8  # at 100 dpi: 1,380 px plus the inline backend's tight-bbox margin, under the 1,400 px
+# JupyterLab shows without shrinking (course-review.md)
 
 
 def new_figure(
