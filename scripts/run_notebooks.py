@@ -155,8 +155,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.time_lines:
         table = json.loads((NOTEBOOKS / "timings.json").read_text())
-        write_tables(table)
-        return time_lines(table)
+        time_lines(table)  # first: the words table counts the Time lines' words too
+        return write_tables(table)
     if not args.profile or not (args.inplace or args.out):
         ap.error("--profile and one of --inplace / --out are needed (or --time-lines)")
     from kdlab.course import PROFILES
