@@ -359,3 +359,9 @@ def test_repo_root_outside_the_checkout_is_the_package_checkout(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     root = kdlab.course.repo_root()
     assert (root / "data" / "MANIFEST.json").is_file() and (root / "kdlab" / "course").is_dir()
+
+
+def test_the_runs_start_from_the_committed_before_samples():
+    before = kdlab.course.reference_before()
+    assert before["prompts"] == kdlab.course.reference("default").samples["prompts"]
+    assert {"teacher", "student"} <= before.keys()

@@ -203,6 +203,15 @@ def reference(arm: str) -> Reference:
     )
 
 
+def reference_before() -> dict[str, Any]:
+    """The text samples the reference runs start from (notebooks/reference/_before/samples.json):
+    {"prompts": [...], "teacher": {...}, "student": {...}}, each side as a Reference's `samples`."""
+    path = repo_root() / REFERENCE_DIR / "_before" / "samples.json"
+    if not path.is_file():
+        raise KDLabError(f"{path} is missing; python scripts/reference_runs.py writes it")
+    return json.loads(path.read_text())
+
+
 def profile(name: str | None = None) -> Profile:
     """The profile named, else $KDLAB_PROFILE, else "gpu" when CUDA is available, else "cpu"."""
     if name is None:
@@ -263,5 +272,6 @@ __all__ = [
     "profile",
     "quiet",
     "reference",
+    "reference_before",
     "repo_root",
 ]
