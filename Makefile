@@ -1,5 +1,5 @@
 # The two commands a new user needs (see README.md):
-#   make run    set everything up, then run the default distillation
+#   make run    set up (without the browser test's chromium), then run the default distillation
 #   make test   set everything up, then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,11 @@ PY := $(VENV)/bin/python
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
-run: setup
+# set-up without chromium (KDLAB_SKIP_BROWSER=1): only tests/test_browser.py needs it, and `make test`'s set-up
+# still installs it. A line of its own, not `run: setup`: make builds `setup` once, so `make run test` would
+# leave the tests without chromium.
+run:
+	VENV=$(VENV) KDLAB_SKIP_BROWSER=1 bash scripts/setup.sh
 	$(PY) -m kdlab train
 
 # two pytest-xdist workers, one notebook or test file each (conftest.py gives each one core's threads)

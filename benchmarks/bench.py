@@ -7,20 +7,23 @@
 Sections (see benchmarks/RESULTS.md for recorded figures and the machines they came from):
 
   loss     KD loss forward+backward at V = 49,152: the plain autograd version (whole [N, V] fp32
-           tensors, `kdlab.losses.kd_loss_reference`) against kdlab's chunked `kd_loss`, full and
+           tensors, `kdlab.loss.divergences.kd_loss_reference`) against kdlab's chunked `kd_loss`, full and
            top-k 256. Each variant runs in a fresh child process, so one's allocations cannot hide
            in another's peak.
   fused    KD + LM from the student's final hidden states and output projection (D = 576, V = 49,152):
            plain autograd on the full logits, kdlab's chunked losses on the full logits (the path the
-           trainer takes today) and kdlab.fused_loss (no [N, V] tensor); peak memory above the inputs
+           trainer takes today) and kdlab.loss.fused (no [N, V] tensor); peak memory above the inputs
            (hidden states and weights), the logits, their gradients and dL/dW (V x D) included.
   step     a whole default-pair training step at B16 x T256: peak RSS and time, the logits path against
            the fused loss, each in a fresh process, alternating.
   trainer  time per step of the kdlab Trainer against a minimal hand-written PyTorch loop doing the
            same forward and backward (KD+LM) on the default pair, the two taking turns step by step;
            then all six terms against KD+LM, with a profile of where a step's time goes.
-  cache    time per step with the teacher's top-k precomputed on disk (kdlab.teacher_cache) against
-           the live teacher, same run otherwise, taking turns.
+  cache    the teacher cached on disk (kdlab.data.teacher_cache): its top-256, and its final hidden
+           states in bfloat16 and float32; bytes a token, build time, then time per step against the
+           live teacher, same run otherwise, taking turns, and each cache's KD against the live one.
+  engine   2 processes under torchrun at the default global batch B4 x T256: DDP against FSDP2,
+           taking turns (relaunches itself under torchrun).
   flops    (CPU) the default step's achieved GFLOP/s against the rate of its own matrix products run
            alone (the shapes read from the profiler), and where the rest of the step's time goes.
   cuda     (CUDA only) tokens/s, peak memory and MFU of the default pair, eager and torch.compile,
@@ -106,7 +109,7 @@ def _loss_child(variant: str, n: int, device: str, repeats: int, half: bool, mod
     """One variant on (n, V) logits: peak memory of one forward+backward ("mem") or its median time
     over `repeats` calls after a warm-up ("time"). `half`: bf16 student and fp16 teacher logits, as
     the CUDA precision policy produces them; else fp32 (the CPU policy)."""
-    from kdlab.losses import kd_loss, kd_loss_reference
+    from kdlab.loss.divergences import kd_loss, kd_loss_reference
 
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -223,8 +226,8 @@ def _fused_child(variant: str, n: int, device: str, repeats: int, mode: str) -> 
     ("mem") or its median time ("time"), fp32 (the CPU policy)."""
     import torch.nn.functional as F
 
-    from kdlab.fused_loss import fused_linear_kd_lm
-    from kdlab.losses import kd_loss, kd_loss_reference, lm_loss
+    from kdlab.loss.divergences import kd_loss, kd_loss_reference, lm_loss
+    from kdlab.loss.fused import fused_linear_kd_lm
 
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -313,7 +316,7 @@ def _step_child(fused: bool, batch: int, seq: int, device: str, steps: int) -> d
     path, in a fresh process: the first step warms up, the next `steps` are measured (their time is
     measured elsewhere, without this process's allocator setting: see bench_step)."""
     import kdlab
-    from kdlab.components import quiet_libraries
+    from kdlab.quiet import quiet_libraries
 
     quiet_libraries()
     over = {
@@ -329,7 +332,7 @@ def _step_child(fused: bool, batch: int, seq: int, device: str, steps: int) -> d
         "log_first": 0,
         "log_every": 1000,
     }
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=over))
     assert trainer.objective.fused is fused, trainer.objective.fused_off
     dev = torch.device(device)
     meter = PeakMemory(dev)
@@ -385,7 +388,8 @@ class Components:
 
     def __init__(self, args):
         import kdlab
-        from kdlab.components import build_components, quiet_libraries
+        from kdlab.build import build_components
+        from kdlab.quiet import quiet_libraries
 
         quiet_libraries()
         self.args = args
@@ -406,11 +410,13 @@ class Components:
     def trainer(self, data=None, teacher=None, **overrides):
         """A Trainer on a fresh copy of the initial student, ready for `step()` (what fit() loops over)."""
         import kdlab
+        from kdlab.build import Parts
 
         cfg = kdlab.load_config(overrides={**self.base, **overrides})
-        trainer = kdlab.Trainer(
-            cfg, copy.deepcopy(self.student), teacher or self.teacher, data or self.data, self.precision, self.tokenizer
+        parts = Parts(
+            self.precision, self.tokenizer, teacher or self.teacher, data or self.data, copy.deepcopy(self.student)
         )
+        trainer = kdlab.build_trainer(cfg, parts=parts)
         trainer.out_dir.mkdir(parents=True, exist_ok=True)
         return trainer
 
@@ -445,8 +451,8 @@ def minimal_loop_arm(comp: Components):
     0.5 KD + 0.5 LM with kdlab's loss functions, backward, clip to 1.0, fused AdamW, cosine schedule."""
     from transformers import get_scheduler
 
-    from kdlab.data import epoch_order
-    from kdlab.losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
+    from kdlab.data.corpus import epoch_order
+    from kdlab.loss.divergences import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
 
     student, teacher, prec, train = copy.deepcopy(comp.student), comp.teacher, comp.precision, comp.data["train"]
     params = [p for p in student.parameters() if p.requires_grad]
@@ -496,7 +502,7 @@ def report(times: dict[str, list[float]], base: str, tokens: int) -> dict[str, f
 
 
 def profile_steps(comp: Components, steps: int, teacher=None, **overrides) -> list[tuple[str, float]]:
-    """Seconds per step in each of the trainer's named phases (kdlab.trainer.phase), by torch.profiler."""
+    """Seconds per step in each of the trainer's named phases (kdlab.training.trainer.phase), by torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     step = trainer_arm(comp, 10_000, teacher=teacher, **overrides)
@@ -562,8 +568,8 @@ def bench_trainer(args) -> None:
 
 # ------------------------------------------------------------------------------------ 3. cache
 def bench_cache(args) -> None:
-    from kdlab.data import PackedSplit
-    from kdlab.teacher_cache import build_teacher_cache, cache_key
+    from kdlab.data.corpus import PackedSplit
+    from kdlab.data.teacher_cache import build_teacher_cache, cache_key
 
     comp = args.components()
     dev, n = comp.precision.device, args.steps
@@ -573,36 +579,111 @@ def bench_cache(args) -> None:
     part = PackedSplit(full.input_ids[:blocks], full.attention_mask[:blocks])
     data = {**comp.data, "train": part}
     print(f"\n## 3. Cached teacher, default pair, B{comp.batch_size} x T{comp.seq_len} ({comp.precision.describe()})")
-    key = cache_key(part, comp.tokenizer, comp.teacher, 256, 1.0)
-    path = ROOT / "runs" / "bench" / "teacher-cache"
-    t0 = time.perf_counter()
-    cache = build_teacher_cache(path, comp.teacher, part, key, device=dev)
-    build = time.perf_counter() - t0
-    per_block = cache.nbytes / blocks
-    print(
-        f"cache of the first {blocks} training blocks (top-256): built in {build:.1f} s, "
-        f"{cache.nbytes / MiB:.1f} MiB "
-        f"({per_block / 1024:.0f} KiB per block; the whole Austen train split, {len(full):,} blocks, takes "
-        f"{per_block * len(full) / GiB:.2f} GiB and ~{build / blocks * len(full) / 60:.0f} min to build here)"
-    )
+    kinds = {  # label -> (cache key, the run's settings)
+        "top-256": (cache_key(part, comp.tokenizer, comp.teacher, 256, 1.0), {"kd_top_k": 256}),
+        "hidden, bfloat16": (
+            cache_key(part, comp.tokenizer, comp.teacher, kind="hidden", dtype="bfloat16"),
+            {"teacher_cache_kind": "hidden", "teacher_cache_dtype": "bfloat16"},
+        ),
+        "hidden, float32": (
+            cache_key(part, comp.tokenizer, comp.teacher, kind="hidden", dtype="float32"),
+            {"teacher_cache_kind": "hidden", "teacher_cache_dtype": "float32"},
+        ),
+    }
+    paths = {}
+    print(f"caches of the first {blocks} training blocks ({blocks * comp.seq_len:,} tokens):")
+    for label, (key, _) in kinds.items():
+        paths[label] = ROOT / "runs" / "bench" / f"teacher-cache-{label.replace(', ', '-')}"
+        t0 = time.perf_counter()
+        cache = build_teacher_cache(paths[label], comp.teacher, part, key, device=dev)
+        build = time.perf_counter() - t0
+        whole_gib, whole_min = cache.bytes_per_token * len(full) * comp.seq_len / GiB, build / blocks * len(full) / 60
+        print(
+            f"  {label:<17} {cache.bytes_per_token:>6,.0f} bytes a token, built in {build:5.1f} s "
+            f"({build / blocks * 1e3:.0f} ms a block); the whole Austen train split, {len(full):,} blocks: "
+            f"{whole_gib:.2f} GiB, ~{whole_min:.0f} min"
+        )
+    arm = {label: dict(overrides, teacher_cache=str(paths[label])) for label, (_, overrides) in kinds.items()}
     print(f"median of {n} steps per arm after {args.warmup} warm-up steps, the arms taking turns step by step")
     times = interleaved(
         {
             "live teacher, full-vocabulary KD (default)": trainer_arm(comp, n, data=data),
             "live teacher, top-256 KD": trainer_arm(comp, n, data=data, kd_top_k=256),
-            "cached teacher, top-256 KD": trainer_arm(comp, n, data=data, kd_top_k=256, teacher_cache=str(path)),
+            "top-256 cache, top-256 KD": trainer_arm(comp, n, data=data, **arm["top-256"]),
+            "hidden cache (bf16), full-vocabulary KD": trainer_arm(comp, n, data=data, **arm["hidden, bfloat16"]),
+            "hidden cache (fp32), full-vocabulary KD": trainer_arm(comp, n, data=data, **arm["hidden, float32"]),
         },
         n,
         args.warmup,
         dev,
     )
-    ratio = report(times, "live teacher, top-256 KD", tokens)
-    cached, default = ratio["cached teacher, top-256 KD"], ratio["live teacher, full-vocabulary KD (default)"]
+    ratio = report(times, "live teacher, full-vocabulary KD (default)", tokens)
+    hidden = ratio["hidden cache (bf16), full-vocabulary KD"]
     print(
-        f"  -> cached steps are {1 / cached:.2f}x as fast as live ones with the same top-256 loss, "
-        f"{default / cached:.2f}x the default full-vocabulary run"
+        f"  -> the hidden cache's steps are {1 / hidden:.2f}x as fast as the live teacher's with the same "
+        f"(full-vocabulary) KD; the top-256 cache's {1 / ratio['top-256 cache, top-256 KD']:.2f}x, with top-256 KD"
     )
-    shutil.rmtree(path)
+    print("KD of the first step's batch from each cache against the live teacher (the fused loss, same student):")
+    for label, value in cache_kd_against_live(comp, data, arm).items():
+        print(f"  {label:<17} {value}")
+    for path in paths.values():
+        shutil.rmtree(path)
+
+
+def cache_kd_against_live(comp, data, arms: dict[str, dict]) -> dict[str, str]:
+    """The KD and LM terms of one training batch with the teacher read from each cache, against the live
+    teacher's (same student, same batch): the caches' equality figures at the benchmark's size."""
+
+    @torch.no_grad()
+    def first_terms(**overrides) -> dict[str, float]:
+        t = comp.trainer(data=data, **overrides)
+        loss = t.objective.loss(t.model, t.teacher, t.batches.next_step()[0], t.precision)
+        return {k: float(loss.terms[k]) for k in ("kd", "lm")}
+
+    live_full, live_top = first_terms(), first_terms(kd_top_k=256)
+    out = {}
+    for label, overrides in arms.items():
+        live = live_top if "kd_top_k" in overrides else live_full
+        got = first_terms(**overrides)
+        out[label] = ", ".join(
+            f"{k} {got[k]:.6f} vs {live[k]:.6f} (rel {abs(got[k] - live[k]) / abs(live[k]):.1e})" for k in ("kd", "lm")
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------ 3c. engines
+def bench_engine(args) -> None:
+    """2 processes (torchrun, gloo on CPU) at the default pair's global batch B4 x T256: DDP against FSDP2,
+    both trainers built in the same two processes and taking turns step by step."""
+    if "WORLD_SIZE" not in os.environ:  # relaunch this section under torchrun; rank 0 prints
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
+        cmd += ["engine", "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2)), "TQDM_DISABLE": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        out = [line for line in proc.stdout.splitlines() if not line.startswith("kdlab benchmark on")]
+        print("\n".join(out))
+        if proc.returncode != 0:
+            sys.exit(f"engine section failed:\n{proc.stderr[-3000:]}")
+        return
+    comp = args.components()
+    world, dev, n = int(os.environ["WORLD_SIZE"]), comp.precision.device, args.steps
+    per_process = 4 // world
+    tokens = per_process * world * (comp.seq_len - 1)
+    print(
+        f"\n## 3c. DDP against FSDP2, {world} processes ({'gloo' if dev.type == 'cpu' else 'nccl'}, "
+        f"{os.environ.get('OMP_NUM_THREADS', '?')} threads each), default pair, global batch "
+        f"B{per_process * world} x T{comp.seq_len} ({per_process} a process)"
+    )
+    print(f"median of {n} steps per arm after {args.warmup} warm-up steps, the arms taking turns step by step")
+    arms = {
+        "DDP (a full student and teacher a process)": trainer_arm(comp, n, batch_size=per_process),
+        # fully_shard changes the modules in place: a teacher of its own
+        "FSDP2 (student and teacher sharded)": trainer_arm(
+            comp, n, teacher=copy.deepcopy(comp.teacher), batch_size=per_process, distributed="fsdp2"
+        ),
+    }
+    ratio = report(interleaved(arms, n, args.warmup, dev), "DDP (a full student and teacher a process)", tokens)
+    print(f"  -> an FSDP2 step takes {ratio['FSDP2 (student and teacher sharded)']:.2f}x the DDP step's time")
 
 
 # ------------------------------------------------------------------------------------ 3b. CPU FLOP/s
@@ -836,6 +917,7 @@ SECTIONS = {
     "step": bench_step,
     "trainer": bench_trainer,
     "cache": bench_cache,
+    "engine": bench_engine,
     "flops": bench_flops,
     "cuda": bench_cuda,
 }
@@ -868,6 +950,8 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=3, help="trainer: steps under torch.profiler")
     ap.add_argument("--flops-steps", type=int, default=3, help="flops: timed steps (then one under the profiler)")
     args = ap.parse_args()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun (the engine section): rank 0 prints
+        sys.stdout = open(os.devnull, "w")
     loaded = []
     args.components = lambda: loaded[0] if loaded else loaded.append(Components(args)) or loaded[0]
     for name in args.sections:

@@ -4,20 +4,22 @@ import kdlab
 cfg = kdlab.load_config(overrides={"max_steps": 20})
 state = kdlab.train(cfg)
 print(kdlab.format_summary(state.history))
+
+The package in wings: kdlab/loss/ (divergences, the fused loss, feature terms, terms, objective,
+curriculum), kdlab/data/ (corpus, batches, teacher caches), kdlab/training/ (trainer, engine, callbacks,
+checkpoints, run folder, metrics, evaluation), kdlab/course/ (the notebooks' helpers; the core never
+imports it), and build.py, which makes a config into the trainer's parts.
 """
 
-from .balance import AdaptiveBalancer
-from .batches import BatchSource, PackedBatches
-from .callbacks import BestWeights, Callback, ProgressBar
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import KDConfig, load_config, save_config
-from .curriculum import CurriculumScheduler, Ramp
-from .data import PackedSplit, load_documents, prepare_austen, prepare_data, tokenize_and_pack
-from .early_stopping import EarlyStopping
-from .errors import KDLabError
-from .evaluation import evaluate, format_summary
-from .feature_losses import attention_kl, cosine_distance, info_nce, ln_mse, masked_mean_pool
-from .losses import (
+from kdlab.build import build_trainer, train
+from kdlab.config import KDConfig, load_config, save_config
+from kdlab.data.batches import BatchSource, PackedBatches
+from kdlab.data.corpus import PackedSplit, load_documents, prepare_austen, prepare_data, tokenize_and_pack
+from kdlab.data.teacher_cache import TeacherCache, build_teacher_cache, cache_key, open_teacher_cache
+from kdlab.errors import KDLabError
+from kdlab.loss.balance import AdaptiveBalancer
+from kdlab.loss.curriculum import CurriculumScheduler, Ramp
+from kdlab.loss.divergences import (
     DIVERGENCES,
     IGNORE_INDEX,
     kd_loss,
@@ -27,15 +29,21 @@ from .losses import (
     sampled_reverse_kl,
     teacher_top_k,
 )
-from .models import STUDENT_PRESETS, build_student, load_teacher, load_tokenizer, prepare_teacher
-from .objective import Loss, Objective, StepCounts
-from .on_policy import GeneratedBatches, OnPolicyObjective
-from .precision import Precision, resolve_precision, student_logits, teacher_logits
-from .projection import StudentLogitProjector, align_vocab
-from .router import StudentAwareRouter
-from .teacher_cache import TeacherCache, build_teacher_cache, cache_key, open_teacher_cache
-from .terms import TERMS, Needs, Term, TermContext, register_term, unregister_term
-from .trainer import Trainer, TrainState, train
+from kdlab.loss.features import attention_kl, cosine_distance, info_nce, ln_mse, masked_mean_pool
+from kdlab.loss.objective import Loss, Objective, StepCounts
+from kdlab.loss.projection import StudentLogitProjector, align_vocab
+from kdlab.loss.router import StudentAwareRouter
+from kdlab.loss.terms import TERMS, Needs, Term, TermContext, register_term, unregister_term
+from kdlab.models import STUDENT_PRESETS, build_student, load_teacher, load_tokenizer, prepare_teacher
+from kdlab.precision import Precision, resolve_precision, student_logits, teacher_logits
+from kdlab.training.best_weights import BestWeights
+from kdlab.training.callbacks import Callback, ProgressBar
+from kdlab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdlab.training.early_stopping import EarlyStopping
+from kdlab.training.engine import Engine
+from kdlab.training.evaluation import evaluate, format_summary
+from kdlab.training.on_policy import GeneratedBatches, OnPolicyObjective
+from kdlab.training.trainer import Trainer, TrainState
 
 __version__ = "0.1.0"
 
@@ -106,4 +114,6 @@ __all__ = [
     "Trainer",
     "TrainState",
     "train",
+    "build_trainer",
+    "Engine",
 ]

@@ -1,6 +1,5 @@
 """Command line: `kdlab prepare`, `kdlab train`, `kdlab eval`, `kdlab correct-teacher`, `kdlab cache-teacher`,
-`kdlab preflight`
-(also `python -m kdlab ...`).
+and `kdlab preflight` from the course (an entry point of group "kdlab.commands"); also `python -m kdlab ...`.
 
 Every config field has a flag (`alpha_kd` -> `--alpha-kd`); precedence is defaults < --config
 YAML < flags. User mistakes print one `kdlab: error: ...` line and exit with code 2.
@@ -9,6 +8,7 @@ YAML < flags. User mistakes print one `kdlab: error: ...` line and exit with cod
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -18,8 +18,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from .config import FIELDS, GROUPS, KDConfig, field_info, fields_by_group, format_value, load_config, parse_value
-from .errors import KDLabError
+from kdlab.config import FIELDS, GROUPS, KDConfig, field_info, fields_by_group, format_value, load_config, parse_value
+from kdlab.errors import KDLabError
 
 log = logging.getLogger("kdlab")
 
@@ -99,14 +99,14 @@ def _config(args: argparse.Namespace, extra: dict | None = None) -> KDConfig:
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else logging.DEBUG if verbose > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    from .components import quiet_libraries
+    from kdlab.quiet import quiet_libraries
 
     quiet_libraries()
 
 
 def cmd_prepare(args) -> int:
-    from .data import prepare_data
-    from .models import BUILTIN_TEACHERS, load_tokenizer, prepare_teacher
+    from kdlab.data.corpus import prepare_data
+    from kdlab.models import BUILTIN_TEACHERS, load_tokenizer, prepare_teacher
 
     cfg = _config(args)
     t0 = time.perf_counter()
@@ -121,13 +121,14 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from .evaluation import format_summary
-    from .trainer import train
+def cmd_train(args, callbacks=()) -> int:
+    """`kdlab train` (`callbacks`: more of them, for a script that runs the command with its own)."""
+    from kdlab.build import train
+    from kdlab.training.evaluation import format_summary
 
     cfg = _config(args)
     t0 = time.perf_counter()
-    state = train(cfg)
+    state = train(cfg, callbacks)
     seconds = time.perf_counter() - t0
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 1 if state.failed else 130 if state.interrupted else 0
@@ -148,11 +149,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .components import build_components
-    from .generation import generate, held_out_prompts
-    from .models import build_student
-    from .payoff import format_payoff, payoff_rows
-    from .precision import describe_device
+    from kdlab.build import build_components
+    from kdlab.generation import generate, held_out_prompts
+    from kdlab.models import build_student
+    from kdlab.payoff import format_payoff, payoff_rows
+    from kdlab.precision import describe_device
 
     speed_batches = _int_list(args.speed_batches, "--speed-batches")
     cfg = _config(args, {"student_init": "random"})  # --student names a trained model folder
@@ -203,7 +204,7 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 
 
 def cmd_correct_teacher(args) -> int:
-    from .correction import correct_teacher
+    from kdlab.correction import correct_teacher
 
     cfg = _config(args)
     r = correct_teacher(cfg, progress=not args.verbose < 0)
@@ -222,17 +223,17 @@ def cmd_correct_teacher(args) -> int:
 
 
 def cmd_cache_teacher(args) -> int:
-    from .components import build_components
-    from .teacher_cache import build_teacher_cache, cache_key, open_teacher_cache
+    from kdlab.build import build_components
+    from kdlab.data.teacher_cache import build_teacher_cache, key_for_run, open_teacher_cache
 
     cfg = _config(args)
     if not cfg.teacher_cache:
         raise KDLabError("cache-teacher needs --teacher-cache FOLDER (where to write the cache)")
     precision, tokenizer, teacher, data, _ = build_components(cfg)
-    key = cache_key(data["train"], tokenizer, teacher, cfg.kd_top_k, cfg.temperature)
+    key = key_for_run(cfg, data["train"], tokenizer, teacher)
     try:
         cache = open_teacher_cache(cfg.teacher_cache, key)
-        log.info("teacher cache %s is up to date (%d blocks, top-%d)", cfg.teacher_cache, key["blocks"], key["top_k"])
+        log.info("teacher cache %s is up to date (%d blocks, %s)", cfg.teacher_cache, key["blocks"], key["kind"])
     except KDLabError as e:
         if (Path(cfg.teacher_cache) / "meta.json").is_file():
             log.info("rebuilding: %s", e)
@@ -246,20 +247,17 @@ def cmd_cache_teacher(args) -> int:
             batch_size=max(8, cfg.batch_size),
             chunk_tokens=cfg.loss_chunk_tokens,
         )
+    if key["kind"] == "hidden":
+        what = f"final hidden states ({key['dtype']})"
+        flags = f"--teacher-cache-kind hidden --teacher-cache-dtype {key['dtype']}"
+    else:
+        what = f"top-{key['top_k']} at T={key['temperature']:g}"
+        flags = f"--kd-top-k {cfg.kd_top_k}"
     print(
-        f"teacher cache {cfg.teacher_cache}: {key['blocks']} blocks, top-{key['top_k']} at T={key['temperature']:g}, "
-        f"{cache.nbytes / 2**20:,.0f} MiB; train with --teacher-cache {cfg.teacher_cache} --kd-top-k {cfg.kd_top_k}"
+        f"teacher cache {cfg.teacher_cache}: {key['blocks']} blocks, {what}, {cache.nbytes / 2**20:,.0f} MiB "
+        f"({cache.bytes_per_token:,.0f} bytes a token); train with --teacher-cache {cfg.teacher_cache} {flags}"
     )
     return 0
-
-
-def cmd_preflight(args) -> int:
-    from .preflight import run
-
-    profiles = None
-    if args.profiles is not None:
-        profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
-    return run(profiles=profiles, timings=args.timings, data_dir=args.data_dir, timing=not args.no_timing)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,22 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(p)
     p.set_defaults(func=cmd_cache_teacher)
-    p = sub.add_parser(
-        "preflight",
-        help="a participant's check before the course: set-up, step time, notebook times",
-        description="Checks the set-up (Python, torch, the course's packages, the corpus and teacher "
-        "against data/MANIFEST.json, CUDA), times one training step of the course's "
-        "default run at each profile's sizes, and prints each notebook's expected time "
-        "here from notebooks/timings.json. Exit code 0 when every check passes, 1 when "
-        "one fails.",
-    )
-    p.add_argument(
-        "--profiles", metavar="LIST", help="comma-separated profiles to time (default: ci,cpu, and gpu with CUDA)"
-    )
-    p.add_argument("--no-timing", action="store_true", help="set-up checks only (seconds instead of about a minute)")
-    p.add_argument("--timings", metavar="FILE", help="the timing table (default: notebooks/timings.json)")
-    p.add_argument("--data-dir", metavar="DIR", help="where `kdlab prepare` put the data (default: data/)")
-    p.set_defaults(func=cmd_preflight)
+    # commands that other packages add (entry-point group "kdlab.commands"): the course's `kdlab
+    # preflight` (kdlab.course.preflight), so the core never imports the course
+    for entry in sorted(importlib.metadata.entry_points(group="kdlab.commands"), key=lambda e: e.name):
+        entry.load()(sub)
     return parser
 
 

@@ -25,18 +25,20 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from .curriculum import PRESETS, SHAPES, parse_ramps
-from .early_stopping import METRICS, MODES
-from .errors import KDLabError
-from .feature_losses import FEATURE_LOSSES
-from .losses import DIVERGENCES
-from .pruning import LAYER_CHOICES, parse_layer_list
-from .schedule import SCHEDULERS
-from .terms import TERMS
+from kdlab.data.teacher_cache import HIDDEN_DTYPES
+from kdlab.data.teacher_cache import KINDS as CACHE_KINDS
+from kdlab.errors import KDLabError
+from kdlab.loss.curriculum import PRESETS, SHAPES, parse_ramps
+from kdlab.loss.divergences import DIVERGENCES
+from kdlab.loss.features import FEATURE_LOSSES
+from kdlab.loss.terms import TERMS
+from kdlab.pruning import LAYER_CHOICES, parse_layer_list
+from kdlab.training.early_stopping import METRICS, MODES
+from kdlab.training.engine import KINDS as ENGINE_KINDS
+from kdlab.training.schedule import SCHEDULERS
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-LOG_STYLES = ("concise", "original-verbose")
 STUDENT_INITS = ("random", "teacher-layers")
 LOGIT_PROJECTIONS = ("align", "learned")
 GENERATORS = ("student", "teacher")
@@ -46,15 +48,15 @@ ON_POLICY_LOSSES = ("divergence", "sampled_reverse_kl")
 GROUPS: dict[str, str] = {
     "data": "the corpus and how it is cut into training blocks",
     "models": "the teacher, the student and how the student starts",
-    "loss": "the terms of the objective (kdlab.terms) and their maximum weights",
-    "curriculum": "how each loss weight ramps up during training (kdlab.curriculum); each weight above is the "
+    "loss": "the terms of the objective (kdlab.loss.terms) and their maximum weights",
+    "curriculum": "how each loss weight ramps up during training (kdlab.loss.curriculum); each weight above is the "
     "maximum its ramp reaches",
     "on-policy": "training on continuations a model generates from prompts of the training blocks "
-    "(kdlab.on_policy): GKD's mixed policy, on-policy distillation, sequence-level KD",
+    "(kdlab.training.on_policy): GKD's mixed policy, on-policy distillation, sequence-level KD",
     "optimisation": "batches, steps, AdamW and the learning-rate schedule",
     "evaluation, logging, checkpoints": "when to evaluate, log and save, and where the run folder is",
-    "early stopping": "stop when validation stops improving (kdlab.early_stopping); patience counts evaluations, "
-    "not steps",
+    "early stopping": "stop when validation stops improving (kdlab.training.early_stopping); patience counts "
+    "evaluations, not steps",
     "runtime": "seed, device, precision and compilation",
     "teacher correction": "`kdlab correct-teacher`: a LoRA adapter (peft) that fine-tunes the frozen teacher on the "
     "training split before it teaches (kdlab.correction); batch_size, seq_len, warmup_steps, lr_scheduler, "
@@ -150,7 +152,7 @@ class KDConfig:
         choices=DIVERGENCES,
     )
     jsd_beta: float = _loss(0.5, "jsd only: the mixture's weight on the teacher, in (0, 1)")
-    # intermediate terms (kdlab.terms): at weight 0 a term is not computed, and needs no hidden states/attentions
+    # intermediate terms (kdlab.loss.terms): at weight 0 a term is not computed, and needs no hidden states/attentions
     w_feature: float = _loss(0.0, "max weight of the router-mixed feature loss per student block (0 = off)")
     w_attention: float = _loss(
         0.0,
@@ -174,7 +176,7 @@ class KDConfig:
     term_weights: dict[str, float] = _loss(
         {},
         "max weights of registered terms that have no setting of their own "
-        "(kdlab.terms.register_term), e.g. {my_term: 0.01}",
+        "(kdlab.loss.terms.register_term), e.g. {my_term: 0.01}",
     )
     adaptive_balance: bool = _loss(False, "divide each loss term by an EMA of its magnitude")
     balance_momentum: float = _loss(0.99, "adaptive_balance: momentum of the magnitude EMA, in [0, 1)")
@@ -194,16 +196,27 @@ class KDConfig:
     fused_loss: bool = _loss(
         True,
         "compute KD + LM from the hidden states and the output projection chunk by chunk, never the [N, V] "
-        "logits (kdlab.fused_loss), where the run allows it (kdlab train -v says); false = the logits path",
+        "logits (kdlab.loss.fused), where the run allows it (kdlab train -v says); false = the logits path",
     )
     teacher_cache: str = _loss(
         "",
-        "folder of a teacher cache (`kdlab cache-teacher`): KD reads the stored top-k "
-        "instead of running the teacher; needs kd_top_k > 0 and no intermediate terms "
-        "('' = live teacher)",
+        "folder of a teacher cache (`kdlab cache-teacher`): KD reads the stored teacher instead of running "
+        "it; no intermediate terms ('' = live teacher)",
+    )
+    teacher_cache_kind: str = _loss(
+        "top-k",
+        "what the teacher cache holds: top-k (the teacher's k largest log-probabilities; needs kd_top_k > 0) "
+        "or hidden (its final hidden states: the full-vocabulary KD, any divergence and kd_top_k, through "
+        "the fused loss)",
+        choices=CACHE_KINDS,
+    )
+    teacher_cache_dtype: str = _loss(
+        "bfloat16",
+        "a hidden cache's numbers: bfloat16 (2 bytes each) or float32 (exactly the CPU teacher's)",
+        choices=HIDDEN_DTYPES,
     )
 
-    # --- curriculum (kdlab.curriculum): each weight above is the maximum its ramp reaches ---------
+    # --- curriculum (kdlab.loss.curriculum): each weight above is the maximum its ramp reaches ---------
     curriculum: str = _curriculum(
         "original",
         "weight schedule: original (the write-up's table), original-phases "
@@ -218,7 +231,7 @@ class KDConfig:
         f"shape is {' or '.join(SHAPES)}",
     )
 
-    # --- on-policy (kdlab.on_policy) -----------------------------------------------------------
+    # --- on-policy (kdlab.training.on_policy) -----------------------------------------------------------
     on_policy: float = _on_policy(
         0.0,
         "lambda: the chance that an optimizer step trains on generated continuations instead of the "
@@ -273,11 +286,6 @@ class KDConfig:
     )
     log_every: int = _evaluation(100, "optimizer steps per log line (interval means; no per-step host sync)")
     log_first: int = _evaluation(3, "also log each of the first N steps")
-    log_style: str = _evaluation(
-        "concise",
-        "concise, or original-verbose: the original framework's ~36 lines per step, to measure their cost",
-        choices=LOG_STYLES,
-    )
     save_every: int = _evaluation(20, "optimizer steps between checkpoints (0 = only at the end)")
     keep_checkpoints: int = _evaluation(2, "resumable checkpoints kept in out_dir (the newest)")
     checkpoints: bool = _evaluation(
@@ -291,7 +299,7 @@ class KDConfig:
         False, "let a fresh run into a non-empty out_dir delete what is there (without it: refused)"
     )
 
-    # --- early stopping (kdlab.early_stopping): patience counts evaluations ----------------------
+    # --- early stopping (kdlab.training.early_stopping): patience counts evaluations ----------------------
     early_stopping: bool = _early_stopping(True, "stop when the monitored metric stops improving")
     es_monitor: str = _early_stopping(
         "val_kl",
@@ -323,6 +331,12 @@ class KDConfig:
         "student compute: auto = bfloat16 (else float16) autocast on CUDA, off on CPU; float32 = off",
         choices=DTYPES,
     )
+    distributed: str = _runtime(
+        "ddp",
+        "under torchrun: ddp (a full replica of student and teacher per process) or fsdp2 (their layers "
+        "sharded over the processes; kdlab.training.engine)",
+        choices=ENGINE_KINDS,
+    )
     compile: bool = _runtime(
         False, "torch.compile the training step's student and teacher forwards (the first steps compile)"
     )
@@ -342,175 +356,257 @@ class KDConfig:
 
     def __post_init__(self) -> None:
         _coerce_types(self)
-        errors = []
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                errors.append(msg)
-
-        def choice(name: str) -> None:  # the allowed values are the field's (the help lists the same)
-            value, allowed = getattr(self, name), field_choices(name)
-            need(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-
-        need(bool(self.data.strip()), "data='' is empty; give 'austen', a text file/folder or an HF dataset name")
-        need(self.seq_len >= 2, f"seq_len={self.seq_len} must be >= 2 (one token to read, one to predict)")
-        need(self.train_blocks >= 0, f"train_blocks={self.train_blocks} must be >= 0 (0 = every training block)")
-        need(bool(self.teacher.strip()), "teacher='' is empty; give 'smollm2-135m-austen', a local folder or an HF id")
-        need(bool(self.student.strip()), "student='' is empty; give a size preset, a local folder or an HF id")
-        choice("student_init")
-        need(self.student_depth >= 0, f"student_depth={self.student_depth} must be >= 0 (0 = the preset's depth)")
-        if self.student_layers not in LAYER_CHOICES:
-            try:
-                parse_layer_list(self.student_layers)
-            except ValueError as e:
-                errors.append(str(e))
-        need(self.calib_blocks >= 1, f"calib_blocks={self.calib_blocks} must be >= 1")
-        need(0.0 <= self.alpha_kd <= 1.0, f"alpha_kd={self.alpha_kd} must be in [0, 1]")
-        need(
-            math.isfinite(self.temperature) and self.temperature > 0,
-            f"temperature={self.temperature} must be a positive number (1.0 is the usual choice for LMs)",
-        )
-        need(self.kd_top_k >= 0, f"kd_top_k={self.kd_top_k} must be >= 0 (0 = full vocabulary)")
-        choice("kd_divergence")
-        need(0.0 < self.jsd_beta < 1.0, f"jsd_beta={self.jsd_beta} must be in (0, 1)")
-        if self.teacher_cache:
-            need(
-                self.kd_top_k > 0,
-                f"teacher_cache={self.teacher_cache!r} needs kd_top_k > 0 (the cache stores the "
-                f"teacher's top-k), but kd_top_k={self.kd_top_k}",
-            )
-            active = [
-                f"{n}={getattr(self, n)}"
-                for n in ("w_feature", "w_attention", "w_layerwise", "w_contrastive")
-                if getattr(self, n) > 0
-            ]
-            need(
-                not active,
-                f"teacher_cache={self.teacher_cache!r} holds the teacher's logits only, but "
-                f"{', '.join(active)} needs its hidden states or attention maps; set those weights to 0 "
-                f"or teacher_cache=''",
-            )
-        need(
-            math.isfinite(self.on_policy) and 0.0 <= self.on_policy <= 1.0,
-            f"on_policy={self.on_policy} must be in [0, 1] (0 = off-policy, 1 = every step on generated text)",
-        )
-        choice("generator")
-        choice("on_policy_loss")
-        if self.on_policy > 0:
-            need(
-                1 <= self.prompt_tokens < self.seq_len,
-                f"prompt_tokens={self.prompt_tokens} must be in [1, seq_len={self.seq_len}): the prompt is a "
-                f"prefix of a training block",
-            )
-            need(self.gen_tokens >= 0, f"gen_tokens={self.gen_tokens} must be >= 0 (0 = seq_len - prompt_tokens)")
-            need(
-                math.isfinite(self.gen_temperature) and self.gen_temperature > 0,
-                f"gen_temperature={self.gen_temperature} must be > 0",
-            )
-            need(0.0 < self.gen_top_p <= 1.0, f"gen_top_p={self.gen_top_p} must be in (0, 1]")
-            need(0.0 <= self.rkl_discount <= 1.0, f"rkl_discount={self.rkl_discount} must be in [0, 1]")
-            need(self.gen_samples >= 0, f"gen_samples={self.gen_samples} must be >= 0")
-            need(
-                not self.teacher_cache,
-                f"on_policy={self.on_policy} trains on text generated during the run, which no teacher cache holds; "
-                f"set teacher_cache='' (or on_policy=0)",
-            )
-            if self.on_policy_loss == "sampled_reverse_kl":
-                need(
-                    self.generator == "student",
-                    "on_policy_loss=sampled_reverse_kl scores the student's own samples; it needs generator=student",
-                )
-                need(
-                    self.gen_temperature == 1.0 and self.gen_top_p == 1.0,
-                    f"on_policy_loss=sampled_reverse_kl is unbiased only for samples of the student itself; it needs "
-                    f"gen_temperature=1 and gen_top_p=1 (got {self.gen_temperature} and {self.gen_top_p})",
-                )
-        for name, value in self.term_weights.items():
-            term = TERMS.get(name)
-            if term is None:
-                errors.append(f"term_weights: unknown term {name!r}; registered terms: {', '.join(TERMS)}")
-            elif term.weight is not None:
-                field_name = term.weight if isinstance(term.weight, str) else "alpha_kd"
-                errors.append(f"term_weights: {name!r} has its own setting, {field_name}; set that instead")
-            elif not (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-            ):
-                errors.append(f"term_weights.{name}={value!r} must be a number >= 0")
-        need(self.loss_chunk_tokens >= 1, f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1")
-        for name in ("w_feature", "w_attention", "w_layerwise", "w_contrastive", "router_balance"):
-            value = getattr(self, name)
-            need(math.isfinite(value) and value >= 0, f"{name}={value} must be >= 0")
-        choice("feature_loss")
-        choice("logit_projection")
-        need(self.router_experts >= 1, f"router_experts={self.router_experts} must be >= 1")
-        need(
-            1 <= self.router_top_k <= self.router_experts,
-            f"router_top_k={self.router_top_k} must be in [1, router_experts={self.router_experts}]",
-        )
-        need(
-            math.isfinite(self.contrastive_tau) and self.contrastive_tau > 0,
-            f"contrastive_tau={self.contrastive_tau} must be > 0",
-        )
-        need(0.0 <= self.balance_momentum < 1.0, f"balance_momentum={self.balance_momentum} must be in [0, 1)")
-        need(self.grad_share_every >= 0, f"grad_share_every={self.grad_share_every} must be >= 0")
-        need(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        need(self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1")
-        need(self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
-        need(self.max_steps == -1 or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1, or -1 for no cap")
-        need(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be a positive number")
-        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
-        need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
-        choice("lr_scheduler")
-        need(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
-        need(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1")
-        for name in ("eval_every", "eval_batches", "eval_cache_mb", "save_every"):
-            need(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be >= 0")
-        need(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
-        need(self.log_first >= 0, f"log_first={self.log_first} must be >= 0")
-        choice("log_style")
-        choice("curriculum")
-        try:
-            parse_ramps(self.ramps)
-        except KDLabError as e:
-            errors.append(str(e))
-        choice("es_monitor")
-        choice("es_mode")
-        need(self.es_patience >= 1, f"es_patience={self.es_patience} must be >= 1")
-        need(
-            math.isfinite(self.es_min_delta) and self.es_min_delta >= 0,
-            f"es_min_delta={self.es_min_delta} must be >= 0",
-        )
-        need(self.es_warmup_steps >= -1, f"es_warmup_steps={self.es_warmup_steps} must be >= 0, or -1 for auto")
-        need(
-            math.isfinite(self.es_abort_threshold) and self.es_abort_threshold >= 0,
-            f"es_abort_threshold={self.es_abort_threshold} must be >= 0 (0 = off)",
-        )
-        need(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
-        need(
-            self.checkpoints or not self.resume, "resume=true needs checkpoints=true (there is nothing to resume from)"
-        )
-        need(
-            not (self.resume and self.overwrite),
-            "resume=true and overwrite=true contradict each other: "
-            "resume continues the run in out_dir, overwrite deletes it",
-        )
-        need(bool(self.out_dir.strip()), "out_dir='' is empty")
-        need(self.correct_rank >= 1, f"correct_rank={self.correct_rank} must be >= 1")
-        need(self.correct_alpha >= 1, f"correct_alpha={self.correct_alpha} must be >= 1")
-        need(
-            any(m.strip() for m in self.correct_targets.split(",")),
-            f"correct_targets={self.correct_targets!r} names no layer; list the layers to adapt, e.g. q_proj,v_proj",
-        )
-        need(self.correct_steps >= 1, f"correct_steps={self.correct_steps} must be >= 1")
-        need(math.isfinite(self.correct_lr) and self.correct_lr > 0, f"correct_lr={self.correct_lr} must be > 0")
-        choice("device")
-        choice("teacher_dtype")
-        choice("autocast_dtype")
-        if errors:
-            raise KDLabError("; ".join(errors))
+        # every section is checked even after a failure, so that one error names every bad value at once
+        problems = _Problems(self)
+        for check in _SECTION_CHECKS:
+            check(self, problems)
+        if problems.messages:
+            raise KDLabError("; ".join(problems.messages))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- validation, by section
+class _Problems:
+    """The messages of a config's failed checks, which KDConfig raises together in one error."""
+
+    def __init__(self, cfg: KDConfig) -> None:
+        self.cfg = cfg
+        self.messages: list[str] = []
+
+    def need(self, ok: bool, msg: str) -> None:
+        if not ok:
+            self.messages.append(msg)
+
+    def choice(self, name: str) -> None:
+        """Field `name` holds one of its allowed values (the same ones its help lists)."""
+        value, allowed = getattr(self.cfg, name), field_choices(name)
+        self.need(value in allowed, f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _term_weight_fields(*, teacher_forward: bool = False) -> list[str]:
+    """The config fields holding registered terms' maximum weights (w_feature, ...), but not alpha_kd,
+    which is both kd's and lm's (1 - alpha_kd) and has a check of its own, [0, 1].
+
+    Read from the term registry (kdlab.loss.terms.TERMS), so a new built-in term with a weight field of
+    its own is checked without an edit here. teacher_forward=True: only the terms that need the
+    teacher's forward and cannot read a teacher cache instead (the intermediate terms).
+    """
+    return [
+        t.weight
+        for t in TERMS.values()
+        if isinstance(t.weight, str)
+        and t.weight != "alpha_kd"
+        and (not teacher_forward or (t.needs.teacher and not t.reads_cache))
+    ]
+
+
+def _check_data(cfg: KDConfig, p: _Problems) -> None:
+    p.need(bool(cfg.data.strip()), "data='' is empty; give 'austen', a text file/folder or an HF dataset name")
+    p.need(cfg.seq_len >= 2, f"seq_len={cfg.seq_len} must be >= 2 (one token to read, one to predict)")
+    p.need(cfg.train_blocks >= 0, f"train_blocks={cfg.train_blocks} must be >= 0 (0 = every training block)")
+
+
+def _check_models(cfg: KDConfig, p: _Problems) -> None:
+    p.need(bool(cfg.teacher.strip()), "teacher='' is empty; give 'smollm2-135m-austen', a local folder or an HF id")
+    p.need(bool(cfg.student.strip()), "student='' is empty; give a size preset, a local folder or an HF id")
+    p.choice("student_init")
+    p.need(cfg.student_depth >= 0, f"student_depth={cfg.student_depth} must be >= 0 (0 = the preset's depth)")
+    if cfg.student_layers not in LAYER_CHOICES:
+        try:
+            parse_layer_list(cfg.student_layers)  # its ValueError names the value and what is allowed
+        except ValueError as e:
+            p.messages.append(str(e))
+    p.need(cfg.calib_blocks >= 1, f"calib_blocks={cfg.calib_blocks} must be >= 1")
+
+
+def _check_loss(cfg: KDConfig, p: _Problems) -> None:
+    p.need(0.0 <= cfg.alpha_kd <= 1.0, f"alpha_kd={cfg.alpha_kd} must be in [0, 1]")
+    p.need(
+        math.isfinite(cfg.temperature) and cfg.temperature > 0,
+        f"temperature={cfg.temperature} must be a positive number (1.0 is the usual choice for LMs)",
+    )
+    p.need(cfg.kd_top_k >= 0, f"kd_top_k={cfg.kd_top_k} must be >= 0 (0 = full vocabulary)")
+    p.choice("kd_divergence")
+    p.need(0.0 < cfg.jsd_beta < 1.0, f"jsd_beta={cfg.jsd_beta} must be in (0, 1)")
+    p.choice("teacher_cache_kind")
+    p.choice("teacher_cache_dtype")
+    if cfg.teacher_cache and cfg.teacher_cache_kind == "hidden":
+        p.need(
+            cfg.fused_loss,
+            f"teacher_cache={cfg.teacher_cache!r} holds the teacher's hidden states, which KD reads through "
+            f"the fused loss; set fused_loss=true or teacher_cache=''",
+        )
+    if cfg.teacher_cache and cfg.teacher_cache_kind == "top-k":
+        p.need(
+            cfg.kd_top_k > 0,
+            f"teacher_cache={cfg.teacher_cache!r} needs kd_top_k > 0 (the cache stores the "
+            f"teacher's top-k), but kd_top_k={cfg.kd_top_k}",
+        )
+        active = [f"{n}={getattr(cfg, n)}" for n in _term_weight_fields(teacher_forward=True) if getattr(cfg, n) > 0]
+        p.need(
+            not active,
+            f"teacher_cache={cfg.teacher_cache!r} holds the teacher's logits only, but "
+            f"{', '.join(active)} needs its hidden states or attention maps; set those weights to 0 "
+            f"or teacher_cache=''",
+        )
+    if cfg.teacher_cache and cfg.teacher_cache_kind == "hidden":
+        active = [f"{n}={getattr(cfg, n)}" for n in _term_weight_fields(teacher_forward=True) if getattr(cfg, n) > 0]
+        p.need(
+            not active,
+            f"teacher_cache={cfg.teacher_cache!r} holds the teacher's final hidden states only, but "
+            f"{', '.join(active)} needs its other layers; set those weights to 0 or teacher_cache=''",
+        )
+    for name, value in cfg.term_weights.items():
+        term = TERMS.get(name)
+        if term is None:
+            p.messages.append(f"term_weights: unknown term {name!r}; registered terms: {', '.join(TERMS)}")
+        elif term.weight is not None:
+            field_name = term.weight if isinstance(term.weight, str) else "alpha_kd"  # lm's weight is 1 - alpha_kd
+            p.messages.append(f"term_weights: {name!r} has its own setting, {field_name}; set that instead")
+        elif not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        ):
+            p.messages.append(f"term_weights.{name}={value!r} must be a number >= 0")
+    p.need(cfg.loss_chunk_tokens >= 1, f"loss_chunk_tokens={cfg.loss_chunk_tokens} must be >= 1")
+    for name in (*_term_weight_fields(), "router_balance"):
+        value = getattr(cfg, name)
+        p.need(math.isfinite(value) and value >= 0, f"{name}={value} must be >= 0")
+    p.choice("feature_loss")
+    p.choice("logit_projection")
+    p.need(cfg.router_experts >= 1, f"router_experts={cfg.router_experts} must be >= 1")
+    p.need(
+        1 <= cfg.router_top_k <= cfg.router_experts,
+        f"router_top_k={cfg.router_top_k} must be in [1, router_experts={cfg.router_experts}]",
+    )
+    p.need(
+        math.isfinite(cfg.contrastive_tau) and cfg.contrastive_tau > 0,
+        f"contrastive_tau={cfg.contrastive_tau} must be > 0",
+    )
+    p.need(0.0 <= cfg.balance_momentum < 1.0, f"balance_momentum={cfg.balance_momentum} must be in [0, 1)")
+    p.need(cfg.grad_share_every >= 0, f"grad_share_every={cfg.grad_share_every} must be >= 0")
+
+
+def _check_curriculum(cfg: KDConfig, p: _Problems) -> None:
+    p.choice("curriculum")
+    try:
+        parse_ramps(cfg.ramps)  # its KDLabError names the ramp and what is wrong with it
+    except KDLabError as e:
+        p.messages.append(str(e))
+
+
+def _check_on_policy(cfg: KDConfig, p: _Problems) -> None:
+    p.need(
+        math.isfinite(cfg.on_policy) and 0.0 <= cfg.on_policy <= 1.0,
+        f"on_policy={cfg.on_policy} must be in [0, 1] (0 = off-policy, 1 = every step on generated text)",
+    )
+    p.choice("generator")
+    p.choice("on_policy_loss")
+    if not cfg.on_policy > 0:
+        return  # off-policy (or a lambda reported above): the generation settings are never read
+    p.need(
+        1 <= cfg.prompt_tokens < cfg.seq_len,
+        f"prompt_tokens={cfg.prompt_tokens} must be in [1, seq_len={cfg.seq_len}): the prompt is a "
+        f"prefix of a training block",
+    )
+    p.need(cfg.gen_tokens >= 0, f"gen_tokens={cfg.gen_tokens} must be >= 0 (0 = seq_len - prompt_tokens)")
+    p.need(
+        math.isfinite(cfg.gen_temperature) and cfg.gen_temperature > 0,
+        f"gen_temperature={cfg.gen_temperature} must be > 0",
+    )
+    p.need(0.0 < cfg.gen_top_p <= 1.0, f"gen_top_p={cfg.gen_top_p} must be in (0, 1]")
+    p.need(0.0 <= cfg.rkl_discount <= 1.0, f"rkl_discount={cfg.rkl_discount} must be in [0, 1]")
+    p.need(cfg.gen_samples >= 0, f"gen_samples={cfg.gen_samples} must be >= 0")
+    p.need(
+        not cfg.teacher_cache,
+        f"on_policy={cfg.on_policy} trains on text generated during the run, which no teacher cache holds; "
+        f"set teacher_cache='' (or on_policy=0)",
+    )
+    if cfg.on_policy_loss == "sampled_reverse_kl":
+        p.need(
+            cfg.generator == "student",
+            "on_policy_loss=sampled_reverse_kl scores the student's own samples; it needs generator=student",
+        )
+        p.need(
+            cfg.gen_temperature == 1.0 and cfg.gen_top_p == 1.0,
+            f"on_policy_loss=sampled_reverse_kl is unbiased only for samples of the student itself; it needs "
+            f"gen_temperature=1 and gen_top_p=1 (got {cfg.gen_temperature} and {cfg.gen_top_p})",
+        )
+
+
+def _check_optimisation(cfg: KDConfig, p: _Problems) -> None:
+    p.need(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1")
+    p.need(cfg.grad_accum >= 1, f"grad_accum={cfg.grad_accum} must be >= 1")
+    p.need(cfg.epochs >= 1, f"epochs={cfg.epochs} must be >= 1")
+    p.need(cfg.max_steps == -1 or cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be >= 1, or -1 for no cap")
+    p.need(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr={cfg.lr} must be a positive number")
+    p.need(cfg.weight_decay >= 0, f"weight_decay={cfg.weight_decay} must be >= 0")
+    p.need(cfg.warmup_steps >= 0, f"warmup_steps={cfg.warmup_steps} must be >= 0")
+    p.choice("lr_scheduler")
+    p.need(cfg.grad_clip >= 0, f"grad_clip={cfg.grad_clip} must be >= 0 (0 disables clipping)")
+    p.need(cfg.max_nonfinite_steps >= 1, f"max_nonfinite_steps={cfg.max_nonfinite_steps} must be >= 1")
+
+
+def _check_evaluation(cfg: KDConfig, p: _Problems) -> None:
+    for name in ("eval_every", "eval_batches", "eval_cache_mb", "save_every"):
+        p.need(getattr(cfg, name) >= 0, f"{name}={getattr(cfg, name)} must be >= 0")
+    p.need(cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1")
+    p.need(cfg.log_first >= 0, f"log_first={cfg.log_first} must be >= 0")
+    p.need(cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1")
+    p.need(cfg.checkpoints or not cfg.resume, "resume=true needs checkpoints=true (there is nothing to resume from)")
+    p.need(
+        not (cfg.resume and cfg.overwrite),
+        "resume=true and overwrite=true contradict each other: "
+        "resume continues the run in out_dir, overwrite deletes it",
+    )
+    p.need(bool(cfg.out_dir.strip()), "out_dir='' is empty")
+
+
+def _check_early_stopping(cfg: KDConfig, p: _Problems) -> None:
+    p.choice("es_monitor")
+    p.choice("es_mode")
+    p.need(cfg.es_patience >= 1, f"es_patience={cfg.es_patience} must be >= 1")
+    p.need(
+        math.isfinite(cfg.es_min_delta) and cfg.es_min_delta >= 0,
+        f"es_min_delta={cfg.es_min_delta} must be >= 0",
+    )
+    p.need(cfg.es_warmup_steps >= -1, f"es_warmup_steps={cfg.es_warmup_steps} must be >= 0, or -1 for auto")
+    p.need(
+        math.isfinite(cfg.es_abort_threshold) and cfg.es_abort_threshold >= 0,
+        f"es_abort_threshold={cfg.es_abort_threshold} must be >= 0 (0 = off)",
+    )
+
+
+def _check_runtime(cfg: KDConfig, p: _Problems) -> None:
+    for name in ("device", "teacher_dtype", "autocast_dtype", "distributed"):
+        p.choice(name)
+
+
+def _check_correction(cfg: KDConfig, p: _Problems) -> None:
+    p.need(cfg.correct_rank >= 1, f"correct_rank={cfg.correct_rank} must be >= 1")
+    p.need(cfg.correct_alpha >= 1, f"correct_alpha={cfg.correct_alpha} must be >= 1")
+    p.need(
+        any(m.strip() for m in cfg.correct_targets.split(",")),
+        f"correct_targets={cfg.correct_targets!r} names no layer; list the layers to adapt, e.g. q_proj,v_proj",
+    )
+    p.need(cfg.correct_steps >= 1, f"correct_steps={cfg.correct_steps} must be >= 1")
+    p.need(math.isfinite(cfg.correct_lr) and cfg.correct_lr > 0, f"correct_lr={cfg.correct_lr} must be > 0")
+
+
+# one check per section of KDConfig, in the order of GROUPS (the order their messages are joined in)
+_SECTION_CHECKS: tuple[Callable[[KDConfig, _Problems], None], ...] = (
+    _check_data,
+    _check_models,
+    _check_loss,
+    _check_curriculum,
+    _check_on_policy,
+    _check_optimisation,
+    _check_evaluation,
+    _check_early_stopping,
+    _check_runtime,
+    _check_correction,
+)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(KDConfig)}

@@ -9,7 +9,7 @@ at the start, so step 0 is exactly the teacher.
     kdlab correct-teacher --correct-steps 120 --correct-out runs/correct-teacher
     report = correct_teacher(cfg)     # validation/test perplexity before and after, the adapter's path
 
-The loop is the plain LM loss (kdlab.losses.lm_loss) over the training split in the run's block
+The loop is the plain LM loss (kdlab.loss.divergences.lm_loss) over the training split in the run's block
 order, AdamW on the adapter only, kdlab's warmup + cosine schedule; a checkpoint every `save_every`
 steps (adapter, optimizer, schedule, RNG) so `--resume` continues exactly. The adapter is written
 in fp16 (half the bytes; the perplexity "after" is measured on the teacher merged from that fp16
@@ -18,7 +18,6 @@ file, the same way `kdlab prepare` merges it, so the figure describes what is sh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -26,24 +25,22 @@ import os
 import shutil
 import subprocess
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import KDConfig
-from .data import epoch_order, prepare_data
-from .errors import KDLabError
-from .evaluation import evaluate
-from .losses import lm_loss, next_token_labels
-from .models import load_teacher, load_tokenizer
-from .precision import Precision, describe_device, resolve_precision
-from .schedule import lr_scheduler
+from kdlab.config import KDConfig
+from kdlab.data.corpus import epoch_order, prepare_data
+from kdlab.errors import KDLabError
+from kdlab.loss.divergences import lm_loss, next_token_labels
+from kdlab.models import ADAPTER_FILE, load_teacher, load_tokenizer, merge_adapter, quiet_peft
+from kdlab.precision import Precision, describe_device, resolve_precision
+from kdlab.training.evaluation import evaluate
+from kdlab.training.schedule import lr_scheduler
 
 log = logging.getLogger("kdlab")
 
-ADAPTER_FILE = "adapter_model.safetensors"
 SAMPLE_SETTINGS = dict(sample=True, temperature=0.8, top_p=0.9, repetition_penalty=1.1, max_new_tokens=40, seed=0)
 
 
@@ -58,24 +55,6 @@ def lora_config(cfg: KDConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
-
-
-@contextlib.contextmanager
-def _quiet_peft():
-    """peft asks transformers' deprecated `is_gradient_checkpointing`, a FutureWarning on every adapter
-    it builds or loads: nothing a user can act on, and it would break `kdlab prepare`'s one-line errors."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
-def merge_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
-    """The base model with the adapter folded into its weights (a plain HF model, no peft layers)."""
-    from peft import PeftModel
-
-    with _quiet_peft():
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    return merged.eval().requires_grad_(False)
 
 
 def _git_commit() -> str:
@@ -95,7 +74,7 @@ def _perplexities(model, data, cfg: KDConfig, precision: Precision) -> dict[str,
 
 
 def _samples(model, tokenizer, cfg: KDConfig, precision: Precision) -> list[dict[str, str]]:
-    from .generation import generate, held_out_prompts
+    from kdlab.generation import generate, held_out_prompts
 
     prompts = held_out_prompts(cfg.data, cfg.data_dir, n=4)
     return [
@@ -189,7 +168,7 @@ def correct_teacher(cfg: KDConfig, progress: bool = True) -> dict[str, Any]:
     )
 
     try:
-        with _quiet_peft():
+        with quiet_peft():
             model = get_peft_model(base.requires_grad_(False), lcfg)
     except ValueError as e:  # e.g. a target module the model does not have
         raise KDLabError(f"correct_targets={cfg.correct_targets!r}: {str(e).splitlines()[0]}") from None
@@ -250,7 +229,7 @@ def correct_teacher(cfg: KDConfig, progress: bool = True) -> dict[str, Any]:
         "perplexity": _perplexities(merged, data, cfg, precision),
         "samples": _samples(merged, tokenizer, cfg, precision),
     }
-    from .manifest import sha256_file
+    from kdlab.manifest import sha256_file
 
     report = {
         "teacher": cfg.teacher,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .precision import Precision
+from kdlab.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Continuation:
 def held_out_prompts(data: str, data_dir: str | Path, n: int = 4, words: int = 12) -> list[str]:
     """`n` prompts from the corpus' test split (never trained on): the first `words` words of sentences
     of 20+ words, taken at evenly spaced places so they come from different chapters."""
-    from .data import load_documents
+    from kdlab.data.corpus import load_documents
 
     docs = load_documents(data, data_dir)["test"]["text"]
     sentences = [

@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import KDLabError
+from kdlab.errors import KDLabError
 
 MANIFEST = Path(__file__).resolve().parent.parent / "data" / "MANIFEST.json"
 

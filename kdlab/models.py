@@ -13,19 +13,21 @@ student was cut from are kept in its HF config (`kdlab_teacher_layers`), so a sa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
-from .errors import KDLabError
-from .manifest import load_manifest, sha256_file, verify
-from .precision import Precision
-from .pruning import choose_layers, decoder_layers, even_layers, layer_scores, parse_layer_list
+from kdlab.errors import KDLabError
+from kdlab.manifest import load_manifest, sha256_file, verify
+from kdlab.precision import Precision
+from kdlab.pruning import choose_layers, decoder_layers, even_layers, layer_scores, parse_layer_list
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +115,6 @@ def _prepare_corrected(data_dir: str | Path, name: str) -> Path:
     """data_dir/teacher/<name>: the base teacher with the committed adapter merged into its weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .correction import ADAPTER_FILE, merge_adapter
-
     base_name, adapter_rel = ADAPTERS[name]
     out = Path(data_dir) / BUILTIN_TEACHERS[name]
     stamp = out / "kdlab-conversion.json"
@@ -136,6 +136,27 @@ def _prepare_corrected(data_dir: str | Path, name: str) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+ADAPTER_FILE = "adapter_model.safetensors"  # a LoRA adapter's weights, as peft names them
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft asks transformers' deprecated `is_gradient_checkpointing`, a FutureWarning on every adapter
+    it builds or loads: nothing a user can act on, and it would break `kdlab prepare`'s one-line errors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def merge_adapter(base: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """The base model with the adapter folded into its weights (a plain HF model, no peft layers)."""
+    from peft import PeftModel
+
+    with quiet_peft():
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return merged.eval().requires_grad_(False)
 
 
 def resolve_model(name: str, data_dir: str | Path, role: str) -> str:
@@ -307,6 +328,18 @@ def _copy_teacher_layers(student, teacher, layers: list[int]) -> None:
     log.info("student initialised from teacher layers %s", layers)
 
 
+def check_positions(seq_len: int, *models: torch.nn.Module, name: str = "seq_len") -> None:
+    """A clear error, before any memory is spent, when `seq_len` (the setting `name`) exceeds a model's positions."""
+    limit = min(
+        (m.config.max_position_embeddings for m in models if getattr(m.config, "max_position_embeddings", None)),
+        default=None,
+    )
+    if limit is not None and seq_len > limit:
+        raise KDLabError(
+            f"{name}={seq_len} is longer than the models' maximum positions ({limit:,}); use {name} <= {limit}"
+        )
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -319,4 +352,7 @@ __all__ = [
     "build_student",
     "resolve_model",
     "count_parameters",
+    "check_positions",
+    "merge_adapter",
+    "ADAPTER_FILE",
 ]

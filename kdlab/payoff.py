@@ -116,8 +116,8 @@ def payoff_rows(
     """One row per model (the teacher first): parameters, tokens/s at each batch size, validation and
     test perplexity and bits per byte, KL(teacher || student) and top-1 agreement, and the ratios to
     the teacher (perplexity x teacher, speed x teacher)."""
-    from .evaluation import evaluate
-    from .models import count_parameters
+    from kdlab.models import count_parameters
+    from kdlab.training.evaluation import evaluate
 
     tb = token_bytes(tokenizer)
     prompts = data["validation"].input_ids[: max(speed_batches, default=1), :prompt_tokens]

@@ -10,7 +10,7 @@ because training ran under autocast and evaluation did not. Here both call `teac
 * the student runs under autocast on CUDA (bf16 where supported, else fp16 with a GradScaler);
   on CPU autocast is off unless bf16 is asked for. Asking for float32 autocast means "off" and is
   said so, unlike torch's CPU autocast, which warns and silently disables itself;
-* losses upcast logits to fp32 before any softmax (kdlab.losses).
+* losses upcast logits to fp32 before any softmax (kdlab.loss.divergences).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import KDLabError
+from kdlab.errors import KDLabError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -52,6 +52,17 @@ def tiny_teacher(path: Path) -> Path:
     return path
 
 
+# `kdlab train` with the original framework's verbose logging (a course callback) when asked for
+CHILD = """
+import sys
+from kdlab.cli import _setup_logging, build_parser, cmd_train
+from kdlab.course.original import OriginalVerboseLogging
+args = build_parser().parse_args(["train", *sys.argv[2:]])
+_setup_logging(args.verbose)
+sys.exit(cmd_train(args, [OriginalVerboseLogging()] if sys.argv[1] == "original-verbose" else []))
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=500)
@@ -90,9 +101,9 @@ def main() -> None:
     def run(style: str, steps: int, folder: str) -> subprocess.CompletedProcess:
         cmd = [
             sys.executable,
-            "-m",
-            "kdlab",
-            "train",
+            "-c",
+            CHILD,
+            style,
             *model,
             "--batch-size",
             str(args.batch_size),
@@ -108,8 +119,6 @@ def main() -> None:
             "0",
             "--device",
             args.device,
-            "--log-style",
-            style,
             "--out-dir",
             str(out / folder),
         ]

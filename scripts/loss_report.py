@@ -23,7 +23,7 @@ from kdlab.course.original import (
     original_feature_mse_per_dim,
     original_kd_batchmean,
 )
-from kdlab.feature_losses import attention_kl, ln_mse, uniform_layer_map
+from kdlab.loss.features import attention_kl, ln_mse, uniform_layer_map
 from kdlab.precision import student_outputs, teacher_outputs
 
 
@@ -134,7 +134,7 @@ def main() -> None:
             "early_stopping": False,
         },
     )  # as measured
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     before = measure(trainer, args.batches)
     t0 = time.perf_counter()
     state = trainer.fit()

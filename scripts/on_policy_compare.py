@@ -68,7 +68,7 @@ def run_arm(lam: float, seed: int, args) -> dict:
         checkpoints=False,
     )
     cfg = P.config(f"on-policy-compare/lambda{lam}-seed{seed}", **overrides)
-    trainer = kdlab.Trainer.from_config(cfg, callbacks=[TimeBudget(args.minutes * 60)])
+    trainer = kdlab.build_trainer(cfg, callbacks=[TimeBudget(args.minutes * 60)])
     t0 = time.perf_counter()
     state = trainer.fit()
     seconds = time.perf_counter() - t0

@@ -130,7 +130,7 @@ def cmd_run(args) -> None:
 
 def _components():
     import kdlab
-    from kdlab.components import build_components
+    from kdlab.build import build_components
 
     cfg = kdlab.load_config(overrides={"student_init": "random", "device": "cpu"})
     precision, tokenizer, teacher, data, _ = build_components(cfg)

@@ -255,7 +255,7 @@ def main() -> None:
             if old.get("config") == settled:  # the same pair, settings and sizes
                 print(f"{arm}: already written ({old['commit']}); --force to rerun", flush=True)
                 continue
-        trainer = kdlab.Trainer.from_config(cfg)
+        trainer = kdlab.build_trainer(cfg)
         first = prompts is None
         if first:
             prompts = held_out_prompts(cfg.data, cfg.data_dir, N_PROMPTS)

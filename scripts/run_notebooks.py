@@ -8,7 +8,7 @@
 Each notebook runs in a fresh kernel with the environment nbval gives it (notebooks/conftest.py: quiet
 libraries, no progress bars) and the profile asked for, from the notebooks folder as working directory,
 so stored outputs hold relative paths only. The wall time of each notebook (kernel start included) and
-the step time of the course's default run at the profile's sizes (`kdlab.preflight.time_step`, timed
+the step time of the course's default run at the profile's sizes (`kdlab.course.preflight.time_step`, timed
 just before, on the same machine) go into notebooks/timings.json under the profile, with the machine
 named: what each notebook's Time line and `kdlab preflight` read.
 """
@@ -167,7 +167,7 @@ def main() -> None:
     os.environ.update(ENV | {"KDLAB_PROFILE": args.profile})
     step = None
     if args.profile != "reference":
-        from kdlab.preflight import time_step
+        from kdlab.course.preflight import time_step
 
         step = round(time_step(args.profile), 3)
         print(f"step time at the {args.profile} profile's sizes: {step:.2f} s", flush=True)

@@ -7,6 +7,7 @@
 #   VENV=.venv            where the environment lives
 #   PYTHON=python3        the interpreter that creates it
 #   VENV_FLAGS=           e.g. --system-site-packages to reuse a CUDA torch you already have
+#   KDLAB_SKIP_BROWSER=1  no chromium (only tests/test_browser.py needs it; `make run` sets this)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,7 +42,10 @@ fi
 # the browser test (tests/test_browser.py) drives Debian's chromium: Playwright cannot download its
 # own browser here. Needs root or sudo; without either, say so (the test then fails, or set
 # KDLAB_SKIP_BROWSER=1). Without apt-get (macOS, Windows, other Linux): one line, and set-up goes on.
-if ! command -v chromium >/dev/null 2>&1 && ! command -v apt-get >/dev/null 2>&1; then
+# KDLAB_SKIP_BROWSER=1 skips that test, so set-up leaves chromium out too (`make run` sets it).
+if [ "${KDLAB_SKIP_BROWSER:-}" = "1" ]; then
+  :
+elif ! command -v chromium >/dev/null 2>&1 && ! command -v apt-get >/dev/null 2>&1; then
   echo "setup: no apt-get here, so chromium is not installed; it only matters for the browser test: install chromium yourself or set KDLAB_SKIP_BROWSER=1" >&2
 elif ! command -v chromium >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"

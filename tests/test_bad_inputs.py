@@ -43,7 +43,7 @@ CASES = [
     ),
     ("config", "patience 0: `--es-patience 0`", lambda e: ["train", "--es-patience", "0"]),
     ("config", "wrong type: `--batch-size two`", lambda e: ["train", "--batch-size", "two"]),
-    ("config", "unknown log style: `--log-style verbose`", lambda e: ["train", "--log-style", "verbose"]),
+    ("config", "unknown distribution engine: `--distributed fsdp`", lambda e: ["train", "--distributed", "fsdp"]),
     ("config", "typo in a YAML key: `alpha_dk: 0`", lambda e: ["train", "--config", str(e["typo.yaml"])]),
     ("config", "YAML file that does not exist", lambda e: ["train", "--config", str(e["tmp"] / "nope.yaml")]),
     ("config", "YAML that is a list, not a mapping", lambda e: ["train", "--config", str(e["list.yaml"])]),

@@ -167,10 +167,10 @@ def test_other_config_commands_share_the_flags(monkeypatch, capsys, command):
 
 
 def test_fields_with_a_fixed_set_of_values_list_them(monkeypatch, capsys):
-    from kdlab.curriculum import PRESETS
-    from kdlab.early_stopping import METRICS, MODES
-    from kdlab.feature_losses import FEATURE_LOSSES
-    from kdlab.losses import DIVERGENCES
+    from kdlab.loss.curriculum import PRESETS
+    from kdlab.loss.divergences import DIVERGENCES
+    from kdlab.loss.features import FEATURE_LOSSES
+    from kdlab.training.early_stopping import METRICS, MODES
 
     expected = {
         "student_init": kdlab.config.STUDENT_INITS,
@@ -181,12 +181,14 @@ def test_fields_with_a_fixed_set_of_values_list_them(monkeypatch, capsys):
         "generator": kdlab.config.GENERATORS,
         "on_policy_loss": kdlab.config.ON_POLICY_LOSSES,
         "lr_scheduler": kdlab.config.SCHEDULERS,
-        "log_style": kdlab.config.LOG_STYLES,
         "es_monitor": tuple(METRICS),
         "es_mode": MODES,
         "device": kdlab.config.DEVICES,
         "teacher_dtype": kdlab.config.DTYPES,
         "autocast_dtype": kdlab.config.DTYPES,
+        "distributed": kdlab.config.ENGINE_KINDS,
+        "teacher_cache_kind": kdlab.config.CACHE_KINDS,
+        "teacher_cache_dtype": kdlab.config.HIDDEN_DTYPES,
     }
     assert {name: field_choices(name) for name in FIELDS if field_choices(name)} == expected
     entries = _help_entries(_help(monkeypatch, capsys))
@@ -207,7 +209,7 @@ def test_validation_allows_exactly_the_values_the_help_lists(name):
 
 
 def test_choices_are_read_when_checked():  # a registry that grows (e.g. a new preset) is allowed at once
-    from kdlab.curriculum import PRESETS
+    from kdlab.loss.curriculum import PRESETS
 
     PRESETS["test-only"] = {}
     try:

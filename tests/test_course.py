@@ -323,7 +323,7 @@ def test_reference_profile_replays_through_the_callbacks(tiny_overrides, tmp_pat
         "es_min_delta": 10.0,
         "es_warmup_steps": 0,
     }
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over), callbacks=[seen])
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=over), callbacks=[seen])
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     state = P.fit(trainer, "tiny")
     # min_delta 10 makes every check after the first a non-improvement: patience 1 stops at the 2nd check,

@@ -28,7 +28,7 @@ def test_cuda_run_with_an_fp16_teacher_trains_and_keeps_fp32_weights(cuda_overri
             "curriculum": "constant",
         }
     )
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     assert next(trainer.teacher.parameters()).dtype == torch.float16  # the original framework's set-up
     assert trainer.scaler.is_enabled() == (autocast == "float16")
     state = trainer.fit()
@@ -53,7 +53,7 @@ def test_no_host_sync_inside_a_cuda_training_step(cuda_overrides):
             "curriculum": "constant",
         }
     )
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     batches = [trainer.batches.next_step() for _ in range(3)]
     trainer.train_step(batches[0])  # lazy initialisations (cuBLAS handles, optimizer state)
     torch.cuda.synchronize()

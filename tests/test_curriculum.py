@@ -9,8 +9,8 @@ import math
 import pytest
 
 import kdlab
-import kdlab.curriculum
-from kdlab.curriculum import PRESETS, CurriculumScheduler, Ramp, parse_ramps
+import kdlab.loss.curriculum
+from kdlab.loss.curriculum import PRESETS, CurriculumScheduler, Ramp, parse_ramps
 
 TERMS = ("kd", "feature", "attention", "layerwise", "contrastive")
 
@@ -100,7 +100,7 @@ def test_unknown_preset_names_the_allowed_ones():
 
 
 def test_module_doctest_table():
-    result = doctest.testmod(kdlab.curriculum)
+    result = doctest.testmod(kdlab.loss.curriculum)
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from kdlab.batches import PackedBatches
-from kdlab.data import PackedSplit, load_documents, prepare_austen, split_of, tokenize_and_pack
+from kdlab.data.batches import PackedBatches
+from kdlab.data.corpus import PackedSplit, load_documents, prepare_austen, split_of, tokenize_and_pack
 from kdlab.errors import KDLabError
-from kdlab.losses import IGNORE_INDEX
+from kdlab.loss.divergences import IGNORE_INDEX
 from kdlab.manifest import load_manifest, sha256_file
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kdlab
-from kdlab.early_stopping import EarlyStopping
+from kdlab.training.early_stopping import EarlyStopping
 
 
 def feed(es, values, start=0, every=1):
@@ -94,10 +94,10 @@ def test_default_warmup_is_the_lr_warmup_not_the_last_ramp(tiny_overrides):
     # the earlier default (until the last ramp ends) was step 50 of 50 with contrastive on: a stopper
     # that could never fire under the write-up's curriculum
     over = {**tiny_overrides, "max_steps": 50, "w_layerwise": 1.0, "w_contrastive": 0.1, "warmup_steps": 5}
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=over))
     assert trainer.objective.curriculum.last_ramp_end() == 50
     assert trainer.callback(kdlab.EarlyStopping).warmup_steps == 5
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides={**over, "es_warmup_steps": 7}))
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides={**over, "es_warmup_steps": 7}))
     assert trainer.callback(kdlab.EarlyStopping).warmup_steps == 7
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import kdlab
-from kdlab.evaluation import TeacherEvalCache, evaluate
+from kdlab.training.evaluation import TeacherEvalCache, evaluate
 
 
 def _counting(trainer, monkeypatch) -> list[int]:
@@ -22,7 +22,7 @@ def test_cached_evaluations_equal_recomputed_ones_with_one_teacher_forward_per_b
     runs = {}
     for mb in (0, 1024):
         cfg = kdlab.load_config(overrides={**overrides, "eval_cache_mb": mb, "out_dir": str(tmp_path / f"mb{mb}")})
-        trainer = kdlab.Trainer.from_config(cfg)
+        trainer = kdlab.build_trainer(cfg)
         calls = _counting(trainer, monkeypatch)
         state = trainer.fit()
         evals = [r for r in state.history if r["kind"] == "eval"]
@@ -36,7 +36,7 @@ def test_cached_evaluations_equal_recomputed_ones_with_one_teacher_forward_per_b
 
 
 def test_the_cache_holds_only_what_fits_its_budget(tiny_overrides):
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=tiny_overrides))
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=tiny_overrides))
     batches = list(trainer.data["validation"].eval_batches(2, 3))
     reference = evaluate(trainer.student, trainer.teacher, batches, trainer.precision)
     one_batch = 2 * 32 * trainer.teacher.config.vocab_size * 4  # (B, T, V) fp32 logits

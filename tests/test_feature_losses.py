@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdlab.course.original import original_attention_batchmean, original_feature_mse, original_feature_mse_per_dim
-from kdlab.feature_losses import attention_kl, cosine_distance, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
+from kdlab.loss.features import attention_kl, cosine_distance, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
 
 B, T, D, H = 3, 9, 16, 4
 

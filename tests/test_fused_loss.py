@@ -1,4 +1,4 @@
-"""The fused linear KD + LM loss (kdlab.fused_loss) against the reference path: the logits built in
+"""The fused linear KD + LM loss (kdlab.loss.fused) against the reference path: the logits built in
 full (hidden @ W^T), then kdlab.kd_loss and kdlab.lm_loss; values and gradients to 1e-5 in fp32."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import kdlab
-from kdlab.fused_loss import fused_linear_kd_lm
-from kdlab.losses import IGNORE_INDEX
+from kdlab.loss.divergences import IGNORE_INDEX
+from kdlab.loss.fused import fused_linear_kd_lm
 
 
 def _problem(seed=0, B=2, T=9, D=16, Dt=24, V=50):
@@ -107,7 +107,7 @@ def test_a_fused_step_equals_the_logits_paths_step(tiny_overrides, tmp_path, ext
     steps = {}
     for fused in (True, False):
         over = {**tiny_overrides, **extra, "fused_loss": fused, "out_dir": str(tmp_path / str(fused))}
-        trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
+        trainer = kdlab.build_trainer(kdlab.load_config(overrides=over))
         assert trainer.objective.fused is fused, trainer.objective.fused_off
         grads = {}
 
@@ -141,5 +141,5 @@ def test_the_fused_path_steps_aside_where_it_does_not_apply(tiny_overrides):
         "fused_loss": (False, "fused_loss=false"),
     }
     for key, (value, why) in cases.items():
-        trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides={**tiny_overrides, key: value}))
+        trainer = kdlab.build_trainer(kdlab.load_config(overrides={**tiny_overrides, key: value}))
         assert not trainer.objective.fused and why in trainer.objective.fused_off, key

@@ -89,7 +89,7 @@ def test_teacher_nll_equals_cross_entropy_on_the_continuation(tiny):
 
 
 def test_held_out_prompts_come_from_the_test_split(tmp_path):
-    from kdlab.data import load_documents
+    from kdlab.data.corpus import load_documents
 
     text = "\n\n".join(
         f"Paragraph {i} begins here and it goes on for quite a while with many words in it, "

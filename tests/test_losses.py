@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.losses import (
+from kdlab.loss.divergences import (
     IGNORE_INDEX,
     kd_loss,
     kd_loss_reference,

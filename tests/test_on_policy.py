@@ -1,4 +1,4 @@
-"""On-policy distillation (kdlab.on_policy): the sampled-token estimator against exact float64 formulas
+"""On-policy distillation (kdlab.training.on_policy): the sampled-token estimator against exact float64 formulas
 (Monte Carlo), divergences on generated positions against float64 references, the generated batches,
 mixed-policy runs end to end, sequence-level KD, exact resume after SIGKILL and torchrun."""
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import kdlab
-from kdlab.batches import PackedBatches
+from kdlab.data.batches import PackedBatches
 from kdlab.generation import RowSeededSampler, generate_ids, top_p_filter
-from kdlab.losses import IGNORE_INDEX, next_token_labels, sampled_reverse_kl
-from kdlab.objective import StepCounts
-from kdlab.on_policy import GeneratedBatches, OnPolicyObjective
+from kdlab.loss.divergences import IGNORE_INDEX, next_token_labels, sampled_reverse_kl
+from kdlab.loss.objective import StepCounts
+from kdlab.training.on_policy import GeneratedBatches, OnPolicyObjective
 
 
 # ------------------------------------------------------------------ the sampled-token estimator
@@ -115,7 +115,7 @@ def on_policy_overrides(tiny_overrides):
 
 def test_a_generated_batch_is_the_block_prefix_continued_by_the_student(on_policy_overrides):
     cfg = kdlab.load_config(overrides=on_policy_overrides)
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     assert isinstance(trainer.batches, GeneratedBatches) and isinstance(trainer.objective, OnPolicyObjective)
     corpus = PackedBatches(trainer.data["train"], cfg.batch_size, seed=cfg.seed).next_step()[0]
     (batch,) = trainer.batches.next_step()
@@ -126,7 +126,7 @@ def test_a_generated_batch_is_the_block_prefix_continued_by_the_student(on_polic
     assert torch.equal(batch["labels"][:, P:], batch["input_ids"][:, P:])
     # the continuation is the student's: the same rows sampled one at a time give the same tokens
     for row in range(cfg.batch_size):
-        seed = kdlab.on_policy._row_seed(cfg.seed, 0, batch["input_ids"][row, :P].tolist())
+        seed = kdlab.training.on_policy._row_seed(cfg.seed, 0, batch["input_ids"][row, :P].tolist())
         alone = generate_ids(trainer.student, batch["input_ids"][row : row + 1, :P], G, seeds=[seed])
         assert torch.equal(alone[0], batch["input_ids"][row, P:])
     # only the generated tokens are scored: the step counts G next-token targets per row
@@ -141,7 +141,7 @@ def _kl64(p_logits, q_logits):  # KL(softmax p || softmax q) per position, float
 
 def _scored_generated_batch(cfg):
     """A generated batch of `cfg`'s trainer, the objective's loss on it, both models' logits and the scored mask."""
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     (batch,) = trainer.batches.next_step()
     with torch.no_grad():
         loss = trainer.objective.loss(trainer.student, trainer.teacher, batch, trainer.precision)
@@ -185,7 +185,7 @@ def test_the_on_policy_share_follows_lambda_and_lambda_zero_is_todays_training(o
     share = sum(src.generates(s) for s in range(4000)) / 4000
     assert abs(share - 0.3) < 4 * (0.3 * 0.7 / 4000) ** 0.5
     cfg = kdlab.load_config(overrides={**on_policy_overrides, "on_policy": 0.0})
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     assert type(trainer.batches) is PackedBatches and type(trainer.objective) is kdlab.Objective
 
 
@@ -194,7 +194,7 @@ def test_a_mixed_run_logs_both_kinds_of_step_the_shares_and_samples(on_policy_ov
 
     over = {**on_policy_overrides, "on_policy": 0.5, "max_steps": 8, "log_every": 1, "log_first": 0}
     lp = LivePlot(widgets=True, min_interval_s=0.0, max_overhead=1.0)
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over), callbacks=[lp])
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=over), callbacks=[lp])
     plan = [trainer.batches.generates(s) for s in range(8)]
     assert 0 < sum(plan) < 8  # this seed mixes both kinds
     state = trainer.fit()
@@ -219,7 +219,7 @@ def test_sampled_reverse_kl_runs_as_the_on_policy_objective(on_policy_overrides)
     """On a batch the student generated, the KD term is the mean sampled log-ratio, which estimates
     the exact reverse KL on those positions (within 4 standard errors); a run trains on it."""
     over = {**on_policy_overrides, "on_policy_loss": "sampled_reverse_kl", "max_steps": 3, "log_every": 1}
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=over))
     (batch,) = trainer.batches.next_step()
     with torch.no_grad():
         loss = trainer.objective.loss(trainer.student, trainer.teacher, batch, trainer.precision)
@@ -239,10 +239,10 @@ def test_sampled_reverse_kl_runs_as_the_on_policy_objective(on_policy_overrides)
 
 def test_sequence_level_kd_trains_the_lm_term_on_the_teachers_text(on_policy_overrides):
     cfg = kdlab.load_config(overrides={**on_policy_overrides, "generator": "teacher"})
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     (batch,) = trainer.batches.next_step()
     assert batch["policy"] == "teacher"
-    seed = kdlab.on_policy._row_seed(cfg.seed, 0, batch["input_ids"][0, :12].tolist())
+    seed = kdlab.training.on_policy._row_seed(cfg.seed, 0, batch["input_ids"][0, :12].tolist())
     alone = generate_ids(trainer.teacher, batch["input_ids"][:1, :12], 20, seeds=[seed])
     assert torch.equal(alone[0], batch["input_ids"][0, 12:])
     loss = trainer.objective.loss(trainer.student, trainer.teacher, batch, trainer.precision)
@@ -269,7 +269,7 @@ def test_bad_on_policy_settings_are_refused_in_one_line(tiny_overrides, over, me
 def test_a_continuation_longer_than_the_positions_is_refused(on_policy_overrides):
     cfg = kdlab.load_config(overrides={**on_policy_overrides, "gen_tokens": 5000})
     with pytest.raises(kdlab.KDLabError) as err:
-        kdlab.Trainer.from_config(cfg)
+        kdlab.build_trainer(cfg)
     assert "prompt_tokens + gen_tokens=5012 is longer than the models' maximum positions (2,048)" in str(err.value)
 
 

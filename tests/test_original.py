@@ -3,7 +3,7 @@
 import torch
 
 from kdlab.course.original import original_kd_batchmean
-from kdlab.losses import kd_loss
+from kdlab.loss.divergences import kd_loss
 
 
 def test_seed_batchmean_kd_grows_with_sequence_length_while_kdlab_does_not():
@@ -21,14 +21,14 @@ def test_seed_batchmean_kd_grows_with_sequence_length_while_kdlab_does_not():
 # ---------------------------------------------------------------------------- early stopping (notebook 06)
 class _FakeTrainer:
     def __init__(self):
-        from kdlab.trainer import TrainState
+        from kdlab.training.trainer import TrainState
 
         self.state = TrainState()
 
 
 def test_seed_total_early_stopping_fires_when_a_ramp_raises_the_total():
     from kdlab.course.original import OriginalTotalEarlyStopping
-    from kdlab.curriculum import CurriculumScheduler
+    from kdlab.loss.curriculum import CurriculumScheduler
 
     # fixed raw terms that fall slowly; the curriculum ramps feature in over steps 10-40 of 100
     sched = CurriculumScheduler.from_preset("original", 100, {"kd": 0.5, "lm": 0.5, "feature": 1.0})

@@ -1,4 +1,5 @@
-"""`kdlab preflight` (kdlab/preflight.py) and the no-apt-get path of set-up (kdlab/data.py, scripts/setup.sh)."""
+"""`kdlab preflight` (kdlab/course/preflight.py) and the no-apt-get path of set-up (kdlab/data/corpus.py,
+scripts/setup.sh)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import kdlab.data
-import kdlab.preflight as pf
+import kdlab.course.preflight as pf
+import kdlab.data.corpus
 from kdlab.errors import KDLabError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,9 +189,9 @@ def test_preflight_end_to_end_ci():
 
 
 def test_no_apt_get_is_one_line_with_the_url_and_kdlab_corpus(tmp_path, monkeypatch):
-    monkeypatch.setattr(kdlab.data.shutil, "which", lambda name: None)
+    monkeypatch.setattr(kdlab.data.corpus.shutil, "which", lambda name: None)
     with pytest.raises(KDLabError) as e:
-        kdlab.data._download_austen_deb(tmp_path / "downloads", DEB_NAME)
+        kdlab.data.corpus._download_austen_deb(tmp_path / "downloads", DEB_NAME)
     msg = str(e.value)
     assert "\n" not in msg
     assert f"https://deb.debian.org/debian/pool/main/r/r-cran-janeaustenr/{DEB_NAME}" in msg
@@ -198,7 +199,7 @@ def test_no_apt_get_is_one_line_with_the_url_and_kdlab_corpus(tmp_path, monkeypa
     # a .deb put there by hand is used without apt-get
     (tmp_path / "downloads").mkdir()
     (tmp_path / "downloads" / DEB_NAME).write_bytes(b"!<arch>\n")
-    assert kdlab.data._download_austen_deb(tmp_path / "downloads", DEB_NAME) == tmp_path / "downloads" / DEB_NAME
+    assert kdlab.data.corpus._download_austen_deb(tmp_path / "downloads", DEB_NAME) == tmp_path / "downloads" / DEB_NAME
 
 
 @pytest.mark.process

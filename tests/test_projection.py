@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kdlab.course.original import OriginalTeacherProjector, original_projected_kd
-from kdlab.losses import kd_loss
-from kdlab.projection import StudentLogitProjector, align_vocab
+from kdlab.loss.divergences import kd_loss
+from kdlab.loss.projection import StudentLogitProjector, align_vocab
 
 
 def test_align_vocab_slices_or_pads_by_token_id():
@@ -100,11 +100,11 @@ def test_learned_projection_refuses_huge_vocabularies(tiny_overrides, padded_stu
 
     cfg = kdlab.load_config(overrides={**tiny_overrides, "student": padded_student, "logit_projection": "learned"})
     with pytest.raises(kdlab.KDLabError, match="would train 2,419,.* parameters"):
-        kdlab.Trainer.from_config(cfg)
+        kdlab.build_trainer(cfg)
 
 
 def test_match_logits_uses_the_student_side_projector():
-    from kdlab.terms import match_logits
+    from kdlab.loss.terms import match_logits
 
     s, t = torch.randn(2, 3, 6), torch.randn(2, 3, 9)
     s2, t2 = match_logits(None, s, t)  # no projector: align the teacher by id

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kdlab
-from kdlab.checkpoint import latest_checkpoint, load_checkpoint
+from kdlab.training.checkpoint import latest_checkpoint, load_checkpoint
 
 # Runs kdlab.train in a child process and kills it with SIGKILL (no handler, no cleanup can run):
 #   mid-run:      after `at` steps, between two checkpoints and inside a log interval
@@ -22,7 +22,7 @@ from kdlab.checkpoint import latest_checkpoint, load_checkpoint
 #                 temporary folder and before the rename that publishes them
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
-    import kdlab, kdlab.checkpoint as ck
+    import kdlab, kdlab.training.checkpoint as ck
     over, at, mode = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     real_fsync = ck._fsync_tree
     def fsync(path):
@@ -30,7 +30,7 @@ CHILD = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         real_fsync(path)
     ck._fsync_tree = fsync
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=over))
     real_step = trainer.train_step
     def step(batches):
         if mode == "mid-run" and trainer.state.step == at:
@@ -116,7 +116,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(robust_
     assert (root / ".tmp-step-000006").is_dir()  # the half-written one never got published
     ckpt = latest_checkpoint(tmp_path / "b")
     assert ckpt.name == "step-000003"
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=over))
     state = load_checkpoint(ckpt, trainer.student, trainer.objective.heads)
     assert state["step"] == 3
     resumed = kdlab.train(kdlab.load_config(overrides={**over, "resume": True}))
@@ -127,7 +127,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(robust_
 
 def test_keyboard_interrupt_returns_the_history_so_far(tiny_overrides):
     over = {**tiny_overrides, "max_steps": 20, "log_every": 100, "log_first": 2, "eval_every": 3, "save_every": 0}
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=over))
     real, calls = trainer.train_step, {"n": 0}
 
     def step(batches):  # Ctrl-C while step 8 runs, as a notebook's "interrupt kernel" does
@@ -160,7 +160,7 @@ def test_no_host_sync_inside_a_training_step(tiny_overrides, monkeypatch):
         "grad_accum": 2,
         "curriculum": "constant",
     }
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=over))
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=over))
     batches = [trainer.batches.next_step() for _ in range(3)]
     trainer.train_step(batches[0])  # first call: lazy initialisations
     seen = []

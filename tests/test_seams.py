@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import kdlab
-import kdlab.components
-import kdlab.schedule
+import kdlab.build
+import kdlab.training.schedule
 from kdlab.cli import main
 from kdlab.course.widgets import LivePlot
 
@@ -121,8 +121,8 @@ class Counter(kdlab.Callback):
 
 def _trainer(over, callbacks):
     cfg = kdlab.load_config(overrides=over)
-    p, tok, teacher, data, student = kdlab.components.build_components(cfg)
-    return kdlab.Trainer(cfg, student, teacher, data, p, tok, callbacks, batches=FirstBlocks(data["train"], 2))
+    parts = kdlab.build.build_components(cfg)
+    return kdlab.build_trainer(cfg, callbacks, parts=parts, batches=FirstBlocks(parts.data["train"], 2))
 
 
 def test_own_batch_source_and_two_callbacks_of_one_class_resume_independently(tiny_overrides, tmp_path):
@@ -223,18 +223,18 @@ def test_eval_of_a_student_with_a_padded_vocabulary(tiny_overrides, tmp_path, ca
 def test_the_first_step_trains(tiny_overrides):
     """Warmup starts at lr / (warmup + 1), not 0: step 1 moves the weights."""
     cfg = kdlab.load_config(overrides={**tiny_overrides, "warmup_steps": 4, "max_steps": 10})
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     before = [p.detach().clone() for p in trainer.student.parameters()]
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 5)
     trainer.train_step(trainer.batches.next_step())
     moved = sum(not torch.equal(a, p) for a, p in zip(before, trainer.student.parameters()))
     assert moved == len(before)
-    lrs = [kdlab.schedule.lr_factor(s, "cosine", 4, 10) for s in range(10)]
+    lrs = [kdlab.training.schedule.lr_factor(s, "cosine", 4, 10) for s in range(10)]
     assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and lrs[-1] > 0
 
 
 def test_evaluate_before_fit_writes_nothing(tiny_overrides, tmp_path):
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=tiny_overrides))
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=tiny_overrides))
     record = trainer.evaluate("validation")
     assert record["step"] == 0 and record["kl"] > 0
     assert not (tmp_path / "run").exists()
@@ -248,7 +248,7 @@ def test_callback_lookup_prefers_the_exact_type(tiny_overrides):
     from kdlab.course.original import OriginalTotalEarlyStopping
 
     watch = OriginalTotalEarlyStopping(patience=10, stop=False)
-    trainer = kdlab.Trainer.from_config(kdlab.load_config(overrides=tiny_overrides), callbacks=[watch])
+    trainer = kdlab.build_trainer(kdlab.load_config(overrides=tiny_overrides), callbacks=[watch])
     es = trainer.callback(kdlab.EarlyStopping)
     assert type(es) is kdlab.EarlyStopping and es.monitor == "val_kl"
     assert trainer.callback(OriginalTotalEarlyStopping) is watch
@@ -269,7 +269,7 @@ def test_a_run_stopped_between_log_lines_records_its_last_steps(tiny_overrides, 
     cfg = kdlab.load_config(
         overrides={**tiny_overrides, "out_dir": str(tmp_path / "run"), "max_steps": 20, "log_every": 5, "log_first": 0}
     )
-    state = kdlab.Trainer.from_config(cfg, callbacks=[_StopAt(7)]).fit()
+    state = kdlab.build_trainer(cfg, callbacks=[_StopAt(7)]).fit()
     train = [r for r in state.history if r["kind"] == "train"]
     assert [(r["step"], r["steps"]) for r in train] == [(5, 5), (7, 2)] and state.stop_reason == "stopped at 7"
     on_disk = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import kdlab
-from kdlab.balance import AdaptiveBalancer
-from kdlab.feature_losses import ln_mse
-from kdlab.router import StudentAwareRouter
+from kdlab.loss.balance import AdaptiveBalancer
+from kdlab.loss.features import ln_mse
+from kdlab.loss.router import StudentAwareRouter
 
 B, T, DS, DT, E = 2, 7, 12, 20, 4
 
@@ -97,7 +97,7 @@ def test_all_terms_train_route_and_log(tiny_overrides):
             "router_top_k": 1,
         }
     )
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     assert trainer.student.config._attn_implementation == "eager"
     state = trainer.fit()
     assert state.skipped_steps == 0
@@ -114,7 +114,7 @@ def test_all_terms_train_route_and_log(tiny_overrides):
 
 def test_only_needed_outputs_are_requested(tiny_overrides, monkeypatch):
     cfg = kdlab.load_config(overrides={**tiny_overrides, "max_steps": 1, "eval_every": 0, "save_every": 0})
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     assert trainer.student.config._attn_implementation != "eager"
     seen = []
     real = trainer.teacher.forward

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kdlab
-from kdlab.checkpoint import latest_checkpoint
+from kdlab.training.checkpoint import latest_checkpoint
 
 
 def _final_evals(state):
@@ -131,7 +131,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_overrides):
     for accum, bs in ((1, 4), (2, 2)):
         cfg = kdlab.load_config(overrides={**tiny_overrides, "grad_accum": accum, "batch_size": bs})
         torch.manual_seed(0)
-        trainer = kdlab.Trainer.from_config(cfg)
+        trainer = kdlab.build_trainer(cfg)
         batch = trainer.data["train"].batch(list(range(4)))
         batch["attention_mask"][3, 20:] = 0  # uneven valid counts make a mean of means differ
         batch["labels"][3, 20:] = kdlab.IGNORE_INDEX
@@ -146,12 +146,12 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_overrides):
 
 def test_lm_only_run_skips_the_teacher_in_training(tiny_overrides, monkeypatch):
     cfg = kdlab.load_config(overrides={**tiny_overrides, "alpha_kd": 0.0, "max_steps": 2, "eval_every": 0})
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     calls = []
     real_forward = trainer.teacher.forward
     monkeypatch.setattr(trainer.teacher, "forward", lambda *a, **k: calls.append(1) or real_forward(*a, **k))
     state = trainer.fit()
-    # validation before (kept: kdlab.evaluation.TeacherEvalCache) and after, then test: two splits' batches
+    # validation before (kept: kdlab.training.evaluation.TeacherEvalCache) and after, then test: two splits' batches
     n_eval_batches = 2 * cfg.eval_batches
     assert len(calls) == n_eval_batches
     assert all("kd" not in r and "lm" in r for r in state.history if r["kind"] == "train")
@@ -193,7 +193,7 @@ def test_corrupt_checkpoint_gives_clear_error(tiny_overrides, tmp_path):
 
 def _poison_teacher(trainer, bad_calls):
     """Make the teacher's final hidden states (so its logits too) nan on the given (0-based) forward
-    calls: what both the logits path and the fused loss (kdlab.fused_loss) read."""
+    calls: what both the logits path and the fused loss (kdlab.loss.fused) read."""
     calls = {"n": 0}
 
     def poison(module, args, out):
@@ -215,7 +215,7 @@ def test_nonfinite_step_is_skipped_without_touching_the_weights(tiny_overrides):
             "warmup_steps": 0,
         }
     )  # no lr-0 first step
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     eval_calls = cfg.eval_batches  # the step-0 evaluation runs the teacher first
     _poison_teacher(trainer, {eval_calls + 1})  # the teacher call of step 2
     before, real_step = {}, trainer.train_step
@@ -243,7 +243,7 @@ def test_run_stops_after_too_many_nonfinite_steps(tiny_overrides):
     cfg = kdlab.load_config(
         overrides={**tiny_overrides, "max_steps": 10, "eval_every": 0, "save_every": 0, "max_nonfinite_steps": 3}
     )
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     _poison_teacher(trainer, set(range(cfg.eval_batches, cfg.eval_batches + 100)))
     state = trainer.fit()
     assert state.step == 3 and state.skipped_steps == 3
@@ -278,7 +278,7 @@ def test_compiled_forwards_train_like_eager(tiny_overrides, tmp_path):
 def test_train_blocks_trains_on_the_first_blocks_only_and_repeats_them(tiny_overrides):
     """train_blocks=N: a small corpus; every epoch is the same N blocks (here 2 steps of 2)."""
     cfg = kdlab.load_config(overrides={**tiny_overrides, "train_blocks": 4, "max_steps": 4})
-    trainer = kdlab.Trainer.from_config(cfg)
+    trainer = kdlab.build_trainer(cfg)
     assert len(trainer.data["train"]) == 4 and trainer.batches.steps_per_epoch == 2
     full = kdlab.prepare_data(cfg.data, cfg.data_dir, trainer.tokenizer, cfg.seq_len)["train"]
     assert torch.equal(trainer.data["train"].input_ids, full.input_ids[:4])

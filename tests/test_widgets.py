@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kdlab
-from kdlab.curriculum import CurriculumScheduler
+from kdlab.loss.curriculum import CurriculumScheduler
 
 pytest.importorskip("ipywidgets")
 pytest.importorskip("matplotlib")

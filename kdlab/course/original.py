@@ -1,6 +1,6 @@
 """The original framework's formulas, kept as named variants so the course can show before and after
-on the same data. kdlab's trainer uses none of them except, on request (`log_style="original-verbose"`),
-its logging; each docstring says what goes wrong.
+on the same data. kdlab's trainer uses none of them; its logging can be put back as a callback
+(`OriginalVerboseLogging`, notebook 05); each docstring says what goes wrong.
 docs/original-framework.md describes that framework; tests/test_original.py and notebooks 02-06 measure each verdict.
 """
 
@@ -11,8 +11,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ..callbacks import Callback
-from ..early_stopping import EarlyStopping
+from kdlab.training.callbacks import Callback
+from kdlab.training.early_stopping import EarlyStopping
 
 
 def original_kd_batchmean(
@@ -154,11 +154,11 @@ class OriginalTotalEarlyStopping(EarlyStopping):
 
 
 class OriginalVerboseLogging(Callback):
-    """The original framework's logging, kept to measure its cost (`log_style="original-verbose"`):
+    """The original framework's logging, kept to measure its cost (pass it as a callback):
     36 printed lines per step, each number read with .item() (a host sync on CUDA), as its prints did."""
 
     def on_step_end(self, trainer, out) -> None:
-        if not trainer.dist.is_main:
+        if not trainer.engine.is_main:
             return
         s, w = trainer.state, trainer.objective.curriculum.weights_at(trainer.state.step - 1)
         names = ("kd", "lm", "feature", "attention", "layerwise", "contrastive")  # its six terms

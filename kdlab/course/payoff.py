@@ -59,9 +59,9 @@ def payoff_from_runs(
     Quality comes from each run's last validation and test evaluation (the blocks every evaluation of
     the run used, the teacher's figures recorded beside them), so nothing is evaluated twice; only the
     generation speed is measured here, on `prompts` ((N, P) token ids)."""
-    from ..models import count_parameters
-    from ..payoff import generation_speed
-    from .verdicts import evals
+    from kdlab.course.verdicts import evals
+    from kdlab.models import count_parameters
+    from kdlab.payoff import generation_speed
 
     def speeds(model) -> dict[str, float]:
         return {f"tokens_per_s_b{b}": generation_speed(model, prompts, b, new_tokens, repeats) for b in speed_batches}
@@ -87,8 +87,8 @@ def payoff_from_runs(
 
 def model_quality(models: dict[str, Any], batches: list[dict], precision, tokenizer) -> dict[str, dict[str, float]]:
     """{name: {"ppl", "bpb", "tokens", "bytes"}} of each model on the same held-out `batches`."""
-    from ..evaluation import evaluate
-    from ..payoff import token_bytes
+    from kdlab.payoff import token_bytes
+    from kdlab.training.evaluation import evaluate
 
     tb = token_bytes(tokenizer)
     out = {}
@@ -111,7 +111,7 @@ def decoding_lesson(
     [(model, decoding, distinct-2, teacher NLL)]). Distinct-2 (unique token pairs / all pairs) falls
     when text loops; the teacher's NLL (nats per token) rises when text wanders off what it finds
     likely: a decoding is judged on both at once, never on one."""
-    from ..generation import distinct_n, generate, teacher_nll
+    from kdlab.generation import distinct_n, generate, teacher_nll
 
     texts, measures = {}, []
     for model_name, model in models.items():
@@ -136,7 +136,7 @@ def load_grid() -> dict[str, Any]:
     """The committed pruning grid: every arm's final figures, the speed pass, the settings."""
     import json
 
-    from . import repo_root
+    from kdlab.course.references import repo_root
 
     return json.loads((repo_root() / GRID_FILE).read_text())
 
@@ -144,7 +144,7 @@ def load_grid() -> dict[str, Any]:
 def grid_arms(grid: dict[str, Any], layers: str = "importance") -> dict[tuple[int, str], Any]:
     """{(depth, "kd" | "lm"): kdlab.course.verdicts.Arm} of the grid's runs with `layers`, one run per
     seed, each as its final validation and test evaluation (the only records the grid keeps)."""
-    from .verdicts import Arm
+    from kdlab.course.verdicts import Arm
 
     runs: dict[tuple[int, str], list] = {}
     for name, a in sorted(grid["arms"].items()):
@@ -166,7 +166,7 @@ def grid_arms(grid: dict[str, Any], layers: str = "importance") -> dict[tuple[in
 def grid_table(grid: dict[str, Any], layers: str = "importance") -> Any:
     """The trade-off as Markdown: per depth, parameters, speed x teacher, KD and LM-only validation
     perplexity (mean and range of the seeds) and the verdict of KD against LM-only."""
-    from .verdicts import compare
+    from kdlab.course.verdicts import compare
 
     arms, speed = grid_arms(grid, layers), grid["speed"]["models"]
     t = speed["teacher"]

@@ -13,19 +13,19 @@ display themselves twice; `display(fig)` shows one in a notebook and `fig.savefi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from ..metrics import GENERATED
-from ..terms import display_order as term_order
+from kdlab.course.references import load_metrics
+from kdlab.loss.terms import display_order as term_order
+from kdlab.training.metrics import GENERATED
 
 
 class _Colors(dict):
     """A term's colour: fixed by its place in `term_order()` (C0, C1, ...); the total in black; a
-    generated step's term ("gen/kd", kdlab.on_policy) in its term's colour (drawn dashed)."""
+    generated step's term ("gen/kd", kdlab.training.on_policy) in its term's colour (drawn dashed)."""
 
     def get(self, term, default=None):
         if term == "total":
@@ -39,18 +39,6 @@ class _Colors(dict):
 
 
 COLORS = _Colors()
-
-
-def load_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a run: `path` is a run folder (out_dir) or a metrics.jsonl file."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "metrics.jsonl"
-    if not p.is_file():
-        from ..errors import KDLabError
-
-        raise KDLabError(f"no metrics file at {str(p)!r}; give a run folder (out_dir) or its metrics.jsonl")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 def terms_of(records: list[dict[str, Any]]) -> list[str]:
@@ -250,7 +238,7 @@ def _records(run) -> list[dict[str, Any]]:
 
 
 def on_policy_run(records) -> bool:
-    """Whether the records are an on-policy run's (kdlab.on_policy): they carry the on-policy share."""
+    """Whether the records are an on-policy run's (kdlab.training.on_policy): they carry the on-policy share."""
     return any("on_policy_share" in r for r in records if r.get("kind") == "train")
 
 
@@ -381,7 +369,7 @@ def plot_differences(
     `baseline` and the values of `arms` are kdlab.course.verdicts.Arm; `start`: the first step drawn
     (default: the second evaluation, after the shared initialisation). The y-axis is scaled to the
     differences, not to the metric's range."""
-    from .verdicts import metric_name
+    from kdlab.course.verdicts import metric_name
 
     fig, (ax,) = new_figure(1, width=6.4, height=3.4)
     steps = baseline.steps()
@@ -418,7 +406,7 @@ def plot_tradeoff(grid: dict[str, Any], points: dict[str, tuple[float, float]] |
     validation perplexity (mean, min-max over its seeds) against generation speed x the teacher's at
     `batch`, KD + LM and LM only; the teacher at (1, its perplexity); `points`: {label: (speed x teacher,
     val ppl)} more students (your own run) drawn as stars."""
-    from .payoff import grid_arms
+    from kdlab.course.payoff import grid_arms
 
     arms, speed = grid_arms(grid), grid["speed"]["models"]
     fig, (ax,) = new_figure(1, width=7.0, height=4.2)

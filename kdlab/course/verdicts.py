@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import KDLabError
+from kdlab.errors import KDLabError
 
 METRICS = {  # record key -> (name, format)
     "student_ppl": ("ppl", ".1f"),
@@ -55,7 +55,7 @@ def _records(run) -> list[dict[str, Any]]:
     history = getattr(run, "history", None)
     if history is not None:
         return list(history)
-    from .plots import load_metrics
+    from kdlab.course.references import load_metrics
 
     return load_metrics(run)
 
@@ -116,7 +116,7 @@ class Arm:
     def reference(cls, arm: str, seeds: Iterable[int] = SEEDS, name: str | None = None) -> Arm:
         """The committed reference runs of `arm` with these run seeds (seed 0 is `arm` itself, seed N
         `arm-seedN`; `ci/<arm>` for the runs of a notebook's ci size)."""
-        from . import reference
+        from kdlab.course.references import reference
 
         names = [arm if s == 0 else f"{arm}-seed{s}" for s in seeds]
         refs = [reference(n) for n in names]

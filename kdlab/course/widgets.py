@@ -34,10 +34,7 @@ from typing import Any
 
 import torch
 
-from ..callbacks import Callback
-from ..curriculum import PRESETS, SHAPES, CurriculumScheduler, Ramp
-from ..early_stopping import EarlyStopping
-from .plots import (
+from kdlab.course.plots import (
     draw_kl,
     draw_on_policy,
     draw_perplexity,
@@ -49,6 +46,9 @@ from .plots import (
     terms_of,
     weights_vary,
 )
+from kdlab.loss.curriculum import PRESETS, SHAPES, CurriculumScheduler, Ramp
+from kdlab.training.callbacks import Callback
+from kdlab.training.early_stopping import EarlyStopping
 
 
 def in_notebook() -> bool:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .errors import KDLabError
+from kdlab.errors import KDLabError
 
 # pyproject.toml's requires-python and its torch requirement (tests/test_preflight.py keeps them in step)
 MIN_PYTHON = (3, 10)
@@ -102,7 +102,7 @@ def check_package(module: str, dist: str | None = None, importer: Callable = imp
 
 def check_corpus(data_dir: str | Path) -> Check:
     """The Austen splits against data/MANIFEST.json, or the participant's own corpus ($KDLAB_CORPUS)."""
-    from .manifest import load_manifest, verify
+    from kdlab.manifest import load_manifest, verify
 
     own = os.environ.get(CORPUS_ENV, "").strip()
     if own:
@@ -133,8 +133,8 @@ def check_corpus(data_dir: str | Path) -> Check:
 
 def check_teacher(data_dir: str | Path) -> Check:
     """The converted teacher: made from the GGUF file data/MANIFEST.json names, weights as converted."""
-    from .manifest import load_manifest, verify
-    from .models import BUILTIN_TEACHERS
+    from kdlab.manifest import load_manifest, verify
+    from kdlab.models import BUILTIN_TEACHERS
 
     folder = Path(data_dir) / BUILTIN_TEACHERS["smollm2-135m"]
     stamp = folder / "kdlab-conversion.json"
@@ -199,8 +199,8 @@ def time_step(name: str, timed_steps: int = 2) -> float:
     """Seconds per training step of the course's default run at profile `name`'s sizes."""
     import torch
 
-    from .course import profile
-    from .trainer import Trainer
+    from kdlab.build import build_trainer
+    from kdlab.course.profiles import profile
 
     with tempfile.TemporaryDirectory(prefix=f"kdlab-preflight-{name}-") as out:
         cfg = profile(name).config(
@@ -211,7 +211,7 @@ def time_step(name: str, timed_steps: int = 2) -> float:
             early_stopping=False,
             out_dir=out,
         )
-        trainer = Trainer.from_config(cfg)
+        trainer = build_trainer(cfg)
         cuda = trainer.precision.device.type == "cuda"
         trainer.step()  # warm-up: allocator, kernels, first batches
         if cuda:
@@ -232,7 +232,7 @@ def time_step(name: str, timed_steps: int = 2) -> float:
 
 
 def timings_path() -> Path:
-    from .course import repo_root
+    from kdlab.course.references import repo_root
 
     return repo_root() / "notebooks" / "timings.json"
 
@@ -250,7 +250,7 @@ def load_timings(path: str | Path) -> dict:
         raise KDLabError(f"{path} is not valid JSON ({e})") from None
     for key in ("machine", "step_seconds", "notebooks"):
         if key not in table:
-            raise KDLabError(f"{path} has no {key!r} field; see the schema in kdlab/preflight.py")
+            raise KDLabError(f"{path} has no {key!r} field; see the schema in kdlab/course/preflight.py")
     return table
 
 
@@ -336,7 +336,8 @@ def run(
     out=print,
 ) -> int:
     """The whole pre-flight check; returns the exit code (0 all passed, 1 a check failed)."""
-    from .course import PROFILES, repo_root
+    from kdlab.course.profiles import PROFILES
+    from kdlab.course.references import repo_root
 
     data_dir = Path(data_dir) if data_dir is not None else repo_root() / "data"
     if timing:  # a bad --profiles is refused before any check runs
@@ -410,6 +411,33 @@ def run(
     out("")
     out(f"preflight: {'all checks passed' if not failed else f'{failed} check(s) failed (lines marked missing)'}")
     return 1 if failed else 0
+
+
+def cmd_preflight(args) -> int:
+    profiles = None
+    if args.profiles is not None:
+        profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    return run(profiles=profiles, timings=args.timings, data_dir=args.data_dir, timing=not args.no_timing)
+
+
+def add_command(subparsers) -> None:
+    """`kdlab preflight`: registered with the CLI through the entry point "kdlab.commands" (pyproject.toml)."""
+    p = subparsers.add_parser(
+        "preflight",
+        help="a participant's check before the course: set-up, step time, notebook times",
+        description="Checks the set-up (Python, torch, the course's packages, the corpus and teacher "
+        "against data/MANIFEST.json, CUDA), times one training step of the course's "
+        "default run at each profile's sizes, and prints each notebook's expected time "
+        "here from notebooks/timings.json. Exit code 0 when every check passes, 1 when "
+        "one fails.",
+    )
+    p.add_argument(
+        "--profiles", metavar="LIST", help="comma-separated profiles to time (default: ci,cpu, and gpu with CUDA)"
+    )
+    p.add_argument("--no-timing", action="store_true", help="set-up checks only (seconds instead of about a minute)")
+    p.add_argument("--timings", metavar="FILE", help="the timing table (default: notebooks/timings.json)")
+    p.add_argument("--data-dir", metavar="DIR", help="where `kdlab prepare` put the data (default: data/)")
+    p.set_defaults(func=cmd_preflight)
 
 
 __all__ = [

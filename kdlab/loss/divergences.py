@@ -90,7 +90,7 @@ def _kd_rows(
         s_logits: (C, V) raw student logits of any float dtype.
         teacher: (t_logits,), the (C, V) raw teacher logits, or the teacher already reduced to
             buckets (top-k log-probs at T (C, k), their ids (C, k), log tail mass (C,)), as
-            `_teacher_buckets` makes them and kdlab.teacher_cache stores them.
+            `_teacher_buckets` makes them and kdlab.data.teacher_cache stores them.
     Returns:
         loss: (C,) D(p, q) with p = softmax(t / T), q = softmax(s / T); forward KL is KL(p || q).
         grad: (C, V) d(T^2 * loss) / d s_logits. For forward KL this is T * (q - r), where r is
@@ -331,7 +331,7 @@ def kd_loss_topk(
     Args:
         student_logits: (B, T, V), any float dtype; gradients flow into it.
         teacher_top_logp: (B, T, k) the teacher's top-k log-probabilities at this temperature
-            (any float dtype, e.g. fp16 from kdlab.teacher_cache).
+            (any float dtype, e.g. fp16 from kdlab.data.teacher_cache).
         teacher_top_ids: (B, T, k) their vocabulary ids (any integer dtype).
         teacher_tail_logp: (B, T) log of the teacher's probability mass outside the top-k.
         mask, temperature, chunk_tokens, num_valid, divergence, beta: as for `kd_loss`.

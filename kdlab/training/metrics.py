@@ -8,7 +8,7 @@
 A step's `out` holds each term ("kd", "lm", ...), each weighted term ("w/kd", ...), "loss",
 "grad_norm", "tokens", "skipped" (1.0 for a step skipped for a non-finite loss or gradient, whose
 other values are then 0) and "nonfinite/<term>" flags. A value a step may lack (the "gen/" terms of
-an on-policy run's generated steps, kdlab.on_policy) is averaged over the trained steps that had it.
+an on-policy run's generated steps, kdlab.training.on_policy) is averaged over the trained steps that had it.
 Under torchrun each process holds its part of every global mean, so the interval's sums are added
 over processes before dividing.
 """
@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from .distributed import DistInfo, all_reduce_sum
+from kdlab.training.engine import Engine
 
 log = logging.getLogger("kdlab")
-GENERATED = "gen/"  # the prefix of an on-policy run's generated-step terms (kdlab.on_policy)
+GENERATED = "gen/"  # the prefix of an on-policy run's generated-step terms (kdlab.training.on_policy)
 
 
 @dataclass
@@ -48,8 +48,8 @@ class Interval:
 
 
 class IntervalMetrics:
-    def __init__(self, device: torch.device, dist: DistInfo):
-        self.device, self.dist = device, dist
+    def __init__(self, device: torch.device, engine: Engine):
+        self.device, self.engine = device, engine
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}  # per value: the trained steps that had it
         self.steps = 0
@@ -102,10 +102,10 @@ class IntervalMetrics:
         sums, counts = interval.sums, interval.counts
         skip = ("skipped", "tokens")
         keys = [k for k in sums if k not in skip and not k.startswith("nonfinite/") and counts.get(k, 0) > 0]
-        if self.dist.enabled:
+        if self.engine.launched:
             t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
-            sums = {**sums, **dict(zip(keys, all_reduce_sum(t, self.dist).tolist()))}
-            sums["grad_norm"] /= self.dist.world  # the same on every process: a mean, not a sum
+            sums = {**sums, **dict(zip(keys, self.engine.all_reduce_sum(t).tolist()))}
+            sums["grad_norm"] /= self.engine.world  # the same on every process: a mean, not a sum
         return {k: sums[k] / counts[k] for k in keys}
 
     def state_dict(self) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def train_record(
         "skipped_steps": skipped_steps,
         "skipped_in_interval": interval.skipped,
     }
-    if "generate_s" in fields:  # an on-policy run (kdlab.on_policy): the share of the time spent generating
+    if "generate_s" in fields:  # an on-policy run (kdlab.training.on_policy): the share of the time spent generating
         record["generate_share"] = fields["generate_s"] / max(interval.seconds, 1e-9)
     if device is not None and device.type == "cuda":  # the allocator's own counter: no device sync
         record["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -175,20 +175,20 @@ def train_record(
 
 def log_run_start(trainer) -> None:
     """The run's first lines: steps, epochs, tokens per step, and the curriculum's ramps."""
-    cfg, per_epoch, dist = trainer.cfg, trainer.batches.steps_per_epoch, trainer.dist
+    cfg, per_epoch, engine = trainer.cfg, trainer.batches.steps_per_epoch, trainer.engine
     log.info(
         "training %d optimizer steps (%s%s), %d tokens per step%s, out_dir=%s",
         trainer.total_steps,
         "max_steps" if cfg.max_steps > 0 else f"epochs={cfg.epochs}",
         f"; {trainer.total_steps / per_epoch:.2f} epochs of {per_epoch} steps" if per_epoch else "",
-        cfg.batch_size * dist.world * cfg.grad_accum * cfg.seq_len,
-        f" over {dist.world} processes" if dist.enabled else "",
+        cfg.batch_size * engine.world * cfg.grad_accum * cfg.seq_len,
+        f" over {engine.world} processes ({engine.kind})" if engine.launched else "",
         trainer.out_dir,
     )
     obj = trainer.objective
     log.debug(
         "KD + LM: %s",
-        "fused from the hidden states (kdlab.fused_loss)"
+        "fused from the hidden states (kdlab.loss.fused)"
         if getattr(obj, "fused", False)
         else f"from the [N, V] logits ({getattr(obj, 'fused_off', '')})",
     )
@@ -207,7 +207,7 @@ def log_run_start(trainer) -> None:
 
 def log_train_record(record: dict[str, Any], total_steps: int, terms: tuple[str, ...]) -> None:
     """The record's log line(s): loss, each term, lr, grad norm, speed, and the diagnostics."""
-    # a generated step's terms ("gen/kd", kdlab.on_policy) after the corpus ones
+    # a generated step's terms ("gen/kd", kdlab.training.on_policy) after the corpus ones
     names = [*terms, *(GENERATED + k for k in terms)]
     values = " | ".join(f"{k} {record[k]:.4f}" for k in names if k in record)
     if "on_policy_share" in record:

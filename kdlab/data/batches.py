@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .data import PackedSplit, batches_per_epoch, epoch_order
-from .errors import KDLabError
+from kdlab.data.corpus import PackedSplit, batches_per_epoch, epoch_order
+from kdlab.errors import KDLabError
 
 
 class BatchSource:
@@ -50,7 +50,7 @@ class PackedBatches(BatchSource):
     """Shuffled packed blocks, a new order each epoch (fixed by `seed` and the epoch), split over
     processes: global batch g of an epoch is blocks order[g*B*W : (g+1)*B*W], and process `rank`
     takes its B of them, so W processes train on exactly what one process with a W-times larger
-    batch would. A teacher cache (kdlab.teacher_cache) joins the teacher's stored top-k per block.
+    batch would. A teacher cache (kdlab.data.teacher_cache) joins the teacher's stored top-k per block.
     """
 
     def __init__(
@@ -77,14 +77,14 @@ class PackedBatches(BatchSource):
         self.epoch, self.pos = 0, 0  # the position of the next micro-batch: epoch and batch within it
 
     @classmethod
-    def for_run(cls, cfg, split: PackedSplit, tokenizer, student, teacher, dist) -> PackedBatches:
+    def for_run(cls, cfg, split: PackedSplit, tokenizer, student, teacher, engine) -> PackedBatches:
         """The batches a run of `cfg` trains on: this process's share, on the student's device, with
         the teacher cache of `cfg.teacher_cache` joined when the run reads one."""
-        from .teacher_cache import open_for_run
+        from kdlab.data.teacher_cache import open_for_run
 
         device = next(student.parameters()).device
         cache = open_for_run(cfg, split, tokenizer, student, teacher)
-        return cls(split, cfg.batch_size, cfg.grad_accum, cfg.seed, dist.rank, dist.world, device, cache)
+        return cls(split, cfg.batch_size, cfg.grad_accum, cfg.seed, engine.rank, engine.world, device, cache)
 
     def next_step(self) -> list[dict[str, Any]]:
         batches = []

@@ -1,9 +1,9 @@
 """Losses on intermediate representations: hidden states, attention maps, pooled sequences.
 
-Same conventions as kdlab.losses: per-token means over valid positions (mask (B, T), True where the
+Same conventions as kdlab.loss.divergences: per-token means over valid positions (mask (B, T), True where the
 token is real), fp32 math whatever the input dtype, values returned unweighted. Teacher tensors
 come from a no-grad forward; a feature target may still carry gradient into the student-side
-router's mixing weights (kdlab.router), so `ln_mse` and `cosine_distance` do not detach it.
+router's mixing weights (kdlab.loss.router), so `ln_mse` and `cosine_distance` do not detach it.
 Each is scale-free, so its weight is an importance ratio rather than a unit
 conversion (docs/original-framework.md, fixes 2 and 3; notebooks/03_loss_normalization.ipynb).
 """

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .errors import KDLabError
+from kdlab.errors import KDLabError
+from kdlab.training.engine import Engine
 
 STATE_FILE = "trainer_state.pt"
 HEADS_FILE = "heads.safetensors"
@@ -36,10 +37,14 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def _write_weights(folder: Path, student: torch.nn.Module, heads: torch.nn.Module | None) -> None:
+def _write_weights(
+    folder: Path, student: torch.nn.Module, weights: dict[str, torch.Tensor] | None, heads: torch.nn.Module | None
+) -> None:
+    """The student (from `weights`, its full state dict, when given: under FSDP2 the module holds shards
+    only) as a from_pretrained folder, and the heads beside it."""
     from safetensors.torch import save_file
 
-    student.save_pretrained(folder, safe_serialization=True)
+    student.save_pretrained(folder, state_dict=weights, safe_serialization=True)
     if heads is not None and len(heads.state_dict()):
         save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, folder / HEADS_FILE)
 
@@ -51,14 +56,18 @@ def save_checkpoint(
     heads: torch.nn.Module | None,
     state: dict[str, Any],
     keep: int = 2,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """Write checkpoint `step` of the run in `out_dir` atomically and keep the newest `keep`. `state`
+    is the trainer's `state_dict()`; `weights` the student's full state dict when the module holds
+    only shards (FSDP2)."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{name}"
-    _write_weights(tmp, student, heads)
+    _write_weights(tmp, student, weights, heads)
     torch.save(state, tmp / STATE_FILE)
     _fsync_tree(tmp)
     final = root / name
@@ -79,13 +88,19 @@ def best_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "best"
 
 
-def save_best(out_dir: str | Path, step: int, student: torch.nn.Module, heads: torch.nn.Module | None) -> Path:
+def save_best(
+    out_dir: str | Path,
+    step: int,
+    student: torch.nn.Module,
+    heads: torch.nn.Module | None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """The weights of the best evaluation so far, swapped in whole (tmp folder, then rename)."""
     final = best_dir(out_dir)
     tmp, old = final.with_name(".best.tmp"), final.with_name(".best.old")
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
-    _write_weights(tmp, student, heads)
+    _write_weights(tmp, student, weights, heads)
     (tmp / "step").write_text(f"{step}\n")
     _fsync_tree(tmp)
     if final.exists():
@@ -118,14 +133,20 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | Path, student: torch.nn.Module, heads: torch.nn.Module | None = None, state: bool = True
+    path: str | Path,
+    student: torch.nn.Module,
+    heads: torch.nn.Module | None = None,
+    state: bool = True,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
-    """Load the student's (and heads') weights from `path` in place and return the trainer state."""
+    """Load the student's (and heads') weights from `path` in place and return the trainer state
+    (`engine`: how the student is distributed; under FSDP2 each process keeps its shards)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    device = str(next(student.parameters()).device)
+    engine = engine or Engine()
+    device = "cpu" if engine.kind == "fsdp2" else str(next(student.parameters()).device)
     want_heads = heads is not None and len(heads.state_dict()) > 0
     try:
         weights = load_file(path / "model.safetensors", device=device)
@@ -140,7 +161,7 @@ def load_checkpoint(
     if student.config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     try:
-        missing, unexpected = student.load_state_dict(weights, strict=False)
+        missing, unexpected = engine.load_full_state_dict(student, weights, strict=False)
     except RuntimeError as e:  # shapes differ: another student size
         detail = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e).splitlines()[0])
         raise KDLabError(
@@ -162,70 +183,7 @@ def load_checkpoint(
     return read_trainer_state(path) if state else {}
 
 
-def run_state(trainer) -> dict[str, Any]:
-    """Everything besides the weights that a resumed run needs to continue exactly."""
-    from .callbacks import has_state, state_key_of
-
-    s = trainer.state
-    return {
-        "step": s.step,
-        "tokens": s.tokens,
-        "skipped_steps": s.skipped_steps,
-        "bad_in_a_row": s.bad_in_a_row,
-        "history": s.history,
-        "config": trainer.cfg.to_dict(),
-        "objective": trainer.objective.state_dict(),
-        "batches": trainer.batches.state_dict(),
-        "callbacks": {state_key_of(cb): cb.state_dict() for cb in trainer.callbacks if has_state(cb)},
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "scaler": trainer.scaler.state_dict(),
-        "metrics": trainer.metrics.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def resume_run(trainer, resumable: set[str]) -> Path:
-    """Load the latest checkpoint of `trainer.out_dir` into the trainer; settings other than
-    `resumable` must be the run's own. Returns the checkpoint's folder."""
-    from .callbacks import has_state, state_key_of
-
-    path = latest_checkpoint(trainer.out_dir)
-    ckpt = read_trainer_state(path)  # settings first: nothing is loaded into a run it does not fit
-    old = ckpt["config"]
-    changed = [
-        f"{k}: {old.get(k)!r} -> {v!r}"
-        for k, v in trainer.cfg.to_dict().items()
-        if k not in resumable and old.get(k) != v
-    ]
-    if changed:
-        raise KDLabError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)})")
-    load_checkpoint(path, trainer.student, trainer.objective.heads, state=False)
-    trainer.objective.load_state_dict(ckpt["objective"], trainer.precision.device)
-    trainer.batches.load_state_dict(ckpt["batches"])
-    for cb in trainer.callbacks:
-        if has_state(cb) and state_key_of(cb) in ckpt["callbacks"]:
-            cb.load_state_dict(ckpt["callbacks"][state_key_of(cb)])
-    for part in ("optimizer", "scheduler", "scaler", "metrics"):
-        getattr(trainer, part).load_state_dict(ckpt[part])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if ckpt["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-    s = trainer.state
-    s.step, s.tokens, s.skipped_steps, s.bad_in_a_row = (
-        ckpt["step"],
-        ckpt["tokens"],
-        ckpt["skipped_steps"],
-        ckpt["bad_in_a_row"],
-    )
-    s.history = ckpt["history"]
-    return path
-
-
 __all__ = [
-    "run_state",
-    "resume_run",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",

@@ -1,7 +1,7 @@
 """On-policy and mixed-policy distillation: a batch source that generates, and the objective's override.
 
     cfg = kdlab.load_config(overrides={"on_policy": 0.5})     # GKD's lambda: half the steps on generated text
-    trainer = kdlab.Trainer.from_config(cfg)                  # GeneratedBatches + OnPolicyObjective
+    trainer = kdlab.build_trainer(cfg)                  # GeneratedBatches + OnPolicyObjective
 
 Off-policy distillation (`on_policy=0`, kdlab's default) scores the student on the corpus' own text;
 at generation time it then continues its *own* prefixes, which it never trained on (exposure bias).
@@ -16,7 +16,7 @@ means count generated tokens over all micro-batches and processes, as on the cor
 `OnPolicyObjective` is the one override: on a batch the student wrote, the LM term's weight is 0
 (likelihood of its own samples would train it towards itself; it is still logged) and, with
 `on_policy_loss="sampled_reverse_kl"`, the KD term is the on-policy estimator
-(`kdlab.losses.sampled_reverse_kl`: log q - log p of each sampled token as its advantage). Terms of
+(`kdlab.loss.divergences.sampled_reverse_kl`: log q - log p of each sampled token as its advantage). Terms of
 generated steps are logged as "gen/<term>", so a record keeps the corpus and the generated curves
 apart; records also carry `on_policy_share`, `generate_s` / `generate_share` (the share of the
 interval's time spent generating) and a few prompt -> continuation `samples`.
@@ -38,14 +38,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import BatchSource, PackedBatches
-from .components import check_positions
-from .generation import generate_ids
-from .losses import IGNORE_INDEX, sampled_reverse_kl
-from .metrics import GENERATED
-from .objective import Loss, Objective
-from .precision import Precision
-from .terms import TermContext
+from kdlab.data.batches import BatchSource, PackedBatches
+from kdlab.generation import generate_ids
+from kdlab.loss.divergences import IGNORE_INDEX, sampled_reverse_kl
+from kdlab.loss.objective import Loss, Objective
+from kdlab.loss.terms import TermContext
+from kdlab.models import check_positions
+from kdlab.precision import Precision
+from kdlab.training.metrics import GENERATED
 
 
 def _row_seed(seed: int, step: int, prompt: list[int]) -> int:

@@ -8,8 +8,8 @@
 It owns every decision between the models and the backward pass:
     which outputs the forwards must return   `needs` (hidden states, attention maps, the teacher at all)
     the logit alignment                      `match_logits` (padded vocabularies by id, or learned)
-    every term                               the registry of kdlab.terms, the active ones only
-    the weights                              the curriculum (kdlab.curriculum) over the terms' maxima
+    every term                               the registry of kdlab.loss.terms, the active ones only
+    the weights                              the curriculum (kdlab.loss.curriculum) over the terms' maxima
     balancing                                AdaptiveBalancer (opt-in)
     the total                                sum_k w_k(step) * term_k, in registry order
     gradient shares                          `grad_shares` (each weighted term's share of the grad norm)
@@ -26,12 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .balance import AdaptiveBalancer
-from .curriculum import CurriculumScheduler, parse_ramps
-from .fused_loss import FusedLoss, final_hidden_states, fused_linear_kd_lm, fused_unavailable, output_weight
-from .losses import IGNORE_INDEX, next_token_labels
-from .precision import Precision, student_outputs, teacher_outputs
-from .terms import CACHED_TEACHER_KEYS, TERMS, Needs, Term, TermContext, match_logits
+from kdlab.errors import KDLabError
+from kdlab.loss.balance import AdaptiveBalancer
+from kdlab.loss.curriculum import CurriculumScheduler, parse_ramps
+from kdlab.loss.divergences import IGNORE_INDEX, next_token_labels
+from kdlab.loss.fused import FusedLoss, final_hidden_states, fused_linear_kd_lm, fused_unavailable, output_weight
+from kdlab.loss.terms import CACHED_TEACHER_KEYS, TERMS, Needs, Term, TermContext, match_logits
+from kdlab.precision import Precision, student_outputs, teacher_outputs
 
 
 def phase(name: str):
@@ -91,20 +92,26 @@ class Objective:
         ramped = {n: self.max_weights[n] for n in registry if n in ("kd", "lm") or n in self.active}
         self.curriculum = CurriculumScheduler.from_preset(cfg.curriculum, total_steps, ramped, parse_ramps(cfg.ramps))
         self.balancer = AdaptiveBalancer(cfg.balance_momentum) if cfg.adaptive_balance else None
-        # KD + LM from the hidden states (kdlab.fused_loss) where nothing else needs the [N, V] logits
+        # KD + LM from the hidden states (kdlab.loss.fused) where nothing else needs the [N, V] logits
         self.fused_off = fused_unavailable(cfg, self.active, self.terms, student, teacher)
         self.fused = not self.fused_off
+        if cfg.teacher_cache and cfg.teacher_cache_kind == "hidden" and not self.fused:
+            raise KDLabError(
+                f"teacher_cache={cfg.teacher_cache!r} holds the teacher's hidden states, which KD reads through "
+                f"the fused loss, and this run cannot use it ({self.fused_off}); use a top-k cache or none"
+            )
         self.last_shares: dict[str, torch.Tensor] = {}  # the last grad_shares, until a log line reads them
 
     # ------------------------------------------------------------------ what the forwards must give
     def needs_teacher(self, batch: dict[str, torch.Tensor]) -> bool:
         """Whether this batch needs the teacher's forward: not when every term that reads the
-        teacher can read its cached top-k from the batch instead."""
-        cached = all(k in batch for k in CACHED_TEACHER_KEYS)
+        teacher can read it from the batch instead (its cached top-k, or its final hidden states,
+        which the fused loss turns into the full-vocabulary KD)."""
+        cached = all(k in batch for k in CACHED_TEACHER_KEYS) or (self.fused and "t_hidden" in batch)
         return any(self.terms[n].needs.teacher and not (cached and self.terms[n].reads_cache) for n in self.active)
 
     def match_logits(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student and teacher logits over one vocabulary (see kdlab.terms.match_logits)."""
+        """Student and teacher logits over one vocabulary (see kdlab.loss.terms.match_logits)."""
         return match_logits(self.heads["kd"] if "kd" in self.heads else None, s_logits, t_logits)
 
     # ------------------------------------------------------------------ the loss
@@ -129,7 +136,7 @@ class Objective:
         alone); `weights`: default this step's; `reduce`: the all-reduce the balancer needs under DDP."""
         counts = counts if counts is not None else StepCounts.of([batch])
         need = self.needs
-        if self.fused and self.needs_teacher(batch):
+        if self.fused and (self.needs_teacher(batch) or "t_hidden" in batch):
             return self._fused_loss(student, teacher, batch, precision, counts, weights, reduce)
         with phase("student forward"):
             s_out = student_outputs(student, batch, precision, need.hidden_states, need.attentions)
@@ -140,19 +147,25 @@ class Objective:
         return self.terms_of(s_out, t_out, batch, counts, weights, reduce)
 
     def _fused_loss(self, student, teacher, batch, precision, counts, weights, reduce) -> Loss:
-        """`loss` with KD and LM by kdlab.fused_loss: both forwards stop before the LM head (logits of
+        """`loss` with KD and LM by kdlab.loss.fused: both forwards stop before the LM head (logits of
         the last position only), and the two terms come from the final hidden states chunk by chunk."""
         cfg, need = self.cfg, self.needs
         weights = self.weights() if weights is None else weights
         with phase("student forward"), final_hidden_states(student) as s_h:
             s_out = student_outputs(student, batch, precision, need.hidden_states, need.attentions, logits_to_keep=1)
-        with phase("teacher forward"), final_hidden_states(teacher) as t_h:
-            t_out = teacher_outputs(teacher, batch, need.hidden_states, need.attentions, logits_to_keep=1)
+        if self.needs_teacher(batch):
+            with phase("teacher forward"), final_hidden_states(teacher) as t_h:
+                t_out = teacher_outputs(teacher, batch, need.hidden_states, need.attentions, logits_to_keep=1)
+            # read after the forward: under FSDP2 the root's weights (the output head) stay gathered then
+            t_hidden, t_weight = t_h["h"], output_weight(teacher)
+        else:  # the teacher's final hidden states from a cache (kdlab.data.teacher_cache): no forward
+            t_weight = output_weight(teacher)
+            t_out, t_hidden = None, batch["t_hidden"].to(t_weight.dtype)  # its logits in its own dtype
         with phase("loss: kd + lm (fused)"):
             fused = fused_linear_kd_lm(
                 s_h["h"],
                 output_weight(student),
-                (t_h["h"], output_weight(teacher)),
+                (t_hidden, t_weight),
                 next_token_labels(batch["labels"]),
                 kd_weight=weights.get("kd", 0.0),
                 lm_weight=weights.get("lm", 0.0),
@@ -176,7 +189,7 @@ class Objective:
         fused: FusedLoss | None = None,
     ) -> Loss:
         """The terms, weighted terms and total from the models' outputs of one micro-batch (`fused`:
-        KD and LM already computed by kdlab.fused_loss, their weighted gradient in fused.total)."""
+        KD and LM already computed by kdlab.loss.fused, their weighted gradient in fused.total)."""
         targets = next_token_labels(batch["labels"])
         mask = targets != IGNORE_INDEX
         share = batch["attention_mask"].sum() / counts.num_tokens  # this micro-batch's part of the step
@@ -214,7 +227,7 @@ class Objective:
 
     def compute(self, name: str, ctx: TermContext) -> torch.Tensor:
         """Term `name`'s value on one micro-batch: the registered compute function (a subclass may
-        override it for some batches, as kdlab.on_policy does for text the student generated)."""
+        override it for some batches, as kdlab.training.on_policy does for text the student generated)."""
         return self.terms[name].compute(ctx)
 
     def grad_shares(self, weighted: dict[str, torch.Tensor], params: list[torch.Tensor]) -> dict[str, torch.Tensor]:

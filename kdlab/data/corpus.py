@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import KDLabError
-from .losses import IGNORE_INDEX
-from .manifest import load_manifest, sha256_file, verify
+from kdlab.errors import KDLabError
+from kdlab.loss.divergences import IGNORE_INDEX
+from kdlab.manifest import load_manifest, sha256_file, verify
 
 SPLITS = ("train", "validation", "test")
 AUSTEN_DEB_PACKAGE = "r-cran-janeaustenr"

@@ -1,59 +1,71 @@
 """The distillation loop: one straight-through `fit()`, callbacks, resumable state.
 
     cfg = kdlab.load_config(overrides={"max_steps": 20})
-    trainer = kdlab.Trainer.from_config(cfg)
-    state = trainer.fit()            # history of train/eval records; Ctrl-C returns it too
+    trainer = kdlab.build_trainer(cfg)  # kdlab.build: the config made into parts, handed to Trainer
+    state = trainer.fit()               # history of train/eval records; Ctrl-C returns it too
     print(kdlab.format_summary(state.history))
 
-The trainer wires three seams together and owns the loop and the optimizer:
-    batches     a BatchSource (kdlab.batches): each step's micro-batches and its data position
-    objective   an Objective (kdlab.objective): forwards, every loss term, weights, the total
-    callbacks   Callback objects (kdlab.callbacks): the progress bar, early stopping, the best
+The trainer takes built parts (it never reads the config to choose them) and owns the loop, the
+optimizer and the run's state:
+    batches     a BatchSource (kdlab.data.batches): each step's micro-batches and its data position
+    objective   an Objective (kdlab.loss.objective): forwards, every loss term, weights, the total
+    callbacks   Callback objects (kdlab.training.callbacks): the progress bar, early stopping, the best
                 weights, live plots; each owns its state (checkpointed under its state_key) and
                 stops a run through `trainer.state.should_stop`
+    engine      an Engine (kdlab.training.engine): one process, DDP or FSDP2; every question about the
+                other processes goes to it
 
 Per optimizer step, `grad_accum` micro-batches; every term is a part of the step's per-token mean
 over the whole accumulated (and all-process) batch, so accumulation and torchrun are exact. Values
-stay on the device between log lines (kdlab.metrics: no host sync in a step), and a non-finite loss
+stay on the device between log lines (kdlab.training.metrics: no host sync in a step), and a non-finite loss
 or gradient makes the fused AdamW skip its update on the device (`found_inf`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .batches import BatchSource
-from .callbacks import check_state_keys, default_callbacks, fire
-from .checkpoint import resume_run, run_state, save_checkpoint
-from .components import batches_for_run, build_components, check_positions, objective_for_run, quiet_hf_progress
-from .config import KDConfig
-from .data import PackedSplit
-from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, broadcast_object, init_from_env
-from .errors import KDLabError
-from .evaluation import TeacherEvalCache, evaluate
-from .metrics import IntervalMetrics, log_run_start, log_train_record, train_record
-from .objective import Objective, StepCounts, phase
-from .payoff import token_bytes
-from .precision import Precision
-from .run_folder import open_run_folder, save_final, save_student_record
-from .schedule import lr_scheduler
-from .state import TrainState
-from .terms import display_order
+from kdlab.data.batches import BatchSource
+from kdlab.data.corpus import PackedSplit
+from kdlab.errors import KDLabError
+from kdlab.loss.objective import Objective, StepCounts, phase
+from kdlab.loss.terms import display_order
+from kdlab.models import check_positions
+from kdlab.payoff import token_bytes
+from kdlab.precision import Precision
+from kdlab.quiet import quiet_hf_progress
+from kdlab.training.callbacks import check_state_keys, fire, has_state, state_key_of
+from kdlab.training.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from kdlab.training.engine import Engine, engine_from_env
+from kdlab.training.evaluation import TeacherEvalCache, evaluate
+from kdlab.training.metrics import IntervalMetrics, log_run_start, log_train_record, train_record
+from kdlab.training.run_folder import open_run_folder, save_final, save_student_record
+from kdlab.training.schedule import lr_scheduler
+from kdlab.training.state import TrainState
+
+if TYPE_CHECKING:
+    from kdlab.config import KDConfig
 
 log = logging.getLogger("kdlab")
 
 # fields that may differ between a run and its resumption without changing what is trained
 RESUMABLE_CHANGES = frozenset(
-    "resume overwrite out_dir log_every log_first log_style eval_every eval_batches save_every keep_checkpoints "
-    "checkpoints compile".split()
+    "resume overwrite out_dir log_every log_first eval_every eval_batches save_every keep_checkpoints "
+    "checkpoints compile distributed".split()
 )
+
+
+def total_steps(cfg: KDConfig, batches: BatchSource) -> int:
+    """The run's optimizer steps: max_steps, or `epochs` passes over the batch source's data."""
+    if cfg.max_steps <= 0 and not batches.steps_per_epoch:
+        raise KDLabError("max_steps=-1 (train `epochs`) needs a batch source with epochs; set max_steps")
+    return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * batches.steps_per_epoch
 
 
 class Trainer:
@@ -67,58 +79,55 @@ class Trainer:
         tokenizer=None,
         callbacks=(),
         *,
-        batches: BatchSource | None = None,
-        objective: Objective | None = None,
+        batches: BatchSource,
+        objective: Objective,
+        engine: Engine | None = None,
     ):
+        """Built parts (kdlab.build.build_trainer makes them from a config): the callbacks are all
+        the run's, the defaults the config asks for included."""
         self.cfg, self.student, self.teacher, self.data = cfg, student, teacher, data
         self.precision, self.tokenizer = precision, tokenizer
-        self.dist: DistInfo = init_from_env(precision.device.type)
+        self.batches, self.objective = batches, objective
+        self.engine = engine or engine_from_env(precision.device.type)
         self.state, self.out_dir = TrainState(), Path(cfg.out_dir)
         self._eval_caches: dict[str, TeacherEvalCache] = {}  # split -> the teacher's logits there
         # UTF-8 bytes per token id: evaluations report bits per byte too (kdlab.payoff)
         self.token_bytes = token_bytes(tokenizer) if tokenizer is not None else None
-        if not self.dist.is_main:  # only rank 0 talks
+        if not self.engine.is_main:  # only rank 0 talks
             log.setLevel(logging.WARNING)
         check_positions(cfg.seq_len, teacher, student)
-        self.batches = batches or batches_for_run(cfg, data["train"], tokenizer, student, teacher, precision, self.dist)
-        if cfg.max_steps <= 0 and not self.batches.steps_per_epoch:
-            raise KDLabError("max_steps=-1 (train `epochs`) needs a batch source with epochs; set max_steps")
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * self.batches.steps_per_epoch
-        self.objective = objective or objective_for_run(cfg, student, teacher, self.total_steps)
+        self.total_steps = total_steps(cfg, batches)
         if self.objective.needs.attentions:  # attention maps exist only in eager attention
             for model in (student, teacher):
                 model.set_attn_implementation("eager")
-        # DDP averages the student's gradients across processes; the heads are small and all-reduced
-        # by hand (their parameters are unused while a ramp holds their weight at 0)
-        self.model, self.teacher_step = student, teacher
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [precision.device.index] if precision.device.type == "cuda" else None
-            self.model = DistributedDataParallel(student, device_ids=ids)
+        self.model, self.teacher_step = self.engine.wrap(student, teacher, precision.device)
         if cfg.compile:  # compiled forwards for the training step only; evaluation runs eager
-            self.model, self.teacher_step = torch.compile(self.model), torch.compile(teacher)
+            self.model, self.teacher_step = torch.compile(self.model), torch.compile(self.teacher_step)
         # AdamW with decay on matrices only (not norms/biases), as in nanoGPT. Fused (CPU and CUDA):
         # one kernel, and it takes `found_inf`, which skips a step on the device without a host sync.
-        self.trainable = [p for p in student.parameters() if p.requires_grad] + list(self.objective.heads.parameters())
+        # The heads get groups of their own: under FSDP2 the student's parameters are DTensors, and
+        # the fused kernel takes one kind of tensor per group.
+        self.student_params = [p for p in student.parameters() if p.requires_grad]
+        head_params = list(self.objective.heads.parameters())
+        self.trainable = self.student_params + head_params
         groups = [
-            {"params": [p for p in self.trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in self.trainable if p.dim() < 2], "weight_decay": 0.0},
+            group
+            for params in (self.student_params, head_params)
+            for group in (
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            )
+            if group["params"]
         ]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
+        # the parameters the optimizer steps, by name (its checkpointed state is keyed by these)
+        self._trained = torch.nn.ModuleDict({"student": student, "heads": self.objective.heads})
         self.scheduler = lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
         self.scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.needs_grad_scaler)
-        self.metrics = IntervalMetrics(precision.device, self.dist)
-        self.callbacks = [*callbacks, *default_callbacks(cfg, list(callbacks))]
+        self.metrics = IntervalMetrics(precision.device, self.engine)
+        self.callbacks = list(callbacks)
         check_state_keys(self.callbacks)
         self._metrics_file: Path | None = None  # written while fit() runs
-
-    @classmethod
-    def from_config(cls, cfg: KDConfig, callbacks=(), **seams) -> Trainer:
-        """Load teacher, tokenizer and data, build the student: everything `kdlab train` does."""
-        with quiet_hf_progress():
-            precision, tokenizer, teacher, data, student = build_components(cfg)
-        return cls(cfg, student, teacher, data, precision, tokenizer, callbacks, **seams)
 
     def callback(self, kind: type) -> Any | None:
         """The callback of exactly type `kind` (e.g. the EarlyStopping the config built), else the
@@ -134,27 +143,26 @@ class Trainer:
         ("w/kd", ...), the weighted total "loss", "grad_norm", the valid "tokens", and "skipped"
         (1.0 for a skipped step, whose other values are then 0 so interval means stay finite).
         """
-        cfg, info, obj = self.cfg, self.dist, self.objective
-        counts = StepCounts.of(micro_batches, info.world, lambda t: all_reduce_sum(t, info))
-        reduce = (lambda t: all_reduce_sum(t, info)) if info.enabled else None
+        cfg, engine, obj = self.cfg, self.engine, self.objective
+        counts = StepCounts.of(micro_batches, engine.world, engine.all_reduce_sum)
+        reduce = engine.all_reduce_sum if engine.launched else None
         weights = obj.weights()  # = weights_at(steps done); stepped below, like the LR
         want_shares = cfg.grad_share_every > 0 and (self.state.step + 1) % cfg.grad_share_every == 0
         sums: dict[str, torch.Tensor] = {}
         term_names: set[str] = set()  # as the objective named them (an on-policy step's are "gen/<term>")
         bad = torch.zeros((), dtype=torch.bool, device=self.precision.device)
         for i, batch in enumerate(micro_batches):
-            # DDP all-reduces gradients in the backward of the last micro-batch only
-            last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last or not info.enabled else self.model.no_sync():
+            # gradients are reduced over processes in the backward of the last micro-batch only
+            with engine.sync_context(self.model, last=i == len(micro_batches) - 1):
                 loss = obj.loss(self.model, self.teacher_step, batch, self.precision, counts, weights, reduce)
                 bad |= ~torch.isfinite(loss.total)
                 if want_shares and i == 0:  # kept by the objective for the next log line
-                    obj.grad_shares(loss.weighted, [p for p in self.student.parameters() if p.requires_grad])
+                    obj.grad_shares(loss.weighted, self.student_params)
                 if loss.total.requires_grad:
-                    # DDP averages gradients over processes; each process's terms are already its
-                    # part of the global mean, so undo the average to get their sum
+                    # each process's terms are already its part of the global mean; the engine's
+                    # scale undoes the processes' gradient average (1 in a single process)
                     with phase("backward"):
-                        self.scaler.scale(loss.total * info.world).backward()
+                        self.scaler.scale(loss.total * engine.loss_scale).backward()
             term_names |= loss.terms.keys()
             for name, value in {
                 "loss": loss.total,
@@ -162,14 +170,13 @@ class Trainer:
                 **{f"w/{k}": v for k, v in loss.weighted.items()},
             }.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
-        for p in obj.heads.parameters():  # the heads are outside DDP: sum their gradients by hand
-            if info.enabled and p.grad is not None:
-                all_reduce_sum(p.grad, info)
+        engine.sync_heads(obj.heads)  # the heads are outside DDP/FSDP: their gradients averaged by hand
         with phase("optimizer"):
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = engine.clip_grad_norm(self.student_params, list(obj.heads.parameters()), max_norm)
             found = (bad | ~torch.isfinite(grad_norm)).float()
-            all_reduce_max(found, info)  # one process's nan loss skips the step everywhere
+            engine.all_reduce_max(found)  # one process's nan loss skips the step everywhere
             if self.scaler.is_enabled():
                 self.scaler.step(self.optimizer)  # GradScaler passes its own found_inf (non-finite grads)
                 self.scaler.update()
@@ -217,7 +224,7 @@ class Trainer:
         if self._metrics_file is None:  # outside fit(): a measurement, not part of the run
             return
         self.state.history.append(record)
-        if self.dist.is_main:
+        if self.engine.is_main:
             with open(self._metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
         fire(self.callbacks, "on_eval" if record["kind"] == "eval" else "on_log", self, record)
@@ -225,7 +232,7 @@ class Trainer:
     def _agree_on_stop(self) -> None:
         """Rank 0 decides whether to stop, so processes never disagree (and deadlock)."""
         s = self.state
-        s.should_stop, s.stop_reason, s.failed = broadcast_object((s.should_stop, s.stop_reason, s.failed), self.dist)
+        s.should_stop, s.stop_reason, s.failed = self.engine.broadcast_object((s.should_stop, s.stop_reason, s.failed))
 
     def _log_interval(self) -> None:
         """One train record (and log line) of the interval's means: the only host sync between lines."""
@@ -269,7 +276,7 @@ class Trainer:
         During fit() the record joins the run's history and callbacks; before it, it is only returned."""
         # every process evaluates the same global batches, so a torchrun run evaluates what one
         # process with the same global batch would
-        batches = self.data[split].eval_batches(self.cfg.batch_size * self.dist.world, self.cfg.eval_batches)
+        batches = self.data[split].eval_batches(self.cfg.batch_size * self.engine.world, self.cfg.eval_batches)
         # the same batches every time and a frozen teacher: its logits are computed once per split,
         # within one budget for all splits (validation, evaluated most often, asks first)
         if split not in self._eval_caches:
@@ -299,28 +306,92 @@ class Trainer:
         )
         return record
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ run state and checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that a resumed run needs to continue exactly (collective
+        under FSDP2: the optimizer's state is gathered from every process)."""
+        s = self.state
+        return {
+            "step": s.step,
+            "tokens": s.tokens,
+            "skipped_steps": s.skipped_steps,
+            "bad_in_a_row": s.bad_in_a_row,
+            "history": s.history,
+            "config": self.cfg.to_dict(),
+            "world": self.engine.world,
+            "objective": self.objective.state_dict(),
+            "batches": self.batches.state_dict(),
+            "callbacks": {state_key_of(cb): cb.state_dict() for cb in self.callbacks if has_state(cb)},
+            "optimizer": self.engine.optimizer_state_dict(self._trained, self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "metrics": self.metrics.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The counterpart of `state_dict` (the weights are loaded by kdlab.training.checkpoint)."""
+        self.objective.load_state_dict(state["objective"], self.precision.device)
+        self.batches.load_state_dict(state["batches"])
+        for cb in self.callbacks:
+            if has_state(cb) and state_key_of(cb) in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][state_key_of(cb)])
+        self.engine.load_optimizer_state_dict(self._trained, self.optimizer, state["optimizer"])
+        for part in ("scheduler", "scaler", "metrics"):
+            getattr(self, part).load_state_dict(state[part])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        s = self.state
+        s.step, s.tokens, s.skipped_steps, s.bad_in_a_row = (
+            state["step"],
+            state["tokens"],
+            state["skipped_steps"],
+            state["bad_in_a_row"],
+        )
+        s.history = state["history"]
+
     def save(self) -> Path | None:
-        """A resumable checkpoint of the whole run (kdlab.checkpoint), unless checkpoints=false."""
+        """A resumable checkpoint of the whole run (kdlab.training.checkpoint), unless checkpoints=false.
+        Every process calls it; rank 0 writes."""
         if not self.cfg.checkpoints:
             return None
+        weights, state = self.engine.full_state_dict(self.student), self.state_dict()  # collective
         path = None
-        if self.dist.is_main:
+        if self.engine.is_main:
             path = save_checkpoint(
                 self.out_dir,
                 self.state.step,
                 self.student,
                 self.objective.heads,
-                run_state(self),
+                state,
                 keep=self.cfg.keep_checkpoints,
+                weights=weights,
             )
-        barrier(self.dist)
+        self.engine.barrier()
         return path
 
     def _resume(self) -> None:
-        log.info(
-            "resumed from %s (step %d of %d)", resume_run(self, RESUMABLE_CHANGES), self.state.step, self.total_steps
-        )
+        """Load the latest checkpoint of out_dir; settings other than RESUMABLE_CHANGES must be the run's own."""
+        path = latest_checkpoint(self.out_dir)
+        state = read_trainer_state(path)  # settings first: nothing is loaded into a run it does not fit
+        old = state["config"]
+        changed = [
+            f"{k}: {old.get(k)!r} -> {v!r}"
+            for k, v in self.cfg.to_dict().items()
+            if k not in RESUMABLE_CHANGES | {"batch_size"} and old.get(k) != v
+        ]
+        # batch_size is per process: a run may resume on another number of processes (FSDP2 on two
+        # into one, say) as long as every step still trains the same global batch
+        before, now = old["batch_size"] * state.get("world", 1), self.cfg.batch_size * self.engine.world
+        if before != now:
+            changed.append(f"global batch (batch_size x processes): {before} -> {now}")
+        if changed:
+            raise KDLabError(f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)})")
+        load_checkpoint(path, self.student, self.objective.heads, state=False, engine=self.engine)
+        self.load_state_dict(state)
+        log.info("resumed from %s (step %d of %d)", path, self.state.step, self.total_steps)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -328,9 +399,9 @@ class Trainer:
 
         cfg, s = self.cfg, self.state
         with quiet_hf_progress():
-            self._metrics_file = open_run_folder(cfg, self.dist, self._resume, lambda: self.state.history)
+            self._metrics_file = open_run_folder(cfg, self.engine, self._resume, lambda: self.state.history)
             if not cfg.resume:
-                save_student_record(self.out_dir, self.student, self.dist)
+                save_student_record(self.out_dir, self.student, self.engine)
             log_run_start(self)
             fire(self.callbacks, "on_train_begin", self)
             if s.step == 0 and not s.evals("validation"):
@@ -348,7 +419,7 @@ class Trainer:
                     restored = {"restored_from": s.restored_from} if s.restored_from is not None else {}
                     self.evaluate("test", **restored)
                     self.save()
-                    save_final(self.out_dir, self.student, self.tokenizer, self.dist)
+                    save_final(self.out_dir, self.student, self.tokenizer, self.engine)
             except KeyboardInterrupt:
                 s.interrupted = True
                 if self.metrics.steps:  # the steps since the last log line, so the history is complete
@@ -366,9 +437,4 @@ class Trainer:
         return s
 
 
-def train(cfg: KDConfig, callbacks=()) -> TrainState:
-    """Build everything from `cfg` and run it; the function behind `kdlab train`."""
-    return Trainer.from_config(cfg, callbacks).fit()
-
-
-__all__ = ["Trainer", "TrainState", "train", "default_callbacks"]
+__all__ = ["Trainer", "TrainState", "total_steps", "RESUMABLE_CHANGES"]

@@ -15,7 +15,6 @@ and its entropy, answering the original framework's open question "is the router
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .feature_losses import FEATURE_LOSSES
+from kdlab.loss.features import FEATURE_LOSSES
 
 
 @dataclass
@@ -65,10 +64,6 @@ class StudentAwareRouter(nn.Module):
         balance = self.n_experts * ((top1 * m).sum((0, 1)) / n * (probs * m).sum((0, 1)) / n).sum()
         entropy = -torch.where(utilisation > 0, utilisation * utilisation.clamp_min(1e-12).log(), 0.0).sum()
         return RouterOutput(loss, balance, utilisation.detach(), entropy.detach())
-
-    @property
-    def max_entropy(self) -> float:
-        return math.log(self.n_experts)
 
 
 __all__ = ["StudentAwareRouter", "RouterOutput"]

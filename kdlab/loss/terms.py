@@ -1,6 +1,6 @@
 """The loss terms: a registry of named terms, and kdlab's six built-in ones.
 
-A term is one named scalar of the objective (kdlab.objective): what it needs from the models,
+A term is one named scalar of the objective (kdlab.loss.objective): what it needs from the models,
 how its value reduces to the step's mean, how it is computed and, if it trains parameters of its
 own (a router, a projection), how those are built. Register one and every part of kdlab that
 lists terms picks it up: config checks (`term_weights`, `ramps`), the curriculum, the objective,
@@ -42,13 +42,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import KDLabError
-from .feature_losses import attention_kl, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
-from .losses import kd_loss, kd_loss_topk, lm_loss
-from .projection import StudentLogitProjector, align_vocab
-from .router import StudentAwareRouter
+from kdlab.errors import KDLabError
+from kdlab.loss.divergences import kd_loss, kd_loss_topk, lm_loss
+from kdlab.loss.features import attention_kl, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
+from kdlab.loss.projection import StudentLogitProjector, align_vocab
+from kdlab.loss.router import StudentAwareRouter
 
-# keys of a batch that carries the teacher's cached top-k (kdlab.teacher_cache): no teacher forward
+# keys of a batch that carries the teacher's cached top-k (kdlab.data.teacher_cache): no teacher forward
 CACHED_TEACHER_KEYS = ("t_top", "t_ids", "t_tail")
 Reduce = Literal["global", "tokens", "batch"]
 
@@ -98,7 +98,7 @@ class Term:
     always: computed and logged even at weight 0 (no gradient then).
     reads_cache: it can read the teacher's cached top-k from the batch (CACHED_TEACHER_KEYS) instead of
         the teacher's forward, so a cached batch needs no teacher forward for it.
-    reads_logits: it reads the models' [B, T, V] logits. The fused KD + LM loss (kdlab.fused_loss) never
+    reads_logits: it reads the models' [B, T, V] logits. The fused KD + LM loss (kdlab.loss.fused) never
         builds them, so it applies only when no other active term does (a term registered from outside
         is assumed to, unless it says otherwise).
     """
@@ -168,7 +168,7 @@ def _kd(ctx: TermContext) -> torch.Tensor:
 def _kd_module(cfg, student, teacher) -> nn.Module | None:
     s, t = student.config.vocab_size, teacher.config.vocab_size
     if s == t or cfg.logit_projection != "learned":
-        return None  # same vocabulary, or padded ones aligned by id (kdlab.projection.align_vocab)
+        return None  # same vocabulary, or padded ones aligned by id (kdlab.loss.projection.align_vocab)
     if s * t > 50_000_000:
         raise KDLabError(
             f"logit_projection='learned' between vocabularies of {s} and {t} would train {s * t:,} "
@@ -200,7 +200,7 @@ class FeatureRouters(nn.Module):
             for _ in range(s_layers)
         )
         self.balance = cfg.router_balance
-        self.last_stats: list[dict[str, torch.Tensor]] = []  # per block: utilisation, entropy, balance
+        self.last_stats: list[dict[str, torch.Tensor]] = []  # per block: utilisation, entropy (train records)
 
     def forward(self, s_out, t_out, mask: torch.Tensor) -> torch.Tensor:
         values, self.last_stats = [], []
@@ -208,9 +208,7 @@ class FeatureRouters(nn.Module):
         for layer, router in enumerate(self.routers):
             out = router(s_out.hidden_states[layer + 1], experts, mask)
             values.append(out.loss + self.balance * out.balance)
-            self.last_stats.append(
-                {"utilisation": out.utilisation, "entropy": out.entropy, "balance": out.balance.detach()}
-            )
+            self.last_stats.append({"utilisation": out.utilisation, "entropy": out.entropy})
         return torch.stack(values).mean()
 
 

@@ -1,7 +1,7 @@
 """Held-out evaluation: how well the student predicts the text, and how close it is to the teacher.
 
 Uses the same precision policy and the same loss functions as training (kdlab.precision,
-kdlab.losses), so evaluation cannot fail where training ran, as the original framework's did.
+kdlab.loss.divergences), so evaluation cannot fail where training ran, as the original framework's did.
 
 Metrics (all per-token means over valid next-token positions):
     student_ce / student_ppl   cross-entropy on the text and exp of it
@@ -25,9 +25,9 @@ from functools import partial
 
 import torch
 
-from .losses import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
-from .precision import Precision, student_logits, teacher_logits
-from .terms import match_logits as match_by_id
+from kdlab.loss.divergences import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
+from kdlab.loss.terms import match_logits as match_by_id
+from kdlab.precision import Precision, student_logits, teacher_logits
 
 
 class TeacherEvalCache:

@@ -19,7 +19,7 @@ Semantics (as Lightning's EarlyStopping; patience counts *evaluations*, not step
                   ramp ends with the run; measured in notebooks/06_early_stopping.ipynb)
     non-finite    a nan/inf metric stops the run at once
     abort         a metric worse than `abort_threshold` stops the run at once (a run that diverged)
-    restore       kdlab.callbacks.BestWeights keeps the best weights and reloads them at the end (the
+    restore       kdlab.training.best_weights.BestWeights keeps the best weights and reloads them at the end (the
                   trainer adds it beside this callback when restore_best is on)
 
 It owns its settings and state, stops through `trainer.state.should_stop`, and checkpoints
@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .callbacks import Callback
-from .errors import KDLabError
+from kdlab.errors import KDLabError
+from kdlab.training.callbacks import Callback
 
 METRICS = {"val_kl": "kl", "val_ce": "student_ce"}  # name in the config -> key of an eval record
 MODES = ("min", "max")

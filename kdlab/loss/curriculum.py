@@ -36,8 +36,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import KDLabError
-from .terms import TERMS
+from kdlab.errors import KDLabError
+from kdlab.loss.terms import TERMS
 
 SHAPES = ("linear", "cosine")
 
@@ -89,7 +89,7 @@ def parse_ramps(spec: dict[str, Any]) -> dict[str, Ramp]:
         raise KDLabError(f"ramps={spec!r} must be a mapping of term -> {{start, end, shape}}")
     out = {}
     for name, fields in spec.items():
-        if name not in TERMS:  # the registered terms (kdlab.terms), built-in or registered by the user
+        if name not in TERMS:  # the registered terms (kdlab.loss.terms), built-in or registered by the user
             raise KDLabError(f"ramps: unknown term {name!r}; choose from {', '.join(TERMS)}")
         if not isinstance(fields, dict):
             raise KDLabError(f"ramps.{name}={fields!r} must be a mapping with start, end and shape")

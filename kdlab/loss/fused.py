@@ -5,7 +5,7 @@
     out.total.backward()               # gradients into h and the weight
     out.kd, out.lm                     # the two terms, unweighted (for the records)
 
-The usual path (kdlab.losses) takes the student's logits, an [N, V] tensor (N = B x T positions) that
+The usual path (kdlab.loss.divergences) takes the student's logits, an [N, V] tensor (N = B x T positions) that
 the LM head writes, plus its fp32 gradient of the same size: at N = 4,096 and V = 49,152 each is
 805 MB. Here, for one chunk of `chunk_tokens` positions at a time, the student's logits are computed
 from its final hidden states (h @ W^T), the teacher's likewise from its hidden states (or read from
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .losses import IGNORE_INDEX, _check_divergence, _kd_rows, _teacher_buckets, _valid_count
+from kdlab.loss.divergences import IGNORE_INDEX, _check_divergence, _kd_rows, _teacher_buckets, _valid_count
 
 
 @dataclass
@@ -227,12 +227,15 @@ def fused_unavailable(cfg, active: list[str], terms: dict, student: torch.nn.Mod
     checks = [
         (not cfg.fused_loss, "fused_loss=false"),
         ("kd" not in active, "no KD term (alpha_kd=0)"),
-        (bool(cfg.teacher_cache), "a teacher cache (the teacher's top-k is read, not computed)"),
+        (
+            bool(cfg.teacher_cache) and cfg.teacher_cache_kind == "top-k",
+            "a top-k teacher cache (the teacher's top-k is read, not computed)",
+        ),
         (student.config.vocab_size != teacher.config.vocab_size, "student and teacher vocabularies differ"),
         (cfg.adaptive_balance, "adaptive_balance (it rescales each term after its value is known)"),
         (cfg.grad_share_every > 0, "grad_share_every (each term's own gradient is needed)"),
         (cfg.compile, "compile"),
-        (getattr(cfg, "on_policy", 0) > 0, "on-policy steps (kdlab.on_policy)"),
+        (getattr(cfg, "on_policy", 0) > 0, "on-policy steps (kdlab.training.on_policy)"),
         (bool(others), f"terms that read the logits: {', '.join(others)}"),
         (
             any(final_norm(m) is None or not _keeps_logits(m) for m in (student, teacher)),

@@ -1,4 +1,4 @@
-"""Trainer callbacks: the base class, the progress bar and keeping the best weights.
+"""Trainer callbacks: the base class and the progress bar (the best weights: kdlab.training.best_weights).
 
 A callback subclasses `Callback` and overrides the hooks it needs; each gets the trainer:
 
@@ -21,16 +21,10 @@ independently (the trainer refuses two stateful callbacks with one key).
 from __future__ import annotations
 
 import logging
-import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .checkpoint import best_dir, load_checkpoint, save_best
-from .distributed import barrier
-from .errors import KDLabError
-
-if TYPE_CHECKING:
-    from .config import KDConfig
+from kdlab.errors import KDLabError
 
 log = logging.getLogger("kdlab")
 
@@ -98,7 +92,7 @@ class ProgressBar(Callback):
             desc="distilling",
             unit="step",
             dynamic_ncols=True,
-            disable=self.disable or not trainer.dist.is_main,
+            disable=self.disable or not trainer.engine.is_main,
         )
 
     def on_step_end(self, trainer, out) -> None:
@@ -117,53 +111,7 @@ class ProgressBar(Callback):
     on_train_end = on_loop_end
 
 
-class BestWeights(Callback):
-    """Keep the weights of the best validation evaluation in out_dir/best/ (atomically, at each new
-    best) and put them back when the loop ends, if the last evaluation was not the best: then the
-    validation is measured again (a record with `restored_from`) and `final/` holds those weights.
-
-    "Best" is the best value seen, however small the margin (as EarlyStopping's `best`).
-    """
-
-    def __init__(self, monitor: str = "val_kl", mode: str = "min"):
-        from .early_stopping import METRICS
-
-        self.monitor, self.key, self.mode = monitor, METRICS[monitor], mode
-        self.best: float | None = None
-        self.best_step: int | None = None
-
-    @property
-    def state_key(self) -> str:
-        return self.make_state_key(monitor=self.monitor, mode=self.mode)
-
-    def on_eval(self, trainer, record) -> None:
-        if record["split"] != "validation" or "restored_from" in record:
-            return
-        value = float(record[self.key])
-        if not math.isfinite(value):
-            return  # a non-finite metric is never the best
-        if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
-            self.best, self.best_step = value, record["step"]
-            if trainer.dist.is_main:
-                save_best(trainer.out_dir, trainer.state.step, trainer.student, trainer.objective.heads)
-
-    def on_loop_end(self, trainer) -> None:
-        barrier(trainer.dist)  # rank 0's last save is complete before anyone reads it
-        if self.best_step is None or self.best_step == trainer.state.step or not best_dir(trainer.out_dir).exists():
-            return
-        load_checkpoint(best_dir(trainer.out_dir), trainer.student, trainer.objective.heads, state=False)
-        log.info("restored the best weights (step %d, %s %.4f)", self.best_step, self.monitor, self.best)
-        trainer.state.restored_from = self.best_step
-        trainer.evaluate("validation", restored_from=self.best_step)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_step = state["best"], state["best_step"]
-
-
-def _tqdm_off() -> bool | None:
+def tqdm_off() -> bool | None:
     """True when $TQDM_DISABLE asks for no bars (an explicit `disable=` would override tqdm's own reading)."""
     return True if os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes") else None
 
@@ -179,36 +127,11 @@ def check_state_keys(callbacks) -> None:
         )
 
 
-def default_callbacks(cfg: KDConfig, given: list) -> list:
-    """The callbacks the config asks for, after the user's: early stopping and the best weights,
-    the original framework's verbose logging, and a progress bar unless a callback shows progress."""
-    out: list = []
-    if cfg.early_stopping:
-        warmup = cfg.es_warmup_steps if cfg.es_warmup_steps >= 0 else cfg.warmup_steps  # -1: the LR warmup
-        from .early_stopping import EarlyStopping  # (it subclasses Callback)
-
-        out.append(
-            EarlyStopping(
-                cfg.es_monitor, cfg.es_patience, cfg.es_min_delta, cfg.es_mode, warmup, cfg.es_abort_threshold or None
-            )
-        )
-        if cfg.restore_best:
-            out.append(BestWeights(cfg.es_monitor, cfg.es_mode))
-    if cfg.log_style == "original-verbose":
-        from .course.original import OriginalVerboseLogging
-
-        out.append(OriginalVerboseLogging())
-    if not any(getattr(cb, "shows_progress", False) for cb in given):
-        out.append(ProgressBar(disable=_tqdm_off()))
-    return out
-
-
 __all__ = [
     "check_state_keys",
-    "default_callbacks",
     "Callback",
     "ProgressBar",
-    "BestWeights",
+    "tqdm_off",
     "fire",
     "has_state",
     "state_key_of",
