@@ -153,3 +153,19 @@ def test_public_api_only_grows():
     import kdlab.training.trainer as trainer_module
 
     assert trainer_module.Trainer is kdlab.Trainer
+
+
+def test_only_the_engine_knows_how_a_step_is_distributed():
+    """scripts/change_cost.py: the files whose code talks to torch.distributed, DDP or FSDP directly
+    (switching DDP for FSDP2 touched 8 before the engine): the engine, and the fused loss's unwrapping
+    of a wrapper (model.module) to find the output head."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "change_cost.py"
+    spec = importlib.util.spec_from_file_location("change_cost", script)
+    change_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(change_cost)
+    code = change_cost.code_only('"""dist.barrier() in a docstring"""\nx = 1  # all_reduce_sum(t, info) in a comment\n')
+    assert "barrier" not in code and "all_reduce" not in code and "x = 1" in code
+    touched = change_cost.touched(change_cost.sources(None))["switch DDP to FSDP2"]
+    assert touched == ["kdlab/loss/fused.py", "kdlab/training/engine.py"]

@@ -88,7 +88,7 @@ class Trainer:
         self.cfg, self.student, self.teacher, self.data = cfg, student, teacher, data
         self.precision, self.tokenizer = precision, tokenizer
         self.batches, self.objective = batches, objective
-        self.engine = engine or engine_from_env(precision.device.type)
+        self.engine = engine or engine_from_env(precision.device.type, cfg.distributed)
         self.state, self.out_dir = TrainState(), Path(cfg.out_dir)
         self._eval_caches: dict[str, TeacherEvalCache] = {}  # split -> the teacher's logits there
         # UTF-8 bytes per token id: evaluations report bits per byte too (kdlab.payoff)
