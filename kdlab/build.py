@@ -153,13 +153,6 @@ def build_trainer(
         parts = parts or build_components(cfg)
     precision, tokenizer, teacher, data, student = parts
     engine = engine or engine_from_env(precision.device.type, cfg.distributed)
-    if engine.kind == "fsdp2" and cfg.on_policy > 0:
-        # each process generates its own continuations, whose lengths differ: the layers' all-gathers
-        # would fall out of step
-        raise KDLabError("distributed='fsdp2' does not run on-policy distillation (on_policy > 0); use ddp")
-    if engine.kind == "fsdp2" and cfg.teacher_cache and cfg.teacher_cache_kind == "hidden":
-        # the fused loss reads the teacher's whole output weight every step, and FSDP2 shards it
-        raise KDLabError("distributed='fsdp2' does not read a hidden-state teacher cache yet; use ddp")
     check_positions(cfg.seq_len, teacher, student)
     batches = batches or batches_for_run(cfg, data["train"], tokenizer, student, teacher, precision, engine)
     objective = objective or objective_for_run(cfg, student, teacher, total_steps(cfg, batches))

@@ -332,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     # commands that other packages add (entry-point group "kdlab.commands"): the course's `kdlab
     # preflight` (kdlab.course.preflight), so the core never imports the course
     for entry in sorted(importlib.metadata.entry_points(group="kdlab.commands"), key=lambda e: e.name):
-        entry.load()(sub)
+        try:
+            entry.load()(sub)
+        except Exception as e:  # one broken add-on must not take every command with it
+            log.warning("kdlab: the command %r (%s) did not load: %s", entry.name, entry.value, e)
     return parser
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import kdlab
 from kdlab.training.engine import Engine
+from kdlab.training.trainer import refuse_unsupported
 
 TOL = 1e-5
 
@@ -47,6 +48,27 @@ def test_grad_norm_is_the_float64_norm_and_clips_as_torch_does():
     torch.nn.utils.clip_grads_with_norm_(copies, 1.0, got)
     for p, c in zip(params, copies):
         assert torch.equal(p.grad, c.grad)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"on_policy": 0.5}, "on-policy distillation"),
+        ({"teacher_cache": "c", "teacher_cache_kind": "hidden"}, "a hidden-state teacher cache"),
+        ({"grad_share_every": 10}, "gradient shares"),
+        ({"scaler": True}, "float16 autocast with trainable heads"),
+    ],
+)
+def test_fsdp2_refuses_what_it_does_not_run_in_one_line(setting, message):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(on_policy=0, teacher_cache="", teacher_cache_kind="top-k", grad_share_every=0)
+    cfg.__dict__.update({k: v for k, v in setting.items() if k != "scaler"})
+    objective = SimpleNamespace(heads=torch.nn.ModuleDict({"feature": torch.nn.Linear(2, 2)}))
+    precision = SimpleNamespace(needs_grad_scaler=setting.get("scaler", False))
+    refuse_unsupported(cfg, Engine("ddp", 0, 2), objective, precision)  # DDP runs them all
+    with pytest.raises(kdlab.KDLabError, match=rf"^distributed='fsdp2' does not run {message}.*use distributed='ddp'$"):
+        refuse_unsupported(cfg, Engine("fsdp2", 0, 2), objective, precision)
 
 
 # ------------------------------------------------------------------ FSDP2 on 2 gloo processes
@@ -111,17 +133,22 @@ def test_two_processes_match_one_process_and_resume(kind, terms, tiny_overrides,
         "early_stopping": False,
     }
     if terms == "kd+lm+feature":
-        # an intermediate term: routers outside FSDP, their gradients summed by hand. Without the
+        # an intermediate term: routers outside FSDP, their gradients averaged by hand. Without the
         # routers' load-balancing term: like Switch Transformer's it is a statistic of each micro-batch
         # (a product of two batch means), so it changes when the global batch is split otherwise
         over |= {"w_feature": 0.5, "curriculum": "constant", "router_balance": 0.0}
+    if (kind, terms) == ("fsdp2", "kd+lm+feature"):
+        # records at steps 3 and 4: the step-2 checkpoint falls inside a log interval, whose sums a
+        # resumed run carries on with (whatever its number of processes)
+        over |= {"log_first": 0, "log_every": 3}
+    steps = [3, 4] if over["log_every"] == 3 else [1, 2, 3, 4]
     one = kdlab.train(kdlab.load_config(overrides={**over, "batch_size": 4, "out_dir": str(tmp_path / "one")}))
     two_dir = tmp_path / "two"
     proc = _torchrun({**over, "batch_size": 2, "out_dir": str(two_dir), "distributed": kind})
     assert proc.stdout.count("done: 4 steps") == 1  # only rank 0 reports
 
     a, b = [r for r in one.history if r["kind"] == "train"], _records(two_dir, "train")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == steps
     keys = ["loss", "kd", "lm", "grad_norm"] + (["feature"] if "feature" in terms else [])
     for ra, rb in zip(a, b):
         for key in keys:
@@ -142,8 +169,8 @@ def test_two_processes_match_one_process_and_resume(kind, terms, tiny_overrides,
     kdlab.train(kdlab.load_config(overrides={**over, "batch_size": 4, "out_dir": str(single), "resume": True}))
     for resumed in (again, single):
         c = _records(resumed, "train")
-        assert [r["step"] for r in c] == [1, 2, 3, 4]  # the records after step 2 were rewritten, not doubled
-        for ra, rc in zip(a[2:], c[2:]):
+        assert [r["step"] for r in c] == steps  # the records after step 2 were rewritten, not doubled
+        for ra, rc in zip(a, c):  # step 3's record: the interval begun before the checkpoint
             for key in keys:
                 assert rc[key] == pytest.approx(ra[key], rel=TOL), (resumed.name, key, ra["step"])
         assert _max_weight_difference(_weights(tmp_path / "one"), _weights(resumed)) < TOL

@@ -32,7 +32,7 @@ from kdlab.errors import KDLabError
 
 # pyproject.toml's requires-python and its torch requirement (tests/test_preflight.py keeps them in step)
 MIN_PYTHON = (3, 10)
-MIN_TORCH = (2, 4)
+MIN_TORCH = (2, 6)
 # what the notebooks import beyond kdlab's own dependencies: (module, distribution)
 COURSE_PACKAGES = [
     ("ipywidgets", "ipywidgets"),

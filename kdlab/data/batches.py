@@ -50,7 +50,7 @@ class PackedBatches(BatchSource):
     """Shuffled packed blocks, a new order each epoch (fixed by `seed` and the epoch), split over
     processes: global batch g of an epoch is blocks order[g*B*W : (g+1)*B*W], and process `rank`
     takes its B of them, so W processes train on exactly what one process with a W-times larger
-    batch would. A teacher cache (kdlab.data.teacher_cache) joins the teacher's stored top-k per block.
+    batch would. A teacher cache (kdlab.data.teacher_cache) joins the teacher's stored top-k or hidden states per block.
     """
 
     def __init__(
@@ -95,7 +95,7 @@ class PackedBatches(BatchSource):
             order = epoch_order(len(self.split), self.seed, self.epoch)[self.pos * g : (self.pos + 1) * g]
             blocks = order[self.rank * b : (self.rank + 1) * b]
             batch = self.split.batch(blocks)
-            if self.teacher_cache is not None:  # the teacher's stored top-k for these blocks
+            if self.teacher_cache is not None:  # the teacher's stored top-k or hidden states for these blocks
                 batch |= self.teacher_cache.batch(blocks)
             batches.append(batch)
             self.pos += 1

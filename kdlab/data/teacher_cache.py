@@ -276,7 +276,10 @@ def open_for_run(
     if not (cfg.teacher_cache and cfg.alpha_kd > 0):
         return None
     if tokenizer is None:
-        raise KDLabError("teacher_cache needs the tokenizer (part of the cache's key): pass Trainer(..., tokenizer=)")
+        raise KDLabError(
+            "teacher_cache needs the tokenizer (part of the cache's key): pass it to PackedBatches.for_run "
+            "(kdlab.build_trainer does)"
+        )
     s_vocab = student.get_output_embeddings().weight.shape[0]
     t_vocab = teacher.get_output_embeddings().weight.shape[0]
     if s_vocab != t_vocab:

@@ -34,9 +34,11 @@ class BestWeights(Callback):
         if record["split"] != "validation" or "restored_from" in record:
             return
         value = float(record[self.key])
-        if not math.isfinite(value):
-            return  # a non-finite metric is never the best
-        if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+        better = math.isfinite(value) and (  # a non-finite metric is never the best
+            self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        )
+        # rank 0's decision on every process: saving gathers the weights from all of them (FSDP2)
+        if trainer.engine.broadcast_object(better):
             self.best, self.best_step = value, record["step"]
             weights = trainer.engine.full_state_dict(trainer.student)  # every process: FSDP2 gathers
             if trainer.engine.is_main:
@@ -44,7 +46,10 @@ class BestWeights(Callback):
 
     def on_loop_end(self, trainer) -> None:
         trainer.engine.barrier()  # rank 0's last save is complete before anyone reads it
-        if self.best_step is None or self.best_step == trainer.state.step or not best_dir(trainer.out_dir).exists():
+        restore = not (
+            self.best_step is None or self.best_step == trainer.state.step or not best_dir(trainer.out_dir).exists()
+        )
+        if not trainer.engine.broadcast_object(restore):  # loading and evaluating are collective under FSDP2
             return
         load_checkpoint(best_dir(trainer.out_dir), trainer.student, trainer.objective.heads, False, trainer.engine)
         log.info("restored the best weights (step %d, %s %.4f)", self.best_step, self.monitor, self.best)

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kdlab.errors import KDLabError
+
 KINDS = ("ddp", "fsdp2")  # the `distributed` setting: what a torchrun launch uses
 
 
@@ -71,6 +73,11 @@ class Engine:
             for model in (student, teacher):
                 if model is None:
                     continue
+                if not isinstance(getattr(getattr(model, "model", None), "layers", None), torch.nn.ModuleList):
+                    raise KDLabError(
+                        f"distributed='fsdp2' shards a model's decoder layers (model.model.layers), and "
+                        f"{type(model).__name__} has none; use distributed='ddp'"
+                    )
                 for layer in model.model.layers:  # one all-gather per decoder layer, as torchtune shards
                     fully_shard(layer, mesh=mesh)
                 fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, output head
@@ -166,8 +173,16 @@ class Engine:
         so a run saved under FSDP2 resumes in one process and back (collective under FSDP2)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        had = set(optimizer.state)
         options = StateDictOptions(full_state_dict=True, cpu_offload=self.kind == "fsdp2")
-        return get_optimizer_state_dict(modules, optimizer, options=options)
+        state = get_optimizer_state_dict(modules, optimizer, options=options)
+        # torch first makes a state for every parameter that has none (an lr-0 step, `step` = 1): those
+        # go back to none, in the optimizer and in what is saved, so a resumed run updates as this one
+        for name, param in modules.named_parameters():
+            if param not in had:
+                optimizer.state.pop(param, None)
+                state["state"].pop(name, None)
+        return state
 
     def load_optimizer_state_dict(self, modules: torch.nn.Module, optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

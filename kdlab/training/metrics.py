@@ -108,10 +108,23 @@ class IntervalMetrics:
             sums["grad_norm"] /= self.engine.world  # the same on every process: a mean, not a sum
         return {k: sums[k] / counts[k] for k in keys}
 
+    def _per_process(self) -> list[str]:
+        """The interval's keys that each process holds a part of (`means` adds them over processes);
+        the others (grad_norm, tokens, skipped, non-finite flags) are the same on every process."""
+        same = ("skipped", "tokens", "grad_norm")
+        return sorted(k for k in self.sums if k not in same and not k.startswith("nonfinite/"))
+
     def state_dict(self) -> dict[str, Any]:
-        """The unfinished interval, so a resumed run logs the same means (and tokens/s)."""
+        """The unfinished interval, so a resumed run logs the same means (and tokens/s). Each process's
+        part of the sums is added up (a collective under torchrun), so a run resumes on any number of
+        processes."""
+        sums = {k: v.detach() for k, v in self.sums.items()}
+        keys = self._per_process()
+        if self.engine.launched and keys:
+            total = self.engine.all_reduce_sum(torch.stack([sums[k].double() for k in keys]))
+            sums |= {k: total[i].to(sums[k].dtype) for i, k in enumerate(keys)}
         return {
-            "interval": {k: v.detach().cpu() for k, v in self.sums.items()},
+            "interval": {k: v.cpu() for k, v in sums.items()},
             "interval_counts": {k: torch.as_tensor(v).cpu() for k, v in self.counts.items()},
             "interval_steps": self.steps,
             "interval_elapsed": self.elapsed(),
@@ -121,6 +134,8 @@ class IntervalMetrics:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums = {k: v.to(self.device) for k, v in state["interval"].items()}
+        for k in self._per_process():  # whole sums saved: this process's share of them
+            self.sums[k] = self.sums[k] / self.engine.world
         self.counts = {k: v.to(self.device) for k, v in state["interval_counts"].items()}
         self.steps = state["interval_steps"]
         self.carried = state["interval_elapsed"]

@@ -61,6 +61,33 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+# trainer_state.pt's layout: 2 = the optimizer's state keyed by parameter name (kdlab.training.engine)
+STATE_FORMAT = 2
+
+
+def refuse_unsupported(cfg: KDConfig, engine: Engine, objective: Objective, precision: Precision) -> None:
+    """One clear line, before any model is wrapped, for what FSDP2 does not run."""
+    if engine.kind != "fsdp2":
+        return
+    why = [
+        # each process generates its own continuations, whose lengths differ: the layers' all-gathers
+        # would fall out of step
+        (getattr(cfg, "on_policy", 0) > 0, "on-policy distillation (on_policy > 0)"),
+        # the fused loss reads the teacher's whole output weight every step, and FSDP2 shards it
+        (bool(cfg.teacher_cache) and cfg.teacher_cache_kind == "hidden", "a hidden-state teacher cache"),
+        # each term's own gradient is taken on the parameters, which FSDP2 holds as shards
+        (cfg.grad_share_every > 0, "gradient shares (grad_share_every > 0)"),
+        # the loss scaler unscales the sharded and the heads' plain gradients in one call
+        (
+            precision.needs_grad_scaler and len(list(objective.heads.parameters())) > 0,
+            "float16 autocast with trainable heads (their gradients and the student's are unscaled together)",
+        ),
+    ]
+    for failed, what in why:
+        if failed:
+            raise KDLabError(f"distributed='fsdp2' does not run {what}; use distributed='ddp'")
+
+
 def total_steps(cfg: KDConfig, batches: BatchSource) -> int:
     """The run's optimizer steps: max_steps, or `epochs` passes over the batch source's data."""
     if cfg.max_steps <= 0 and not batches.steps_per_epoch:
@@ -96,6 +123,7 @@ class Trainer:
         if not self.engine.is_main:  # only rank 0 talks
             log.setLevel(logging.WARNING)
         check_positions(cfg.seq_len, teacher, student)
+        refuse_unsupported(cfg, self.engine, objective, precision)
         self.total_steps = total_steps(cfg, batches)
         if self.objective.needs.attentions:  # attention maps exist only in eager attention
             for model in (student, teacher):
@@ -109,7 +137,6 @@ class Trainer:
         # the fused kernel takes one kind of tensor per group.
         self.student_params = [p for p in student.parameters() if p.requires_grad]
         head_params = list(self.objective.heads.parameters())
-        self.trainable = self.student_params + head_params
         groups = [
             group
             for params in (self.student_params, head_params)
@@ -215,9 +242,11 @@ class Trainer:
             self._log_interval()
         if cfg.eval_every and s.step % cfg.eval_every == 0 and s.step < self.total_steps:
             self.evaluate("validation")
-            self._agree_on_stop()
         if cfg.save_every and s.step % cfg.save_every == 0 and s.step < self.total_steps:
             self.save()
+        # after every hook of the step (on_step_end, on_log, on_eval) had its say: a callback's decision
+        # on one process stops all of them, or the others would wait in the next collective for ever
+        self._agree_on_stop()
 
     # ------------------------------------------------------------------ records
     def _record(self, record: dict[str, Any]) -> None:
@@ -255,7 +284,6 @@ class Trainer:
             s.should_stop, s.failed = True, True
             s.stop_reason = f"{iv.max_run} non-finite steps in a row (max_nonfinite_steps)"
             log.error("stopping: %s", s.stop_reason)
-        self._agree_on_stop()
         if iv.trained == 0:
             return  # nothing trained in this interval: no means to report
         record = train_record(
@@ -317,6 +345,7 @@ class Trainer:
             "skipped_steps": s.skipped_steps,
             "bad_in_a_row": s.bad_in_a_row,
             "history": s.history,
+            "format": STATE_FORMAT,
             "config": self.cfg.to_dict(),
             "world": self.engine.world,
             "objective": self.objective.state_dict(),
@@ -327,7 +356,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "metrics": self.metrics.state_dict(),
             "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # this process's device only: a run may resume on another number of GPUs
+            "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -341,8 +371,8 @@ class Trainer:
         for part in ("scheduler", "scaler", "metrics"):
             getattr(self, part).load_state_dict(state[part])
         torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if state["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng_cuda"])
         s = self.state
         s.step, s.tokens, s.skipped_steps, s.bad_in_a_row = (
             state["step"],
@@ -376,6 +406,11 @@ class Trainer:
         """Load the latest checkpoint of out_dir; settings other than RESUMABLE_CHANGES must be the run's own."""
         path = latest_checkpoint(self.out_dir)
         state = read_trainer_state(path)  # settings first: nothing is loaded into a run it does not fit
+        if state.get("format") != STATE_FORMAT:
+            raise KDLabError(
+                f"checkpoint {path} was written by an earlier kdlab (its optimizer state is stored otherwise); "
+                f"start a new run (another --out-dir), or resume it with the kdlab that wrote it"
+            )
         old = state["config"]
         changed = [
             f"{k}: {old.get(k)!r} -> {v!r}"
@@ -437,4 +472,4 @@ class Trainer:
         return s
 
 
-__all__ = ["Trainer", "TrainState", "total_steps", "RESUMABLE_CHANGES"]
+__all__ = ["Trainer", "TrainState", "total_steps", "refuse_unsupported", "RESUMABLE_CHANGES", "STATE_FORMAT"]
