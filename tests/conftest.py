@@ -20,6 +20,22 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def cli_flags(overrides: dict) -> list[str]:
+    """Config overrides as `kdlab train` flags (`alpha_kd` -> `--alpha-kd 0.5`; booleans as
+    `--early-stopping` / `--no-early-stopping`)."""
+    flags = []
+    for k, v in overrides.items():
+        name = k.replace("_", "-")
+        flags += [f"--{name}" if v else f"--no-{name}"] if isinstance(v, bool) else [f"--{name}", str(v)]
+    return flags
+
+
+@pytest.fixture(scope="session", name="cli_flags")
+def cli_flags_fixture():
+    """`cli_flags` for tests (a fixture, since test modules do not import conftest)."""
+    return cli_flags
+
+
 def _need(path: Path):
     if not path.exists():
         pytest.skip(f"{path.relative_to(ROOT)} is missing: run `make setup` first")

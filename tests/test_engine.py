@@ -74,18 +74,12 @@ def test_fsdp2_refuses_what_it_does_not_run_in_one_line(setting, message):
 # ------------------------------------------------------------------ FSDP2 on 2 gloo processes
 
 
-def _flags(over: dict) -> list[str]:
-    flags = []
-    for k, v in over.items():
-        name = k.replace("_", "-")
-        flags += [f"--{name}" if v else f"--no-{name}"] if isinstance(v, bool) else [f"--{name}", str(v)]
-    return flags
-
-
-def _torchrun(over: dict, *extra: str) -> subprocess.CompletedProcess:
+def _torchrun(cli_flags, over: dict, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdlab"]
-    proc = subprocess.run([*cmd, "train", *_flags(over), *extra], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [*cmd, "train", *cli_flags(over), *extra], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -118,7 +112,7 @@ def _from_step(src: Path, dst: Path, step: int) -> Path:
     "kind, terms",
     [("fsdp2", "kd+lm"), ("fsdp2", "kd+lm+feature"), ("ddp", "kd+lm+feature")],
 )
-def test_two_processes_match_one_process_and_resume(kind, terms, tiny_overrides, tmp_path):
+def test_two_processes_match_one_process_and_resume(kind, terms, tiny_overrides, tmp_path, cli_flags):
     """Losses, gradient norms, evaluations and final weights of 2 processes x batch 2 (FSDP2, and DDP
     with heads outside it) equal one process's (batch 4) to 1e-5; a checkpoint FSDP2 wrote resumes
     exactly under FSDP2 and in one process. (DDP without heads: tests/test_robust.py.)"""
@@ -144,7 +138,7 @@ def test_two_processes_match_one_process_and_resume(kind, terms, tiny_overrides,
     steps = [3, 4] if over["log_every"] == 3 else [1, 2, 3, 4]
     one = kdlab.train(kdlab.load_config(overrides={**over, "batch_size": 4, "out_dir": str(tmp_path / "one")}))
     two_dir = tmp_path / "two"
-    proc = _torchrun({**over, "batch_size": 2, "out_dir": str(two_dir), "distributed": kind})
+    proc = _torchrun(cli_flags, {**over, "batch_size": 2, "out_dir": str(two_dir), "distributed": kind})
     assert proc.stdout.count("done: 4 steps") == 1  # only rank 0 reports
 
     a, b = [r for r in one.history if r["kind"] == "train"], _records(two_dir, "train")
@@ -164,7 +158,7 @@ def test_two_processes_match_one_process_and_resume(kind, terms, tiny_overrides,
         return
     # resume the FSDP2 run from its step-2 checkpoint: under FSDP2 again, and in one process
     again = _from_step(two_dir, tmp_path / "again", 2)
-    _torchrun({**over, "batch_size": 2, "out_dir": str(again), "distributed": "fsdp2"}, "--resume")
+    _torchrun(cli_flags, {**over, "batch_size": 2, "out_dir": str(again), "distributed": "fsdp2"}, "--resume")
     single = _from_step(two_dir, tmp_path / "single", 2)
     kdlab.train(kdlab.load_config(overrides={**over, "batch_size": 4, "out_dir": str(single), "resume": True}))
     for resumed in (again, single):
@@ -177,10 +171,10 @@ def test_two_processes_match_one_process_and_resume(kind, terms, tiny_overrides,
 
 
 @pytest.mark.process
-def test_fsdp2_refuses_on_policy(tiny_overrides, tmp_path):
+def test_fsdp2_refuses_on_policy(tiny_overrides, tmp_path, cli_flags):
     over = {**tiny_overrides, "on_policy": 1.0, "gen_tokens": 4, "prompt_tokens": 8, "distributed": "fsdp2"}
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdlab"]
-    proc = subprocess.run([*cmd, "train", *_flags(over)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*cmd, "train", *cli_flags(over)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "distributed='fsdp2' does not run on-policy distillation" in proc.stderr

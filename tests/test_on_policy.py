@@ -296,14 +296,11 @@ def test_on_policy_run_resumes_exactly_after_sigkill(on_policy_overrides, tmp_pa
 
 
 @pytest.mark.process
-def test_on_policy_torchrun_two_processes_match_one_process(on_policy_overrides, tmp_path):
+def test_on_policy_torchrun_two_processes_match_one_process(on_policy_overrides, tmp_path, cli_flags):
     over = {**on_policy_overrides, "on_policy": 0.5, "max_steps": 4, "log_every": 1, "eval_every": 2}
     over |= {"grad_accum": 2, "save_every": 0}
     one = kdlab.train(kdlab.load_config(overrides={**over, "batch_size": 4, "out_dir": str(tmp_path / "one")}))
-    flags = []
-    for k, v in {**over, "batch_size": 2, "out_dir": str(tmp_path / "two")}.items():
-        flag = k.replace("_", "-")
-        flags += [f"--{flag}" if v else f"--no-{flag}"] if isinstance(v, bool) else [f"--{flag}", str(v)]
+    flags = cli_flags({**over, "batch_size": 2, "out_dir": str(tmp_path / "two")})
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdlab"]
     proc = subprocess.run([*cmd, "train", *flags], env=env, capture_output=True, text=True, timeout=600)

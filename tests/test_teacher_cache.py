@@ -27,7 +27,7 @@ def small_corpus(tmp_path_factory, austen_ready):
 
 
 @pytest.fixture(scope="module")
-def built(tiny_teacher, small_corpus, tmp_path_factory):
+def built(tiny_teacher, small_corpus, tmp_path_factory, cli_flags):
     """Overrides of a tiny top-16 KD run and the cache built for them once with `kdlab cache-teacher`
     (tests read it; one that changes it works on a copy)."""
     root = tmp_path_factory.mktemp("cached-run")
@@ -51,18 +51,11 @@ def built(tiny_teacher, small_corpus, tmp_path_factory):
         "device": "cpu",
         "out_dir": str(root / "run"),
     }
-    assert main(["-q", "cache-teacher", *_cli_args(overrides)]) == 0
+    assert main(["-q", "cache-teacher", *cli_flags(overrides)]) == 0
     return overrides, root / "teacher-cache"
 
 
-def _cli_args(overrides: dict) -> list[str]:
-    args = []
-    for k, v in overrides.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
-    return args
-
-
-def test_cli_builds_the_cache_once_and_verifies_it(built, capsys):
+def test_cli_builds_the_cache_once_and_verifies_it(built, capsys, cli_flags):
     overrides, folder = built
     assert all((folder / f).is_file() for f in (*FILES["top-k"], "meta.json"))
     assert not folder.with_name(folder.name + ".tmp").exists()
@@ -73,7 +66,7 @@ def test_cli_builds_the_cache_once_and_verifies_it(built, capsys):
     ids = np.load(folder / "top_ids.npy", mmap_mode="r")
     assert top.shape == ids.shape == (key["blocks"], 32, 16) and top.dtype == np.float16 and ids.dtype == np.uint16
     mtime = (folder / "meta.json").stat().st_mtime_ns
-    assert main(["-q", "cache-teacher", *_cli_args(overrides)]) == 0  # the same settings: verified, not rebuilt
+    assert main(["-q", "cache-teacher", *cli_flags(overrides)]) == 0  # the same settings: verified, not rebuilt
     assert f"{key['blocks']} blocks, top-16" in capsys.readouterr().out
     assert (folder / "meta.json").stat().st_mtime_ns == mtime
 
@@ -129,9 +122,9 @@ def test_a_cache_of_another_teacher_is_refused(built, tmp_path):
         kdlab.build_trainer(kdlab.load_config(overrides={**cache_overrides, "teacher": str(other)}))
 
 
-def test_a_corrupt_or_missing_cache_is_refused_by_the_cli(built, capsys, tmp_path):
+def test_a_corrupt_or_missing_cache_is_refused_by_the_cli(built, capsys, tmp_path, cli_flags):
     copy = tmp_path / "teacher-cache"
-    args = ["train", *_cli_args({**built[0], "teacher_cache": str(copy), "out_dir": str(tmp_path / "run")})]
+    args = ["train", *cli_flags({**built[0], "teacher_cache": str(copy), "out_dir": str(tmp_path / "run")})]
     assert main(args) == 2
     assert "holds no teacher cache (no meta.json)" in capsys.readouterr().err
     shutil.copytree(built[1], copy)
@@ -160,7 +153,7 @@ def test_config_refuses_a_cache_it_cannot_use(change, message):
 
 
 @pytest.fixture(scope="module")
-def hidden_built(built, tmp_path_factory):
+def hidden_built(built, tmp_path_factory, cli_flags):
     """The same run's teacher as final hidden states, in float32 and in bfloat16, built by the CLI."""
     root = tmp_path_factory.mktemp("hidden")
     base = {k: v for k, v in built[0].items() if k != "kd_top_k"}  # the full-vocabulary KD
@@ -172,7 +165,7 @@ def hidden_built(built, tmp_path_factory):
             "teacher_cache_kind": "hidden",
             "teacher_cache_dtype": dtype,
         }
-        assert main(["-q", "cache-teacher", *_cli_args(over)]) == 0
+        assert main(["-q", "cache-teacher", *cli_flags(over)]) == 0
         out[dtype] = over
     return out
 
@@ -239,7 +232,7 @@ def test_a_hidden_cache_built_for_other_settings_is_refused(hidden_built, change
         kdlab.build_trainer(kdlab.load_config(overrides={**hidden_built["float32"], **change}))
 
 
-def test_a_corrupt_hidden_cache_is_refused_by_the_cli(hidden_built, capsys, tmp_path):
+def test_a_corrupt_hidden_cache_is_refused_by_the_cli(hidden_built, capsys, tmp_path, cli_flags):
     copy = tmp_path / "hidden"
     shutil.copytree(hidden_built["float32"]["teacher_cache"], copy)
     arr = np.load(copy / "hidden.npy", mmap_mode="r+")
@@ -247,7 +240,7 @@ def test_a_corrupt_hidden_cache_is_refused_by_the_cli(hidden_built, capsys, tmp_
     arr.flush()
     del arr
     over = {**hidden_built["float32"], "teacher_cache": str(copy), "out_dir": str(tmp_path / "run")}
-    assert main(["train", *_cli_args(over)]) == 2
+    assert main(["train", *cli_flags(over)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "hidden.npy is missing or corrupt" in err
     assert "--teacher-cache-kind hidden" in err  # the rebuild command names the kind

@@ -96,11 +96,13 @@ class Engine:
         averaged by hand, as DDP and FSDP average the student's. (Each process's gradient carries the
         loss scale, so the average is the global sum; summing them, as kdlab did before the engine,
         made the heads' gradients `world` times too large under torchrun.)"""
-        if self.launched:
-            for p in heads.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                    p.grad.div_(self.world)
+        grads = [p.grad for p in heads.parameters() if p.grad is not None]
+        if self.launched and grads:  # one collective for all of them, not one per parameter
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(self.world)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
 
     def clip_grad_norm(self, student_params: list, head_params: list, max_norm: float) -> torch.Tensor:
         """The global gradient norm of all trainable parameters, clipped to `max_norm` as
@@ -114,12 +116,11 @@ class Engine:
         sharded = [p for p in params if _is_dtensor(p.grad)]
         local = [p for p in params if not _is_dtensor(p.grad)]
         square = torch.zeros((), dtype=torch.float64, device=params[0].grad.device)
-        for p in sharded:
-            square += torch.linalg.vector_norm(p.grad.to_local(), dtype=torch.float64) ** 2
         if sharded:
+            square += _squares([p.grad.to_local() for p in sharded])
             self.all_reduce_sum(square)
-        for p in local:
-            square += torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2
+        if local:
+            square += _squares([p.grad for p in local])
         total = square.sqrt().float()
         if max_norm < math.inf:
             for group in (sharded, local):  # DTensors and plain tensors are scaled apart
@@ -176,12 +177,8 @@ class Engine:
         had = set(optimizer.state)
         options = StateDictOptions(full_state_dict=True, cpu_offload=self.kind == "fsdp2")
         state = get_optimizer_state_dict(modules, optimizer, options=options)
-        # torch first makes a state for every parameter that has none (an lr-0 step, `step` = 1): those
-        # go back to none, in the optimizer and in what is saved, so a resumed run updates as this one
-        for name, param in modules.named_parameters():
-            if param not in had:
-                optimizer.state.pop(param, None)
-                state["state"].pop(name, None)
+        for name in _drop_made_up_states(modules, optimizer, keep=lambda name, p: p in had):
+            state["state"].pop(name, None)  # nor saved
         return state
 
     def load_optimizer_state_dict(self, modules: torch.nn.Module, optimizer, state: dict[str, Any]) -> None:
@@ -190,12 +187,7 @@ class Engine:
         # strict=False: a head whose weight is still 0 on its ramp has had no gradient, hence no state
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_optimizer_state_dict(modules, optimizer, state, options=options)
-        # torch makes every parameter's state first (an optimizer step at lr 0, so `step` = 1): those the
-        # checkpoint has none for go back to none, or their first real update would be bias-corrected
-        # as a second one
-        for name, param in modules.named_parameters():
-            if name not in state["state"]:
-                optimizer.state.pop(param, None)
+        _drop_made_up_states(modules, optimizer, keep=lambda name, p: name in state["state"])
 
     def load_full_state_dict(self, module: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True):
         """Load a full (unsharded) state dict into `module`, sharding it under FSDP2."""
@@ -204,6 +196,22 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         return set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def _squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of the tensors' squared entries, accumulated in float64 (one foreach call)."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).pow(2).sum()
+
+
+def _drop_made_up_states(modules: torch.nn.Module, optimizer, keep) -> list[str]:
+    """torch's optimizer state dict functions first give every parameter without state one (an
+    optimizer step at lr 0, so `step` = 1); those that `keep(name, param)` rejects go back to none,
+    or their first real update would be bias-corrected as a second one. Returns their names."""
+    dropped = [name for name, p in modules.named_parameters() if not keep(name, p)]
+    params = dict(modules.named_parameters())
+    for name in dropped:
+        optimizer.state.pop(params[name], None)
+    return dropped
 
 
 def _is_dtensor(t) -> bool:

@@ -47,6 +47,13 @@ class Interval:
         return self.steps - self.skipped
 
 
+def per_process(keys) -> list[str]:
+    """The interval values that each process holds a part of (added over processes for a mean); the
+    others (grad_norm, tokens, skipped, the non-finite flags) are the same on every process."""
+    same = ("skipped", "tokens", "grad_norm")
+    return sorted(k for k in keys if k not in same and not k.startswith("nonfinite/"))
+
+
 class IntervalMetrics:
     def __init__(self, device: torch.device, engine: Engine):
         self.device, self.engine = device, engine
@@ -102,24 +109,18 @@ class IntervalMetrics:
         sums, counts = interval.sums, interval.counts
         skip = ("skipped", "tokens")
         keys = [k for k in sums if k not in skip and not k.startswith("nonfinite/") and counts.get(k, 0) > 0]
-        if self.engine.launched:
-            t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
-            sums = {**sums, **dict(zip(keys, self.engine.all_reduce_sum(t).tolist()))}
-            sums["grad_norm"] /= self.engine.world  # the same on every process: a mean, not a sum
+        parts = per_process(keys)  # grad_norm is the same on every process
+        if self.engine.launched and parts:
+            t = torch.tensor([sums[k] for k in parts], dtype=torch.float64, device=self.device)
+            sums = {**sums, **dict(zip(parts, self.engine.all_reduce_sum(t).tolist()))}
         return {k: sums[k] / counts[k] for k in keys}
-
-    def _per_process(self) -> list[str]:
-        """The interval's keys that each process holds a part of (`means` adds them over processes);
-        the others (grad_norm, tokens, skipped, non-finite flags) are the same on every process."""
-        same = ("skipped", "tokens", "grad_norm")
-        return sorted(k for k in self.sums if k not in same and not k.startswith("nonfinite/"))
 
     def state_dict(self) -> dict[str, Any]:
         """The unfinished interval, so a resumed run logs the same means (and tokens/s). Each process's
         part of the sums is added up (a collective under torchrun), so a run resumes on any number of
         processes."""
         sums = {k: v.detach() for k, v in self.sums.items()}
-        keys = self._per_process()
+        keys = per_process(sums)
         if self.engine.launched and keys:
             total = self.engine.all_reduce_sum(torch.stack([sums[k].double() for k in keys]))
             sums |= {k: total[i].to(sums[k].dtype) for i, k in enumerate(keys)}
@@ -134,7 +135,7 @@ class IntervalMetrics:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums = {k: v.to(self.device) for k, v in state["interval"].items()}
-        for k in self._per_process():  # whole sums saved: this process's share of them
+        for k in per_process(self.sums):  # whole sums saved: this process's share of them
             self.sums[k] = self.sums[k] / self.engine.world
         self.counts = {k: v.to(self.device) for k, v in state["interval_counts"].items()}
         self.steps = state["interval_steps"]

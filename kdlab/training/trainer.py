@@ -72,7 +72,7 @@ def refuse_unsupported(cfg: KDConfig, engine: Engine, objective: Objective, prec
     why = [
         # each process generates its own continuations, whose lengths differ: the layers' all-gathers
         # would fall out of step
-        (getattr(cfg, "on_policy", 0) > 0, "on-policy distillation (on_policy > 0)"),
+        (cfg.on_policy > 0, "on-policy distillation (on_policy > 0)"),
         # the fused loss reads the teacher's whole output weight every step, and FSDP2 shards it
         (bool(cfg.teacher_cache) and cfg.teacher_cache_kind == "hidden", "a hidden-state teacher cache"),
         # each term's own gradient is taken on the parameters, which FSDP2 holds as shards
