@@ -15,6 +15,7 @@ course, so all of them see the same models and data for the same config.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import replace
 from typing import Any, NamedTuple
@@ -22,20 +23,32 @@ from typing import Any, NamedTuple
 import torch
 
 from kdlab.config import KDConfig
+from kdlab.data.alignment import prepare_paired_data, teacher_batch
 from kdlab.data.batches import BatchSource, PackedBatches
 from kdlab.data.corpus import PackedSplit, prepare_data
 from kdlab.errors import KDLabError
 from kdlab.loss.objective import Objective
-from kdlab.models import STUDENT_PRESETS, build_student, check_positions, count_parameters, load_teacher, load_tokenizer
+from kdlab.models import (
+    STUDENT_PRESETS,
+    build_student,
+    check_positions,
+    check_vocabulary,
+    count_parameters,
+    load_teacher,
+    load_tokenizer,
+    resolve_model,
+)
 from kdlab.precision import Precision, resolve_precision
 from kdlab.quiet import quiet_hf_progress
 from kdlab.training.best_weights import BestWeights
 from kdlab.training.callbacks import ProgressBar, tqdm_off
+from kdlab.training.cross_tokenizer import CrossTokenizerObjective
 from kdlab.training.early_stopping import EarlyStopping
 from kdlab.training.engine import Engine, engine_from_env
 from kdlab.training.on_policy import GeneratedBatches, OnPolicyObjective
 from kdlab.training.state import TrainState
 from kdlab.training.trainer import Trainer, total_steps
+from kdlab.vocab import TokenizerPair, init_embedding, load_student_tokenizer
 
 log = logging.getLogger("kdlab")
 
@@ -50,14 +63,36 @@ class Parts(NamedTuple):
     student: torch.nn.Module
 
 
+@functools.lru_cache(maxsize=2)
+def tokenizer_pair(student_tokenizer: str, teacher: str, data_dir: str) -> TokenizerPair:
+    """The student's own tokenizer beside the teacher's (built once per process: it reads both vocabularies)."""
+    return TokenizerPair(load_student_tokenizer(student_tokenizer), load_tokenizer(teacher, data_dir))
+
+
+def _pretrained_vocabulary(cfg: KDConfig, tokens: int) -> None:
+    """A pretrained student's embedding against its own tokenizer, from its config alone (before any weights load)."""
+    if cfg.student in STUDENT_PRESETS:
+        return
+    from transformers import AutoConfig
+
+    path = resolve_model(cfg.student, cfg.data_dir, "student")
+    check_vocabulary(AutoConfig.from_pretrained(path).vocab_size, tokens, cfg.student)
+
+
 def build_components(cfg: KDConfig) -> Parts:
-    """(precision, tokenizer, teacher, data, student) as `cfg` describes them."""
+    """(precision, tokenizer, teacher, data, student) as `cfg` describes them. With a student tokenizer
+    of its own (cfg.student_tokenizer), `tokenizer` is the student's and the data is paired
+    (kdlab.data.alignment): the student's tokens, the teacher's, and the chunks that align them."""
     precision = resolve_precision(cfg.device, cfg.teacher_dtype, cfg.autocast_dtype)
     engine = engine_from_env(precision.device.type, cfg.distributed)
     if engine.launched and precision.device.type == "cuda":
         precision = replace(precision, device=torch.device("cuda", engine.local_rank))
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.teacher, cfg.data_dir)
+    pair = None
+    if cfg.student_tokenizer:
+        pair = tokenizer_pair(cfg.student_tokenizer, cfg.teacher, str(cfg.data_dir))
+        _pretrained_vocabulary(cfg, pair.s_size)
     teacher = load_teacher(cfg.teacher, cfg.data_dir, precision)
     check_positions(cfg.seq_len, teacher)  # before the data is packed at that length
     vocab = teacher.config.vocab_size
@@ -66,10 +101,17 @@ def build_components(cfg: KDConfig) -> Parts:
             f"kd_top_k={cfg.kd_top_k} is larger than the teacher's vocabulary ({vocab:,}); use 1 to {vocab}, "
             f"or 0 for the full vocabulary"
         )
-    data = prepare_data(cfg.data, cfg.data_dir, tokenizer, cfg.seq_len)
+    if pair is None:
+        data = prepare_data(cfg.data, cfg.data_dir, tokenizer, cfg.seq_len)
+    else:
+        data = prepare_paired_data(cfg.data, cfg.data_dir, pair, cfg.seq_len)
     if cfg.train_blocks:
         data["train"] = data["train"].head(cfg.train_blocks)
     calibration = [data["train"].batch(list(range(min(cfg.calib_blocks, len(data["train"])))))]
+    own = {}
+    if pair is not None:  # the teacher scores its layers on its own tokens; the student's vocabulary is its own
+        calibration = [teacher_batch(b) for b in calibration]
+        own = {"tokenizer": pair.student, "embedding": init_embedding(pair, teacher.get_input_embeddings().weight)}
     student = build_student(
         cfg.student,
         teacher,
@@ -80,6 +122,7 @@ def build_components(cfg: KDConfig) -> Parts:
         depth=cfg.student_depth,
         layers=cfg.student_layers,
         calibration=calibration,
+        **own,
     )
     log.info(
         "teacher %s (%.1fM params) -> student %s (%.1fM params, %s); %s",
@@ -91,6 +134,11 @@ def build_components(cfg: KDConfig) -> Parts:
         precision.describe(),
     )
     log.info("data %s: %s", cfg.data, ", ".join(f"{s} {d.num_tokens:,} tokens" for s, d in data.items()))
+    if pair is not None:
+        share = data["validation"].aligned_share()
+        log.info("%s; aligned positions: %.1f%% of the student's, %.1f%% of the teacher's (validation)",
+                 pair.describe(), 100 * share["student"], 100 * share["teacher"])  # fmt: skip
+        tokenizer = pair.student
     return Parts(precision, tokenizer, teacher, data, student)
 
 
@@ -114,7 +162,11 @@ def batches_for_run(cfg: KDConfig, split, tokenizer, student, teacher, precision
 
 
 def objective_for_run(cfg: KDConfig, student, teacher, total_steps: int):
-    """The objective of `cfg`: kdlab.loss.objective.Objective, or its on-policy override (on_policy > 0)."""
+    """The objective of `cfg`: kdlab.loss.objective.Objective, its on-policy override (on_policy > 0), or
+    the cross-tokenizer one (a student tokenizer of its own)."""
+    if cfg.student_tokenizer:
+        pair = tokenizer_pair(cfg.student_tokenizer, cfg.teacher, str(cfg.data_dir))
+        return CrossTokenizerObjective(cfg, student, teacher, total_steps, pair)
     if cfg.on_policy == 0:
         return Objective(cfg, student, teacher, total_steps)
     return OnPolicyObjective(cfg, student, teacher, total_steps)

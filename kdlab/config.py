@@ -36,6 +36,7 @@ from kdlab.pruning import LAYER_CHOICES, parse_layer_list
 from kdlab.training.early_stopping import METRICS, MODES
 from kdlab.training.engine import KINDS as ENGINE_KINDS
 from kdlab.training.schedule import SCHEDULERS
+from kdlab.vocab import STUDENT_TOKENIZERS
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -135,6 +136,11 @@ class KDConfig:
         "which teacher layers a teacher-layers student copies: even (evenly spaced, first and last kept), "
         "importance (highest block influence on calibration blocks), drop-one (those whose removal raises the "
         "teacher's loss most), or a list such as 0,5,29 (kdlab.pruning)",
+    )
+    student_tokenizer: str = _models(
+        "",
+        "the student's own tokenizer, for distillation across tokenizers ('' = the teacher's): austen-bpe-8k "
+        "(built in: a byte-level BPE of 8,192 tokens trained on Austen), a tokenizer.json, or a tokenizer folder",
     )
     calib_blocks: int = _models(
         4, "training blocks (the first ones) on which importance and drop-one score the teacher's layers (>= 1)"
@@ -419,6 +425,31 @@ def _check_models(cfg: KDConfig, p: _Problems) -> None:
         except ValueError as e:
             p.messages.append(str(e))
     p.need(cfg.calib_blocks >= 1, f"calib_blocks={cfg.calib_blocks} must be >= 1")
+    if cfg.student_tokenizer:
+        _check_cross_tokenizer(cfg, p)
+
+
+def _check_cross_tokenizer(cfg: KDConfig, p: _Problems) -> None:
+    """What a student with a tokenizer of its own cannot be combined with (kdlab.training.cross_tokenizer)."""
+    name = cfg.student_tokenizer
+    p.need(
+        name in STUDENT_TOKENIZERS or Path(name).expanduser().exists(),
+        f"student_tokenizer={name!r} is neither a built-in tokenizer ({', '.join(STUDENT_TOKENIZERS)}) nor an "
+        f"existing tokenizer.json or tokenizer folder",
+    )
+    positional = [f"{n}={getattr(cfg, n)}" for n in _term_weight_fields() if getattr(cfg, n) > 0]
+    p.need(
+        not positional,
+        f"student_tokenizer={name!r}: {', '.join(positional)} compares the models position by position or layer "
+        f"by layer, which two tokenizers do not share; set it to 0 (across tokenizers: kd, lm and term_weights.chunk)",
+    )
+    p.need(
+        cfg.kd_top_k == 0,
+        f"student_tokenizer={name!r} takes KD over the tokens both vocabularies share plus a tail bucket; "
+        f"kd_top_k={cfg.kd_top_k} must be 0",
+    )
+    p.need(not cfg.teacher_cache, f"student_tokenizer={name!r} runs the teacher on its own tokens; no teacher "
+           f"cache holds them: set teacher_cache=''")  # fmt: skip
 
 
 def _check_loss(cfg: KDConfig, p: _Problems) -> None:

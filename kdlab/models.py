@@ -216,14 +216,21 @@ def build_student(
     depth: int = 0,
     layers: str = "even",
     calibration: list[dict[str, torch.Tensor]] | None = None,
+    tokenizer=None,
+    embedding: torch.Tensor | None = None,
 ) -> torch.nn.Module:
-    """A student for the teacher's tokenizer. Its weights are fp32 whatever the teacher's dtype.
+    """A student, for the teacher's tokenizer or (`tokenizer`) one of its own. Its weights are fp32
+    whatever the teacher's dtype.
 
     Presets share the teacher's vocabulary; `depth` > 0 replaces the preset's number of layers. With
     init="teacher-layers" the student copies the teacher layers that `layers` names (kdlab.pruning:
     even, importance, drop-one, or a list such as "0,5,29"); importance and drop-one score the
     teacher on `calibration` batches. A pretrained student may have a different (padded) vocabulary
     size, as long as it covers every id of the tokenizer the data is encoded with.
+
+    With a tokenizer of its own (cross-tokenizer distillation), a preset student has that
+    tokenizer's vocabulary and special ids, and a teacher-layers student starts from `embedding`
+    ((V, D) rows, kdlab.vocab.init_embedding) instead of the teacher's embedding.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -252,12 +259,15 @@ def build_student(
             )
             if hasattr(tcfg, k)
         }
+        if tokenizer is not None:  # a vocabulary of its own
+            base |= {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}  # fmt: skip
         rope = getattr(tcfg, "rope_parameters", None) or {"rope_theta": getattr(tcfg, "rope_theta", 10000.0)}
         cfg = LlamaConfig(**base, **preset, tie_word_embeddings=True, rope_parameters=rope)
         student = LlamaForCausalLM(cfg).float()
         if init == "teacher-layers":
             kept, scores = teacher_layers_for(student, teacher, spec, layers, calibration)
-            _copy_teacher_layers(student, teacher, kept)
+            _copy_teacher_layers(student, teacher, kept, embedding)
             # in the HF config: saved with every checkpoint and final/, so a student says where it came from
             student.config.kdlab_teacher_layers = kept
             student.config.kdlab_layer_choice = "list" if listed is not None else layers
@@ -269,7 +279,9 @@ def build_student(
         student = _from_pretrained(
             AutoModelForCausalLM, resolve_model(spec, data_dir, "student"), "student", dtype=torch.float32
         )
-    if tokenizer_size is not None and student.config.vocab_size < tokenizer_size:
+    if tokenizer is not None:
+        check_vocabulary(student.config.vocab_size, len(tokenizer), spec)
+    elif tokenizer_size is not None and student.config.vocab_size < tokenizer_size:
         raise KDLabError(
             f"student vocabulary ({student.config.vocab_size}) is smaller than the teacher tokenizer's "
             f"({tokenizer_size}); the data is encoded with the teacher's tokenizer, so the student must cover its ids"
@@ -315,16 +327,28 @@ def teacher_layers_for(
     return choose_layers(scores, depth), scores
 
 
-def _copy_teacher_layers(student, teacher, layers: list[int]) -> None:
-    """Embeddings, final norm, head and the listed decoder layers of the teacher, copied in fp32."""
+def check_vocabulary(rows: int, tokens: int, student: str) -> None:
+    """One line when a student's embedding cannot hold its tokenizer's ids."""
+    if rows < tokens:
+        raise KDLabError(
+            f"student {student!r} has an embedding of {rows:,} rows but its tokenizer has {tokens:,} tokens; "
+            f"give a student whose vocabulary covers the tokenizer (a size preset takes the tokenizer's)"
+        )
+
+
+def _copy_teacher_layers(student, teacher, layers: list[int], embedding: torch.Tensor | None = None) -> None:
+    """Embeddings (or `embedding`, for a vocabulary of its own), final norm, head and the listed decoder
+    layers of the teacher, copied in fp32."""
     t_layers = decoder_layers(teacher)
     with torch.no_grad():
-        student.model.embed_tokens.weight.copy_(teacher.model.embed_tokens.weight.float())
+        student.model.embed_tokens.weight.copy_(
+            teacher.model.embed_tokens.weight.float() if embedding is None else embedding
+        )
         student.model.norm.weight.copy_(teacher.model.norm.weight.float())
         for s_layer, t_index in zip(student.model.layers, layers):
             s_layer.load_state_dict({k: v.float() for k, v in t_layers[t_index].state_dict().items()})
         if not student.config.tie_word_embeddings:
-            student.lm_head.weight.copy_(teacher.lm_head.weight.float())
+            student.lm_head.weight.copy_(teacher.lm_head.weight.float() if embedding is None else embedding)
     log.info("student initialised from teacher layers %s", layers)
 
 
@@ -353,6 +377,7 @@ __all__ = [
     "resolve_model",
     "count_parameters",
     "check_positions",
+    "check_vocabulary",
     "merge_adapter",
     "ADAPTER_FILE",
 ]

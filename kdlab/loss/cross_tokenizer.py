@@ -77,6 +77,27 @@ def _bucket_log_probs(rows: torch.Tensor, shared: torch.Tensor, tail: bool, temp
     return torch.cat([logp[:, shared], rest], -1)
 
 
+def shared_vocab_rows(
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor,
+    s_chunk: torch.Tensor,
+    t_chunk: torch.Tensor,
+    s_shared: torch.Tensor,
+    t_shared: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N, S [+ 1]) bucket log-probabilities of student and teacher at the N aligned positions,
+    in text order (the distributions `shared_vocab_kd` compares; the teacher's without gradient)."""
+    s_at, t_at = chunk_starts(s_chunk), chunk_starts(t_chunk)  # (B, T - 1) each, the same count per row
+    s_rows = s_logits[:, :-1][s_at]  # (N, V_s)
+    t_rows = t_logits[:, :-1][t_at].detach()
+    if s_rows.shape[0] != t_rows.shape[0]:
+        raise ValueError(f"the student has {s_rows.shape[0]} aligned positions and the teacher {t_rows.shape[0]}")
+    tail = len(s_shared) < s_logits.shape[-1] and len(t_shared) < t_logits.shape[-1]
+    q = _bucket_log_probs(s_rows, s_shared, tail, temperature)
+    return q, _bucket_log_probs(t_rows, t_shared, tail, temperature)
+
+
 def shared_vocab_kd(
     s_logits: torch.Tensor,
     t_logits: torch.Tensor,
@@ -115,18 +136,11 @@ def shared_vocab_kd(
     Returns:
         scalar fp32 tensor.
     """
-    s_at, t_at = chunk_starts(s_chunk), chunk_starts(t_chunk)  # (B, T - 1) each, the same count per row
-    s_rows = s_logits[:, :-1][s_at]  # (N, V_s), rows in text order
-    t_rows = t_logits[:, :-1][t_at].detach()
-    if s_rows.shape[0] != t_rows.shape[0]:
-        raise ValueError(f"the student has {s_rows.shape[0]} aligned positions and the teacher {t_rows.shape[0]}")
-    tail = len(s_shared) < s_logits.shape[-1] and len(t_shared) < t_logits.shape[-1]
-    q = _bucket_log_probs(s_rows, s_shared, tail, temperature)[None]  # (1, N, S [+ 1])
-    p = _bucket_log_probs(t_rows, t_shared, tail, temperature)[None]
-    n = _valid_count(s_at, num_valid)
-    mask = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+    q, p = shared_vocab_rows(s_logits, t_logits, s_chunk, t_chunk, s_shared, t_shared, temperature)
+    n = _valid_count(chunk_starts(s_chunk), num_valid)
+    mask = torch.ones(1, q.shape[0], dtype=torch.bool, device=q.device)
     # kd_loss on bucket log-probabilities at T = 1 (log_softmax leaves them as they are), times T^2
-    return temperature**2 * kd_loss(q, p, mask, num_valid=n, divergence=divergence, beta=beta)
+    return temperature**2 * kd_loss(q[None], p[None], mask, num_valid=n, divergence=divergence, beta=beta)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -230,6 +244,7 @@ __all__ = [
     "chunk_starts",
     "next_token_log_probs",
     "chunk_log_probs",
+    "shared_vocab_rows",
     "shared_vocab_kd",
     "chunk_likelihood_loss",
     "chunk_sampled_reverse_kl",

@@ -22,6 +22,9 @@ Built-in terms (each unweighted):
                  block's, averaged over layers
     contrastive  InfoNCE between the pooled, projected last student state and the pooled last
                  teacher state across the batch (temperature contrastive_tau)
+    chunk        binary KL between teacher's and student's probability of each chunk of text
+                 (kdlab.loss.cross_tokenizer.chunk_likelihood_loss; weight term_weights.chunk): across
+                 tokenizers the chunks of kdlab.data.alignment, with one tokenizer every token is one
 
 The layer map. Two different maps relate student blocks to teacher blocks, on purpose:
   * initialisation (kdlab.models, `student_init="teacher-layers"`): student block i is a copy of
@@ -43,7 +46,8 @@ import torch
 from torch import nn
 
 from kdlab.errors import KDLabError
-from kdlab.loss.divergences import kd_loss, kd_loss_topk, lm_loss
+from kdlab.loss.cross_tokenizer import NO_CHUNK, chunk_likelihood_loss, chunk_log_probs, next_token_log_probs
+from kdlab.loss.divergences import IGNORE_INDEX, kd_loss, kd_loss_topk, lm_loss
 from kdlab.loss.features import attention_kl, info_nce, ln_mse, masked_mean_pool, uniform_layer_map
 from kdlab.loss.projection import StudentLogitProjector, align_vocab
 from kdlab.loss.router import StudentAwareRouter
@@ -246,6 +250,27 @@ def _contrastive(ctx: TermContext) -> torch.Tensor:
     return info_nce(ctx.module(s_pool), t_pool, ctx.cfg.contrastive_tau)
 
 
+def token_chunks(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) chunk ids when both models share a tokenizer: every predicted token is its own chunk (the
+    first token of a row, which nothing predicts, and padding have none)."""
+    T = labels.shape[1]
+    ids = torch.arange(-1, T - 1, device=labels.device).expand_as(labels)
+    return torch.where(labels != IGNORE_INDEX, ids, NO_CHUNK)
+
+
+def _chunk(ctx: TermContext) -> torch.Tensor:
+    b = ctx.batch
+    if "s_chunk" in b:  # two tokenizers: the teacher read its own tokens (kdlab.data.alignment)
+        s_chunk, t_chunk, t_ids = b["s_chunk"], b["t_chunk"], b["t_input_ids"]
+    else:
+        s_chunk = t_chunk = token_chunks(b["labels"])
+        t_ids = b["input_ids"]
+    s_lp, exists = chunk_log_probs(next_token_log_probs(ctx.student.logits, b["input_ids"]), s_chunk)
+    with torch.no_grad():
+        t_lp, _ = chunk_log_probs(next_token_log_probs(ctx.teacher.logits, t_ids), t_chunk)
+    return chunk_likelihood_loss(s_lp, t_lp, exists, num_valid=ctx.num_valid)
+
+
 def _feature_routers(cfg, student, teacher) -> FeatureRouters:
     return FeatureRouters(cfg, *_shape(student, teacher))
 
@@ -277,6 +302,7 @@ for _term in (
         build=_pooled_projection,
         reads_logits=False,
     ),
+    Term("chunk", _chunk, "global", Needs()),
 ):
     register_term(_term)
 
@@ -291,4 +317,5 @@ __all__ = [
     "match_logits",
     "FeatureRouters",
     "CACHED_TEACHER_KEYS",
+    "token_chunks",
 ]

@@ -11,6 +11,12 @@ Metrics (all per-token means over valid next-token positions):
     student_bpb / teacher_bpb  bits per byte, with `token_bytes` (kdlab.payoff): nats over the
                                targets' UTF-8 bytes / ln 2, a measure free of the tokenizer
 
+Across tokenizers (`pair`, batches of kdlab.data.alignment.PairedSplit) each model reads the text in
+its own tokens: student_* and teacher_* are per token of each model's own tokenization (so ppl is
+not comparable between them; bpb is, over the very same bytes), and kl / top1_agree are taken at the
+aligned positions over the shared vocabulary plus a tail bucket (kdlab.loss.cross_tokenizer), their
+number in `aligned`.
+
 The teacher is frozen and a run evaluates the same batches every time, so its logits there never
 change: `TeacherEvalCache` keeps them between evaluations up to a byte budget (config
 `eval_cache_mb`). On the 2-core CPU the teacher's forward is ~60% of an evaluation (2.6 of 4.5 s per
@@ -25,6 +31,8 @@ from functools import partial
 
 import torch
 
+from kdlab.data.alignment import teacher_batch
+from kdlab.loss.cross_tokenizer import chunk_starts, shared_vocab_kd, shared_vocab_rows
 from kdlab.loss.divergences import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
 from kdlab.loss.terms import match_logits as match_by_id
 from kdlab.precision import Precision, student_logits, teacher_logits
@@ -55,6 +63,15 @@ class TeacherEvalCache:
             self.bytes += size
 
 
+def _text_nats(logits, targets, mask, token_bytes, chunk_tokens) -> tuple[float, int, int]:
+    """(nats over the targets that stand for text, their count, their UTF-8 bytes): special tokens
+    (end of text) have 0 bytes and are out of both sums."""
+    tb = token_bytes[targets.clamp_min(0)] * mask
+    text_targets = targets.masked_fill(tb == 0, IGNORE_INDEX)
+    n_text = int((tb > 0).sum())
+    return float(lm_loss(logits, text_targets, chunk_tokens=chunk_tokens)) * n_text, n_text, int(tb.sum())
+
+
 @torch.no_grad()
 def evaluate(
     student: torch.nn.Module,
@@ -65,26 +82,23 @@ def evaluate(
     match_logits=None,
     teacher_cache: TeacherEvalCache | None = None,
     token_bytes: torch.Tensor | None = None,
+    pair=None,
 ) -> dict[str, float]:
     """`match_logits(s, t) -> (s, t)` makes the vocabularies comparable (an Objective's); default:
     by token id, so a student with a padded vocabulary is compared on the teacher's ids.
     `teacher_cache`: the teacher's logits from earlier calls on the same `batches` (see above).
-    `token_bytes`: (V,) UTF-8 bytes per token id (kdlab.payoff.token_bytes); adds bits per byte."""
+    `token_bytes`: (V,) UTF-8 bytes per token id (kdlab.payoff.token_bytes); adds bits per byte.
+    `pair`: a kdlab.vocab.TokenizerPair when student and teacher have different tokenizers (paired
+    batches); the teacher's bits per byte then use its own bytes per token, pair.t_bytes."""
     if match_logits is None:
         match_logits = partial(match_by_id, None)
     was_training = student.training
     student.eval()
-    sums = {
-        "student_ce": 0.0,
-        "teacher_ce": 0.0,
-        "kl": 0.0,
-        "top1_agree": 0.0,
-        "student_nats": 0.0,
-        "teacher_nats": 0.0,
-    }
-    tokens, n_bytes = 0, 0
+    sums = dict.fromkeys(("student_ce", "teacher_ce", "kl", "top1_agree", "student_nats", "teacher_nats"), 0.0)
+    tokens, t_tokens, n_bytes, t_n_bytes, aligned = 0, 0, 0, 0, 0
     if token_bytes is not None:
         token_bytes = token_bytes.to(precision.device)
+    t_token_bytes = token_bytes if pair is None or token_bytes is None else pair.t_bytes.to(precision.device)
     for i, batch in enumerate(batches):
         batch = {k: v.to(precision.device) for k, v in batch.items()}
         targets = next_token_labels(batch["labels"])  # (B, T)
@@ -96,30 +110,44 @@ def evaluate(
         # losses return per-token means; times n gives sums that add up across batches exactly
         sums["student_ce"] += float(lm_loss(s, targets, chunk_tokens=chunk_tokens)) * n
         if token_bytes is not None:  # bits per byte over the targets that stand for text
-            tb = token_bytes[targets.clamp_min(0)] * mask
-            text_targets = targets.masked_fill(tb == 0, IGNORE_INDEX)  # special tokens have 0 bytes: out of both sums
-            n_text = int((tb > 0).sum())
-            n_bytes += int(tb.sum())
-            sums["student_nats"] += float(lm_loss(s, text_targets, chunk_tokens=chunk_tokens)) * n_text
+            nats, _, b = _text_nats(s, targets, mask, token_bytes, chunk_tokens)
+            sums["student_nats"] += nats
+            n_bytes += b
         if teacher is not None:
+            t_batch = teacher_batch(batch) if pair is not None else batch  # the teacher reads its own tokens
+            t_targets = next_token_labels(t_batch["labels"]) if pair is not None else targets
+            t_mask = t_targets != IGNORE_INDEX
+            n_t = int(t_mask.sum())
             cached = teacher_cache.get(i) if teacher_cache is not None else None
             if cached is None:
-                t = teacher_logits(teacher, batch)  # (B, T, V_t)
-                t_ce = float(lm_loss(t, targets, chunk_tokens=chunk_tokens))
+                t = teacher_logits(teacher, t_batch)  # (B, T_t, V_t)
+                t_ce = float(lm_loss(t, t_targets, chunk_tokens=chunk_tokens))
                 if teacher_cache is not None:
                     teacher_cache.put(i, t, t_ce)
             else:
                 t, t_ce = cached
-            sums["teacher_ce"] += t_ce * n
+            sums["teacher_ce"] += t_ce * n_t
+            t_tokens += n_t
             if token_bytes is not None:  # the teacher's, like its logits, computed once per cached batch
                 known = teacher_cache.text_nats.get(i) if teacher_cache is not None else None
-                t_text = float(lm_loss(t, text_targets, chunk_tokens=chunk_tokens)) * n_text if known is None else known
+                t_nats, _, t_b = _text_nats(t, t_targets, t_mask, t_token_bytes, chunk_tokens)
+                t_text = t_nats if known is None else known
                 if teacher_cache is not None and i in teacher_cache.logits:
                     teacher_cache.text_nats[i] = t_text
                 sums["teacher_nats"] += t_text
-            s, t = match_logits(s, t)
-            sums["kl"] += float(kd_loss(s, t, mask, temperature=1.0, chunk_tokens=chunk_tokens)) * n
-            sums["top1_agree"] += float(((s.argmax(-1) == t.argmax(-1)) & mask).sum())
+                t_n_bytes += t_b
+            if pair is None:
+                s, t = match_logits(s, t)
+                sums["kl"] += float(kd_loss(s, t, mask, temperature=1.0, chunk_tokens=chunk_tokens)) * n
+                sums["top1_agree"] += float(((s.argmax(-1) == t.argmax(-1)) & mask).sum())
+            else:  # at the aligned positions, over the shared tokens and a tail bucket
+                s_chunk, t_chunk = batch["s_chunk"], batch["t_chunk"]
+                a = int(chunk_starts(s_chunk).sum())
+                shared = (pair.s_shared.to(s.device), pair.t_shared.to(s.device))
+                sums["kl"] += float(shared_vocab_kd(s, t, s_chunk, t_chunk, *shared, num_valid=a)) * a
+                q, p = shared_vocab_rows(s, t, s_chunk, t_chunk, *shared)
+                sums["top1_agree"] += float((q.argmax(-1) == p.argmax(-1)).sum())
+                aligned += a
         tokens += n
     student.train(was_training)
     if tokens == 0:
@@ -130,12 +158,15 @@ def evaluate(
         out["bytes"] = n_bytes
         out["student_bpb"] = sums["student_nats"] / (math.log(2) * n_bytes) if n_bytes else float("nan")
     if teacher is not None:
-        out["teacher_ce"] = sums["teacher_ce"] / tokens
+        out["teacher_ce"] = sums["teacher_ce"] / t_tokens
         out["teacher_ppl"] = math.exp(min(out["teacher_ce"], 700.0))
-        out["kl"] = sums["kl"] / tokens
-        out["top1_agree"] = sums["top1_agree"] / tokens
+        per = tokens if pair is None else aligned
+        out["kl"] = sums["kl"] / per
+        out["top1_agree"] = sums["top1_agree"] / per
+        if pair is not None:
+            out["teacher_tokens"], out["aligned"] = t_tokens, aligned
         if token_bytes is not None:
-            out["teacher_bpb"] = sums["teacher_nats"] / (math.log(2) * n_bytes) if n_bytes else float("nan")
+            out["teacher_bpb"] = sums["teacher_nats"] / (math.log(2) * t_n_bytes) if t_n_bytes else float("nan")
     return out
 
 

@@ -320,6 +320,7 @@ class Trainer:
             self.objective.match_logits,
             teacher_cache=cache,
             token_bytes=self.token_bytes,
+            pair=getattr(self.objective, "pair", None),  # two tokenizers: the teacher reads its own tokens
         )
         record = {"kind": "eval", "split": split, "step": self.state.step, **metrics, **extra}
         self._record(record)

@@ -1,0 +1,94 @@
+"""Cross-tokenizer distillation: the objective's override for a student with a tokenizer of its own.
+
+    cfg = kdlab.load_config(overrides={"student_tokenizer": "austen-bpe-8k", "term_weights": {"chunk": 0.5}})
+    trainer = kdlab.build_trainer(cfg)         # paired blocks + CrossTokenizerObjective
+
+The batches are kdlab.data.alignment's paired blocks: the student's tokens (input_ids, ...), the
+teacher's tokens of the same text (t_input_ids, ...) and each token's chunk id. Two things change
+from the Objective, and nothing else:
+
+  * the teacher's forward reads its own tokens (t_input_ids), not the student's;
+  * the KD term is kdlab.loss.cross_tokenizer.shared_vocab_kd: the same divergence, temperature and
+    weight (alpha_kd, the curriculum), at the aligned positions over the tokens both vocabularies
+    hold plus a tail bucket. The `chunk` term (chunk likelihood) and LM need no change: chunk reads
+    the paired batch's chunk ids, LM the student's own tokens.
+
+Terms that compare the two models position by position or layer by layer (feature, attention,
+layerwise, contrastive) and the fused loss (one position grid) do not apply; config refuses them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdlab.data.alignment import teacher_batch
+from kdlab.errors import KDLabError
+from kdlab.loss.cross_tokenizer import shared_vocab_kd
+from kdlab.loss.objective import Loss, Objective, StepCounts, phase
+from kdlab.loss.terms import TermContext
+from kdlab.precision import Precision, student_outputs, teacher_outputs
+from kdlab.vocab import TokenizerPair
+
+CROSS_TERMS = ("lm", "kd", "chunk")  # the terms that apply across tokenizers
+
+
+class CrossTokenizerObjective(Objective):
+    """The Objective for paired batches (kdlab.data.alignment.PairedSplit): the teacher reads its own
+    tokens, and KD is taken over the shared vocabulary at aligned positions."""
+
+    def __init__(self, cfg, student: nn.Module, teacher: nn.Module, total_steps: int, pair: TokenizerPair):
+        super().__init__(cfg, student, teacher, total_steps)
+        other = [n for n in self.active if n not in CROSS_TERMS]
+        if other:
+            raise KDLabError(
+                f"student_tokenizer={cfg.student_tokenizer!r}: term(s) {', '.join(other)} compare the models position "
+                f"by position, which two tokenizers do not share; across tokenizers use {', '.join(CROSS_TERMS)}"
+            )
+        if student.config.vocab_size != pair.s_size:
+            raise KDLabError(
+                f"the student's embedding has {student.config.vocab_size:,} rows but student_tokenizer="
+                f"{cfg.student_tokenizer!r} has {pair.s_size:,} tokens; they must match"
+            )
+        self.pair = pair
+        self.fused, self.fused_off = False, "the two models read different tokens"
+        device = next(student.parameters()).device
+        self._shared = (pair.s_shared.to(device), pair.t_shared.to(device))
+
+    def loss(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        batch: dict[str, torch.Tensor],
+        precision: Precision,
+        counts: StepCounts | None = None,
+        weights: dict[str, float] | None = None,
+        reduce=None,
+    ) -> Loss:
+        counts = counts if counts is not None else StepCounts.of([batch])
+        with phase("student forward"):
+            s_out = student_outputs(student, batch, precision)
+        t_out = None
+        if self.needs_teacher(batch):
+            with phase("teacher forward"):
+                t_out = teacher_outputs(teacher, teacher_batch(batch))
+        return self.terms_of(s_out, t_out, batch, counts, weights, reduce)
+
+    def compute(self, name: str, ctx: TermContext) -> torch.Tensor:
+        if name != "kd":
+            return super().compute(name, ctx)
+        cfg, b = self.cfg, ctx.batch
+        return shared_vocab_kd(
+            ctx.student.logits,
+            ctx.teacher.logits,
+            b["s_chunk"],
+            b["t_chunk"],
+            *self._shared,
+            temperature=cfg.temperature,
+            num_valid=ctx.num_valid,
+            divergence=cfg.kd_divergence,
+            beta=cfg.jsd_beta,
+        )
+
+
+__all__ = ["CrossTokenizerObjective", "CROSS_TERMS"]
