@@ -158,7 +158,8 @@ def batches_for_run(cfg: KDConfig, split, tokenizer, student, teacher, precision
     corpus = PackedBatches.for_run(cfg, split, tokenizer, student, teacher, engine)
     if cfg.on_policy == 0:
         return corpus
-    return GeneratedBatches.for_run(cfg, corpus, tokenizer, student, teacher, precision)
+    pair = tokenizer_pair(cfg.student_tokenizer, cfg.teacher, str(cfg.data_dir)) if cfg.student_tokenizer else None
+    return GeneratedBatches.for_run(cfg, corpus, tokenizer, student, teacher, precision, pair=pair)
 
 
 def objective_for_run(cfg: KDConfig, student, teacher, total_steps: int):

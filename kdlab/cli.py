@@ -149,7 +149,7 @@ def cmd_train(args, callbacks=()) -> int:
 
 
 def cmd_eval(args) -> int:
-    from kdlab.build import build_components
+    from kdlab.build import build_components, tokenizer_pair
     from kdlab.generation import generate, held_out_prompts
     from kdlab.models import build_student
     from kdlab.payoff import format_payoff, payoff_rows
@@ -158,6 +158,8 @@ def cmd_eval(args) -> int:
     speed_batches = _int_list(args.speed_batches, "--speed-batches")
     cfg = _config(args, {"student_init": "random"})  # --student names a trained model folder
     precision, tokenizer, teacher, data, student = build_components(cfg)
+    # a student tokenizer of its own: the teacher reads the same text in its tokens
+    pair = tokenizer_pair(cfg.student_tokenizer, cfg.teacher, str(cfg.data_dir)) if cfg.student_tokenizer else None
     students = {cfg.student: student}
     for folder in args.students:  # more students to compare, each a saved model folder
         students[folder] = build_student(folder, teacher, "random", cfg.data_dir, precision, len(tokenizer))
@@ -172,6 +174,7 @@ def cmd_eval(args) -> int:
         eval_batches=cfg.eval_batches,
         speed_batches=speed_batches,
         splits=splits,
+        pair=pair,
     )
     print(format_payoff(rows))
     print(f"(on {describe_device(precision.device)})")
@@ -188,7 +191,8 @@ def cmd_eval(args) -> int:
         for title, options in settings.items():
             print(f"\n# {title}, 32 new tokens")
             for name, model in {"teacher": teacher, **students}.items():
-                for c in generate(model, tokenizer, prompts, max_new_tokens=32, precision=precision, **options):
+                tok = pair.teacher if pair is not None and model is teacher else tokenizer
+                for c in generate(model, tok, prompts, max_new_tokens=32, precision=precision, **options):
                     print(f"{name[:24]:24} | {c.prompt} ... {' '.join(c.text.split())}")
     return 0
 

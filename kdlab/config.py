@@ -450,6 +450,11 @@ def _check_cross_tokenizer(cfg: KDConfig, p: _Problems) -> None:
     )
     p.need(not cfg.teacher_cache, f"student_tokenizer={name!r} runs the teacher on its own tokens; no teacher "
            f"cache holds them: set teacher_cache=''")  # fmt: skip
+    p.need(
+        not cfg.on_policy > 0 or cfg.generator == "student",
+        f"student_tokenizer={name!r} with on_policy={cfg.on_policy}: the teacher would write in its own tokens, "
+        f"which the student cannot read back; use generator=student",
+    )
 
 
 def _check_loss(cfg: KDConfig, p: _Problems) -> None:

@@ -112,24 +112,39 @@ def payoff_rows(
     prompt_tokens: int = 32,
     splits: tuple[str, ...] = ("validation", "test"),
     repeats: int = 3,
+    pair=None,
 ) -> list[dict[str, Any]]:
     """One row per model (the teacher first): parameters, tokens/s at each batch size, validation and
     test perplexity and bits per byte, KL(teacher || student) and top-1 agreement, and the ratios to
-    the teacher (perplexity x teacher, speed x teacher)."""
+    the teacher (perplexity, bits per byte and speed x teacher).
+
+    `pair` (kdlab.vocab.TokenizerPair): the students have a tokenizer of their own, `tokenizer`, and
+    `data` is paired (kdlab.data.alignment); the teacher reads the same text in its own tokens, so bits
+    per byte are over the same bytes, while perplexities and tokens/s are each per its own token."""
+    from kdlab.data.alignment import teacher_batch
     from kdlab.models import count_parameters
     from kdlab.training.evaluation import evaluate
 
     tb = token_bytes(tokenizer)
-    prompts = data["validation"].input_ids[: max(speed_batches, default=1), :prompt_tokens]
+    n = max(speed_batches, default=1)
+    prompts = data["validation"].input_ids[:n, :prompt_tokens]
+    t_prompts = data["validation"].t_input_ids[:n, :prompt_tokens] if pair is not None else prompts
     models = {"teacher": teacher, **students}
     rows = []
     for name, model in models.items():
-        row: dict[str, Any] = {"model": name, "parameters": count_parameters(model)}
+        own = pair is not None and model is not teacher  # a student with its own tokenizer
+        row: dict[str, Any] = {"model": name, "parameters": count_parameters(model), "own_tokenizer": own}
+        ids = t_prompts if model is teacher else prompts
         for b in speed_batches:
-            row[f"tokens_per_s_b{b}"] = generation_speed(model, prompts, b, new_tokens, repeats)
+            row[f"tokens_per_s_b{b}"] = generation_speed(model, ids, b, new_tokens, repeats)
         for split in splits:
             batches = data[split].eval_batches(batch_size, eval_batches)
-            m = evaluate(model, None if model is teacher else teacher, batches, precision, token_bytes=tb)
+            if model is teacher and pair is not None:  # its own tokens of the same text
+                m = evaluate(model, None, map(teacher_batch, batches), precision, token_bytes=token_bytes(pair.teacher))
+            else:
+                m = evaluate(
+                    model, None if model is teacher else teacher, batches, precision, token_bytes=tb, pair=pair
+                )
             key = "val" if split == "validation" else "test"
             row[f"{key}_ppl"], row[f"{key}_bpb"], row[f"{key}_tokens"] = m["student_ppl"], m["student_bpb"], m["tokens"]
             row[f"{key}_bytes"] = m["bytes"]
@@ -139,6 +154,7 @@ def payoff_rows(
     t, key = rows[0], "val" if "validation" in splits else "test"
     for row in rows:
         row["ppl_x_teacher"] = row[f"{key}_ppl"] / t[f"{key}_ppl"]
+        row["bpb_x_teacher"] = row[f"{key}_bpb"] / t[f"{key}_bpb"]
         for b in speed_batches:
             row[f"speed_x_teacher_b{b}"] = row[f"tokens_per_s_b{b}"] / t[f"tokens_per_s_b{b}"]
     return rows
@@ -158,7 +174,10 @@ def format_payoff(rows: list[dict[str, Any]]) -> str:
                 (f"{name} KL", 7, lambda r, k=key: f"{r[f'{k}_kl']:.4f}" if f"{k}_kl" in r else "0"),
                 (f"{name} top-1", 9, lambda r, k=key: f"{r[f'{k}_top1']:.3f}" if f"{k}_top1" in r else "1"),
             ]
-    cols.append(("ppl x T", 7, lambda r: f"{r['ppl_x_teacher']:.2f}"))
+    if any(r.get("own_tokenizer") for r in rows):  # perplexities per different tokens: compare bits per byte
+        cols.append(("bpb x T", 7, lambda r: f"{r['bpb_x_teacher']:.3f}"))
+    else:
+        cols.append(("ppl x T", 7, lambda r: f"{r['ppl_x_teacher']:.2f}"))
     if speeds:
         cols.append(("speed x T", 9, lambda r: "/".join(f"{r[f'speed_x_teacher_b{b}']:.2f}" for b in speeds)))
     lines = ["  ".join(f"{name:{'<' if i == 0 else '>'}{w}}" for i, (name, w, _) in enumerate(cols))]

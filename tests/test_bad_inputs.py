@@ -162,6 +162,21 @@ CASES = [
         "on-policy with a teacher cache: `--on-policy 0.5 --teacher-cache c --kd-top-k 256`",
         lambda e: ["train", "--on-policy", "0.5", "--teacher-cache", "c", "--kd-top-k", "256"],
     ),
+    (
+        "cross-tokenizer",
+        "a student tokenizer that does not exist: `--student-tokenizer bpe-8k`",
+        lambda e: ["train", "--student-tokenizer", "bpe-8k"],
+    ),
+    (
+        "cross-tokenizer",
+        "a student whose embedding is smaller than its own tokenizer (100 rows, 8,192 tokens)",
+        lambda e: ["train", *_tiny(e), "--student", str(e["small-vocab"]), "--student-tokenizer", "austen-bpe-8k"],
+    ),
+    (
+        "cross-tokenizer",
+        "a position-by-position term across tokenizers: `--student-tokenizer austen-bpe-8k --w-feature 0.5`",
+        lambda e: ["train", "--student-tokenizer", "austen-bpe-8k", "--w-feature", "0.5"],
+    ),
 ]
 
 
@@ -173,6 +188,12 @@ def env(tmp_path_factory, tiny_teacher, austen_ready):
     (tmp / "list.yaml").write_text("- batch_size: 2\n")
     (tmp / "empty.txt").write_text("\n\n")
     e.update({k: tmp / k for k in ("typo.yaml", "list.yaml", "empty.txt")})
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, intermediate_size=32)  # fmt: skip
+    LlamaForCausalLM(small).save_pretrained(tmp / "small-vocab")
+    e["small-vocab"] = tmp / "small-vocab"
     # a real run with checkpoints, then damaged copies of it
     run = tmp / "run"
     tiny = _tiny(e)

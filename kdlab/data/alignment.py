@@ -175,6 +175,62 @@ def pair_documents(texts: Sequence[str], pair, seq_len: int) -> PairedSplit:
     )
 
 
+def _utf8_prefix(raw: bytes) -> int:
+    """The length of the longest prefix of `raw` that is whole, valid UTF-8."""
+    try:
+        raw.decode("utf-8")
+        return len(raw)
+    except UnicodeDecodeError as e:
+        return e.start
+
+
+def pair_generated(prompt: torch.Tensor, continuation: torch.Tensor, pair) -> dict[str, torch.Tensor]:
+    """The teacher's side of text the student generated (kdlab.training.on_policy): t_input_ids,
+    t_attention_mask, s_chunk and t_chunk for rows of `prompt` (B, P) + `continuation` (B, G) student ids.
+
+    Only the generated text is scored, so only chunks that lie wholly in it get an id (a chunk that
+    straddles the prompt's end is left out, like the prompt). The scored text stops before the first
+    special token the student wrote (it stands for no bytes the teacher could read) and at the last
+    whole UTF-8 character (a byte-level student can write bytes that are not text). The teacher
+    reads the kept bytes, prompt included, re-tokenized: after its end-of-text token, its own
+    tokenization of that text in one piece."""
+    t_rows, s_chunks, t_chunks = [], [], []
+    P = prompt.shape[1]
+    for p_ids, c_ids in zip(prompt.tolist(), continuation.tolist()):
+        s_ids = p_ids + c_ids
+        specials = [k for k, i in enumerate(c_ids) if isinstance(pair.s_strings[i], str)]
+        m = P + (specials[0] if specials else len(c_ids))  # student tokens that may be scored
+        ends = byte_ends(s_ids[:m], pair.s_bytes)
+        raw = b"".join(s for s in (pair.s_strings[i] for i in s_ids[:m]) if isinstance(s, bytes))
+        valid = _utf8_prefix(raw)
+        while m > 0 and (ends[m - 1] > valid or _utf8_prefix(raw[: ends[m - 1]]) < ends[m - 1]):
+            m -= 1  # back to a token end inside the valid text and on a character boundary
+        kept = raw[: ends[m - 1]] if m else b""
+        t_ids = [pair.t_eos, *pair.teacher(kept.decode("utf-8"), add_special_tokens=False)["input_ids"]]
+        s_chunk, t_chunk = align_chunks(ends[:m], byte_ends(t_ids, pair.t_bytes))
+        # keep only the chunks that start in the generated text (not the prompt's, nor one that straddles)
+        first = len(ends) + 1  # no chunk id reaches it: nothing is scored
+        if m > P:
+            prompt_end = ends[P - 1]
+            start: dict[int, int] = {}  # chunk -> the byte it starts at (its first token's start)
+            for c, prev in zip(s_chunk, [0, *ends[: m - 1]]):
+                if c != NO_CHUNK:
+                    start.setdefault(c, prev)
+            opened = [c for c, b in start.items() if b >= prompt_end]
+            first = min(opened) if opened else first
+        s_chunks.append([c if c >= first else NO_CHUNK for c in s_chunk] + [NO_CHUNK] * (len(s_ids) - m))
+        t_chunks.append([c if c >= first else NO_CHUNK for c in t_chunk])
+        t_rows.append(t_ids)
+    width = max(len(r) for r in t_rows)
+    t_pad = pair.teacher.pad_token_id if pair.teacher.pad_token_id is not None else pair.t_eos
+    return {
+        "t_input_ids": torch.tensor([r + [t_pad] * (width - len(r)) for r in t_rows]),
+        "t_attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in t_rows]),
+        "s_chunk": torch.tensor(s_chunks),
+        "t_chunk": torch.tensor([r + [NO_CHUNK] * (width - len(r)) for r in t_chunks]),
+    }
+
+
 def prepare_paired_data(data: str, data_dir: str | Path, pair, seq_len: int) -> dict[str, PairedSplit]:
     """Corpus name/path -> paired train/validation/test splits, cached in data_dir/cache (a few
     seconds to build on Austen; keyed by both tokenizers, the documents and seq_len)."""
@@ -209,5 +265,6 @@ __all__ = [
     "PairedSplit",
     "teacher_batch",
     "pair_documents",
+    "pair_generated",
     "prepare_paired_data",
 ]

@@ -13,6 +13,11 @@ from the Objective, and nothing else:
     hold plus a tail bucket. The `chunk` term (chunk likelihood) and LM need no change: chunk reads
     the paired batch's chunk ids, LM the student's own tokens.
 
+On text the student generated (on_policy > 0; kdlab.training.on_policy, whose override this extends:
+the student's own text gets no LM weight, terms are logged as gen/<term>), the teacher reads the
+text re-tokenized (kdlab.data.alignment.pair_generated), and with on_policy_loss=sampled_reverse_kl
+the KD term is the per-chunk estimator, kdlab.loss.cross_tokenizer.chunk_sampled_reverse_kl.
+
 Terms that compare the two models position by position or layer by layer (feature, attention,
 layerwise, contrastive) and the fused loss (one position grid) do not apply; config refuses them.
 """
@@ -24,16 +29,17 @@ from torch import nn
 
 from kdlab.data.alignment import teacher_batch
 from kdlab.errors import KDLabError
-from kdlab.loss.cross_tokenizer import shared_vocab_kd
-from kdlab.loss.objective import Loss, Objective, StepCounts, phase
+from kdlab.loss.cross_tokenizer import chunk_log_probs, chunk_sampled_reverse_kl, next_token_log_probs, shared_vocab_kd
+from kdlab.loss.objective import Loss, StepCounts, phase
 from kdlab.loss.terms import TermContext
 from kdlab.precision import Precision, student_outputs, teacher_outputs
+from kdlab.training.on_policy import OnPolicyObjective
 from kdlab.vocab import TokenizerPair
 
 CROSS_TERMS = ("lm", "kd", "chunk")  # the terms that apply across tokenizers
 
 
-class CrossTokenizerObjective(Objective):
+class CrossTokenizerObjective(OnPolicyObjective):
     """The Objective for paired batches (kdlab.data.alignment.PairedSplit): the teacher reads its own
     tokens, and KD is taken over the shared vocabulary at aligned positions."""
 
@@ -78,6 +84,11 @@ class CrossTokenizerObjective(Objective):
         if name != "kd":
             return super().compute(name, ctx)
         cfg, b = self.cfg, ctx.batch
+        if b.get("policy") == "student" and cfg.on_policy_loss == "sampled_reverse_kl":
+            s_lp, exists = chunk_log_probs(next_token_log_probs(ctx.student.logits, b["input_ids"]), b["s_chunk"])
+            with torch.no_grad():
+                t_lp, _ = chunk_log_probs(next_token_log_probs(ctx.teacher.logits, b["t_input_ids"]), b["t_chunk"])
+            return chunk_sampled_reverse_kl(s_lp, t_lp, exists, num_valid=ctx.num_valid)
         return shared_vocab_kd(
             ctx.student.logits,
             ctx.teacher.logits,

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdlab.data.alignment import pair_generated
 from kdlab.data.batches import BatchSource, PackedBatches
 from kdlab.generation import generate_ids
 from kdlab.loss.divergences import IGNORE_INDEX, sampled_reverse_kl
@@ -76,18 +77,20 @@ class GeneratedBatches(BatchSource):
         generated_by: str = "student",
         tokenizer=None,
         samples: int = 2,
+        pair=None,
     ):
         self.base, self.model, self.on_policy = base, model, on_policy
         self.prompt_tokens, self.gen_tokens = prompt_tokens, gen_tokens
         self.temperature, self.top_p, self.seed, self.precision = temperature, top_p, seed, precision
         self.generated_by, self.tokenizer, self.samples = generated_by, tokenizer, samples
+        self.pair = pair  # a student tokenizer of its own (kdlab.vocab.TokenizerPair): the teacher re-tokenizes
         self.steps_per_epoch = base.steps_per_epoch
         self.step = 0  # steps drawn so far
         self._interval = {"steps": 0, "generated": 0, "generate_s": 0.0}
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # prompts, continuations (decoded at log time)
 
     @classmethod
-    def for_run(cls, cfg, base: PackedBatches, tokenizer, student, teacher, precision) -> GeneratedBatches:
+    def for_run(cls, cfg, base: PackedBatches, tokenizer, student, teacher, precision, pair=None) -> GeneratedBatches:
         gen = cfg.gen_tokens or cfg.seq_len - cfg.prompt_tokens
         check_positions(cfg.prompt_tokens + gen, teacher, student, name="prompt_tokens + gen_tokens")
         return cls(
@@ -103,6 +106,7 @@ class GeneratedBatches(BatchSource):
             generated_by=cfg.generator,
             tokenizer=tokenizer,
             samples=cfg.gen_samples,
+            pair=pair,
         )
 
     def generates(self, step: int) -> bool:
@@ -138,13 +142,16 @@ class GeneratedBatches(BatchSource):
         labels[:, : self.prompt_tokens] = IGNORE_INDEX  # position P-1 predicts the first generated token
         if self.tokenizer is not None and self.samples:
             self._last = (prompt[: self.samples], cont[: self.samples])
-        return {
+        out = {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),
             "labels": labels,
             "policy": self.generated_by,
             "no_padding": True,
         }
+        if self.pair is not None:  # the teacher reads the same text in its own tokens (kdlab.data.alignment)
+            out |= {k: v.to(ids.device) for k, v in pair_generated(prompt.cpu(), cont.cpu(), self.pair).items()}
+        return out
 
     def log_fields(self) -> dict[str, Any]:
         iv = self._interval
