@@ -6,18 +6,21 @@ state = kdlab.train(cfg)
 print(kdlab.format_summary(state.history))
 
 The package in wings: kdlab/loss/ (divergences, the fused loss, feature terms, terms, objective,
-curriculum), kdlab/data/ (corpus, batches, teacher caches), kdlab/training/ (trainer, engine, callbacks,
-checkpoints, run folder, metrics, evaluation), kdlab/course/ (the notebooks' helpers; the core never
-imports it), and build.py, which makes a config into the trainer's parts.
+curriculum, cross-tokenizer losses), kdlab/data/ (corpus, batches, teacher caches, byte alignment),
+kdlab/training/ (trainer, engine, callbacks, checkpoints, run folder, metrics, evaluation, the on-policy
+and cross-tokenizer overrides), vocab.py (a student's own tokenizer), kdlab/course/ (the notebooks'
+helpers; the core never imports it), and build.py, which makes a config into the trainer's parts.
 """
 
 from kdlab.build import build_trainer, train
 from kdlab.config import KDConfig, load_config, save_config
+from kdlab.data.alignment import PairedSplit, align_chunks, byte_ends, prepare_paired_data
 from kdlab.data.batches import BatchSource, PackedBatches
 from kdlab.data.corpus import PackedSplit, load_documents, prepare_austen, prepare_data, tokenize_and_pack
 from kdlab.data.teacher_cache import TeacherCache, build_teacher_cache, cache_key, open_teacher_cache
 from kdlab.errors import KDLabError
 from kdlab.loss.balance import AdaptiveBalancer
+from kdlab.loss.cross_tokenizer import chunk_likelihood_loss, chunk_log_probs, chunk_sampled_reverse_kl, shared_vocab_kd
 from kdlab.loss.curriculum import CurriculumScheduler, Ramp
 from kdlab.loss.divergences import (
     DIVERGENCES,
@@ -39,11 +42,13 @@ from kdlab.precision import Precision, resolve_precision, student_logits, teache
 from kdlab.training.best_weights import BestWeights
 from kdlab.training.callbacks import Callback, ProgressBar
 from kdlab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdlab.training.cross_tokenizer import CrossTokenizerObjective
 from kdlab.training.early_stopping import EarlyStopping
 from kdlab.training.engine import Engine
 from kdlab.training.evaluation import evaluate, format_summary
 from kdlab.training.on_policy import GeneratedBatches, OnPolicyObjective
 from kdlab.training.trainer import Trainer, TrainState
+from kdlab.vocab import TokenizerPair, init_embedding, load_student_tokenizer
 
 __version__ = "0.1.0"
 
@@ -116,4 +121,16 @@ __all__ = [
     "train",
     "build_trainer",
     "Engine",
+    "PairedSplit",
+    "align_chunks",
+    "byte_ends",
+    "prepare_paired_data",
+    "shared_vocab_kd",
+    "chunk_likelihood_loss",
+    "chunk_log_probs",
+    "chunk_sampled_reverse_kl",
+    "CrossTokenizerObjective",
+    "TokenizerPair",
+    "init_embedding",
+    "load_student_tokenizer",
 ]

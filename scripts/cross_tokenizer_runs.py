@@ -137,6 +137,7 @@ def cmd_measure(args) -> None:
     from kdlab.build import tokenizer_pair
     from kdlab.data.alignment import prepare_paired_data
     from kdlab.data.corpus import prepare_data
+    from kdlab.generation import generate, held_out_prompts
     from kdlab.models import count_parameters, load_teacher
     from kdlab.payoff import generation_speed, token_bytes
     from kdlab.precision import describe_device, resolve_precision
@@ -184,6 +185,22 @@ def cmd_measure(args) -> None:
                             for s in ("train", "validation", "test")}  # fmt: skip
     out["shared_tokens"] = len(pair.s_shared)
     out["speed"] = speed
+    # what each writes: 4 held-out prompts, greedy and sampled, 32 new tokens (seed 0 of each arm)
+    prompts = held_out_prompts(cfg.data, cfg.data_dir, n=4)
+    sampled = dict(sample=True, temperature=0.8, top_p=0.9, repetition_penalty=1.1, seed=0)
+    samples = {"prompts": prompts}
+    for who in ("teacher", "teacher-kd-s0", "teacher-lm-s0", "austen-bpe-8k-kd-s0", "austen-bpe-8k-lm-s0"):
+        if who == "teacher":
+            model, tok = teacher, pair.teacher
+        else:
+            final = ROOT / "runs" / "xtok" / who / "final"
+            model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+            tok = pair.student if who.startswith("austen") else pair.teacher
+        samples[who] = {
+            mode: [c.text for c in generate(model, tok, prompts, max_new_tokens=32, **options)]
+            for mode, options in (("greedy", {}), ("sampled", sampled))
+        }
+    out["samples"] = samples
     records["measure"] = out
     save(records)
 
