@@ -48,6 +48,7 @@ NOTES = {  # what each notebook's Time line adds to the measured figures
     "are read from committed runs.",
     "08_on_policy": "three short arms (one generates every step) and the students' text; the equal-wall-time "
     "comparison is read from its committed results.",
+    "09_cross_tokenizer": "two short live runs; the measured runs are read from their committed results.",
 }
 # the markdown files that show the per-notebook time table (between its header row and the "all" row)
 TABLE_FILES = ("README.md", "notebooks/README.md", "notebooks/INSTRUCTOR.md")
