@@ -110,8 +110,17 @@ def build_components(cfg: KDConfig) -> Parts:
     calibration = [data["train"].batch(list(range(min(cfg.calib_blocks, len(data["train"])))))]
     own = {}
     if pair is not None:  # the teacher scores its layers on its own tokens; the student's vocabulary is its own
+        width = max(int(d.t_attention_mask.sum(1).max()) for d in data.values())
+        limit = getattr(teacher.config, "max_position_embeddings", None)
+        if limit and width > limit:
+            raise KDLabError(
+                f"seq_len={cfg.seq_len}: the teacher reads a block's text in up to {width} of its tokens, more than "
+                f"its {limit:,} positions; use a smaller seq_len"
+            )
         calibration = [teacher_batch(b) for b in calibration]
-        own = {"tokenizer": pair.student, "embedding": init_embedding(pair, teacher.get_input_embeddings().weight)}
+        own = {"tokenizer": pair.student}
+        if cfg.student_init == "teacher-layers" and cfg.student in STUDENT_PRESETS:
+            own["embedding"] = init_embedding(pair, teacher.get_input_embeddings().weight)
     student = build_student(
         cfg.student,
         teacher,

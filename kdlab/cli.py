@@ -162,7 +162,8 @@ def cmd_eval(args) -> int:
     pair = tokenizer_pair(cfg.student_tokenizer, cfg.teacher, str(cfg.data_dir)) if cfg.student_tokenizer else None
     students = {cfg.student: student}
     for folder in args.students:  # more students to compare, each a saved model folder
-        students[folder] = build_student(folder, teacher, "random", cfg.data_dir, precision, len(tokenizer))
+        own = {"tokenizer": pair.student} if pair is not None else {}  # its embedding must match that tokenizer
+        students[folder] = build_student(folder, teacher, "random", cfg.data_dir, precision, len(tokenizer), **own)
     splits = ("validation", "test") if args.split == "both" else (args.split,)
     rows = payoff_rows(
         teacher,

@@ -451,6 +451,16 @@ def _check_cross_tokenizer(cfg: KDConfig, p: _Problems) -> None:
     p.need(not cfg.teacher_cache, f"student_tokenizer={name!r} runs the teacher on its own tokens; no teacher "
            f"cache holds them: set teacher_cache=''")  # fmt: skip
     p.need(
+        cfg.logit_projection == "align",
+        f"student_tokenizer={name!r} compares the vocabularies by the bytes of their tokens; "
+        f"logit_projection={cfg.logit_projection!r} must be 'align' (a learned map assumes aligned positions)",
+    )
+    p.need(
+        cfg.rkl_discount == 0.0,
+        f"student_tokenizer={name!r}: rkl_discount={cfg.rkl_discount} does not apply; across tokenizers every "
+        f"chunk gets its row's whole log-ratio (the unbiased form, kdlab.loss.cross_tokenizer); leave it at 0",
+    )
+    p.need(
         not cfg.on_policy > 0 or cfg.generator == "student",
         f"student_tokenizer={name!r} with on_policy={cfg.on_policy}: the teacher would write in its own tokens, "
         f"which the student cannot read back; use generator=student",

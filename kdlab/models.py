@@ -328,11 +328,13 @@ def teacher_layers_for(
 
 
 def check_vocabulary(rows: int, tokens: int, student: str) -> None:
-    """One line when a student's embedding cannot hold its tokenizer's ids."""
-    if rows < tokens:
+    """One line when a student's embedding does not match its own tokenizer (cross-tokenizer runs: a
+    student of another vocabulary, e.g. one trained with the teacher's tokenizer, would read the ids
+    as other tokens without any error)."""
+    if rows != tokens:
         raise KDLabError(
             f"student {student!r} has an embedding of {rows:,} rows but its tokenizer has {tokens:,} tokens; "
-            f"give a student whose vocabulary covers the tokenizer (a size preset takes the tokenizer's)"
+            f"give a student trained with that tokenizer (a size preset takes the tokenizer's size)"
         )
 
 

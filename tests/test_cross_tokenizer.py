@@ -197,7 +197,7 @@ def test_chunk_likelihood_matches_float64_binary_kl():
     ref = ((p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()) * mask).sum() / 7
     lq = log_q.detach().float().requires_grad_()
     ours = chunk_likelihood_loss(lq, log_p.float(), mask, num_valid=7)
-    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     torch.testing.assert_close(
         torch.autograd.grad(ours, lq)[0].double(), torch.autograd.grad(ref, log_q)[0], atol=1e-6, rtol=1e-4
     )
@@ -279,6 +279,35 @@ def test_chunk_sampled_reverse_kl_is_unbiased_on_a_toy_pair_of_tokenizers():
     # the return to go is biased here: a chunk's end depends on the bytes after it
     rtg_bias = ((weights[:, None] * torch.stack(rtg_grads)).sum(0) - exact_grad).abs().max()
     assert float(rtg_bias) > 1e-2
+
+
+def test_the_token_level_score_gives_each_row_its_whole_log_ratio():
+    """With `sampled_log_q`, the gradient is R x grad sum_t log q(y_t) per row, tokens outside the scored
+    chunks included (float64 reference); the value is the chunks' log-ratio, unchanged."""
+    torch.manual_seed(8)
+    token_lq = (-torch.rand(2, 6, dtype=torch.float64) * 3).requires_grad_()
+    sampled = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    chunk = torch.tensor([[NO_CHUNK, NO_CHUNK, 0, 1, 1, 2], [NO_CHUNK, NO_CHUNK, NO_CHUNK, 0, 1, NO_CHUNK]])
+    t_c = -torch.rand(2, 3, dtype=torch.float64) * 3
+    lq = token_lq.detach().float().requires_grad_()
+    s_c, exists = chunk_log_probs(lq, chunk)
+    t_c = t_c.float() * exists
+    ours = chunk_sampled_reverse_kl(s_c, t_c, exists, num_valid=5, sampled_log_q=lq * sampled)
+    R = [float(((s_c - t_c) * exists)[b].sum()) for b in range(2)]
+    ref_value = sum(R) / 5
+    ref_grad = torch.stack([R[b] * sampled[b].double() for b in range(2)]) / 5
+    assert float(ours.detach()) == pytest.approx(ref_value, rel=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, lq)[0].double(), ref_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_special_token_text_in_the_corpus_is_read_as_text(pair):
+    texts = ["She wrote <|endoftext|> and <|im_end|> in a letter, and nothing else."]
+    split = pair_documents(texts, pair, seq_len=64)
+    b = split.batch([0])
+    s_ids = b["input_ids"][0][b["attention_mask"][0].bool()]
+    t_ids = b["t_input_ids"][0][b["t_attention_mask"][0].bool()]
+    assert pair.student.decode(s_ids[1:]) == texts[0] == pair.teacher.decode(t_ids[1:])
+    assert int(pair.s_bytes[s_ids].sum()) == int(pair.t_bytes[t_ids].sum()) == len(texts[0].encode())
 
 
 # ------------------------------------------------------------------------------ the student's tokenizer

@@ -96,8 +96,11 @@ def test_the_teacher_reads_generated_text_re_tokenized(tokenizer_dir):
         # the teacher read the prompt and the kept text, after its end-of-text token
         t_all = out["t_input_ids"][b][out["t_attention_mask"][b].bool()]
         assert t_all[0] == pair.t_eos and pair.teacher.decode(t_all[1:]).startswith(prompt_text)
-    # row 0: scoring stops at the student's end-of-text token (nothing after it is scored)
+    # row 0: scoring stops at the student's end-of-text token (nothing after it is scored), which is the
+    # last token the score covers; rows 1 and 2 (no special token): every generated token is scored
     assert not (out["s_chunk"][0][P + len(good) :] != NO_CHUNK).any()
+    assert out["s_sampled"][0].tolist() == [False] * P + [True] * (len(good) + 1) + [False] * (G - len(good) - 1)
+    assert out["s_sampled"][1][P : P + len(rows[1])].all() and not out["s_sampled"][:, :P].any()
 
 
 def test_cross_tokenizer_on_policy_scores_chunks_of_the_students_text(tiny_overrides, tmp_path):

@@ -122,7 +122,7 @@ def teacher_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _blocks(text: str, s_tok, s_bytes: torch.Tensor, seq_len: int) -> Iterator[tuple[list[int], bytes]]:
     """(student ids without the leading end-of-text, the block's bytes) for each block of one document."""
     raw = text.encode("utf-8")
-    ids = s_tok(text, add_special_tokens=False)["input_ids"]
+    ids = s_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]  # "<|endoftext|>" in text is text
     ends = byte_ends(ids, s_bytes)
     start, pos = 0, 0
     while start < len(ids):
@@ -142,7 +142,7 @@ def pair_documents(texts: Sequence[str], pair, seq_len: int) -> PairedSplit:
     s_rows, t_rows, s_chunks, t_chunks = [], [], [], []
     pieces = [piece for text in texts if text for piece in _blocks(text, s_tok, pair.s_bytes, seq_len)]
     t_texts = [raw.decode("utf-8") for _, raw in pieces]
-    t_encoded = t_tok(t_texts, add_special_tokens=False)["input_ids"] if t_texts else []
+    t_encoded = t_tok(t_texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if t_texts else []
     for (s_ids, raw), t_ids in zip(pieces, t_encoded):
         s_ids, t_ids = [pair.s_eos, *s_ids], [pair.t_eos, *t_ids]
         s_ends, t_ends = byte_ends(s_ids, pair.s_bytes), byte_ends(t_ids, pair.t_bytes)
@@ -186,28 +186,36 @@ def _utf8_prefix(raw: bytes) -> int:
 
 def pair_generated(prompt: torch.Tensor, continuation: torch.Tensor, pair) -> dict[str, torch.Tensor]:
     """The teacher's side of text the student generated (kdlab.training.on_policy): t_input_ids,
-    t_attention_mask, s_chunk and t_chunk for rows of `prompt` (B, P) + `continuation` (B, G) student ids.
+    t_attention_mask, s_chunk and t_chunk for rows of `prompt` (B, P) + `continuation` (B, G) student ids,
+    and s_sampled (B, P + G) bool: the generated tokens the scored text depends on (all of them up to
+    and including the first special token), whose log-probabilities the on-policy gradient scores.
 
     Only the generated text is scored, so only chunks that lie wholly in it get an id (a chunk that
     straddles the prompt's end is left out, like the prompt). The scored text stops before the first
     special token the student wrote (it stands for no bytes the teacher could read) and at the last
     whole UTF-8 character (a byte-level student can write bytes that are not text). The teacher
     reads the kept bytes, prompt included, re-tokenized: after its end-of-text token, its own
-    tokenization of that text in one piece."""
-    t_rows, s_chunks, t_chunks = [], [], []
+    tokenization of that text in one piece. A row whose text the teacher does not read back byte for byte
+    is left unscored."""
+    t_rows, s_chunks, t_chunks, sampled = [], [], [], []
     P = prompt.shape[1]
     for p_ids, c_ids in zip(prompt.tolist(), continuation.tolist()):
         s_ids = p_ids + c_ids
         specials = [k for k, i in enumerate(c_ids) if isinstance(pair.s_strings[i], str)]
         m = P + (specials[0] if specials else len(c_ids))  # student tokens that may be scored
+        sampled.append([False] * P + [k <= (specials[0] if specials else len(c_ids)) for k in range(len(c_ids))])
         ends = byte_ends(s_ids[:m], pair.s_bytes)
         raw = b"".join(s for s in (pair.s_strings[i] for i in s_ids[:m]) if isinstance(s, bytes))
         valid = _utf8_prefix(raw)
         while m > 0 and (ends[m - 1] > valid or _utf8_prefix(raw[: ends[m - 1]]) < ends[m - 1]):
             m -= 1  # back to a token end inside the valid text and on a character boundary
         kept = raw[: ends[m - 1]] if m else b""
-        t_ids = [pair.t_eos, *pair.teacher(kept.decode("utf-8"), add_special_tokens=False)["input_ids"]]
-        s_chunk, t_chunk = align_chunks(ends[:m], byte_ends(t_ids, pair.t_bytes))
+        text = kept.decode("utf-8")
+        t_ids = [pair.t_eos, *pair.teacher(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+        try:
+            s_chunk, t_chunk = align_chunks(ends[:m], byte_ends(t_ids, pair.t_bytes))
+        except ValueError:  # the teacher's tokenizer changed the bytes (it normalises): score nothing here
+            s_chunk, t_chunk, m, sampled[-1] = [], [NO_CHUNK] * len(t_ids), 0, [False] * len(s_ids)
         # keep only the chunks that start in the generated text (not the prompt's, nor one that straddles)
         first = len(ends) + 1  # no chunk id reaches it: nothing is scored
         if m > P:
@@ -228,6 +236,7 @@ def pair_generated(prompt: torch.Tensor, continuation: torch.Tensor, pair) -> di
         "t_attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in t_rows]),
         "s_chunk": torch.tensor(s_chunks),
         "t_chunk": torch.tensor([r + [NO_CHUNK] * (width - len(r)) for r in t_chunks]),
+        "s_sampled": torch.tensor(sampled),
     }
 
 
@@ -240,7 +249,7 @@ def prepare_paired_data(data: str, data_dir: str | Path, pair, seq_len: int) -> 
     key = hashlib.sha256(
         "\x00".join(
             [
-                "paired-v1",
+                "paired-v2",
                 tokenizer_fingerprint(pair.student),
                 tokenizer_fingerprint(pair.teacher),
                 str(seq_len),

@@ -41,16 +41,19 @@ def next_token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, chunk_to
     """(B, T) fp32: out[:, p] = log softmax(logits[:, p - 1])[input_ids[:, p]], the model's log-probability
     of token p given the tokens before it; out[:, 0] = 0 (nothing predicts the first token).
 
-    Computed `chunk_tokens` rows at a time, so the fp32 copy of the logits never exists whole."""
-    B, T, V = logits.shape
-    flat = logits[:, :-1].reshape(-1, V)
-    targets = input_ids[:, 1:].reshape(-1)
-    parts = [
-        -F.cross_entropy(flat[i : i + chunk_tokens].float(), targets[i : i + chunk_tokens], reduction="none")
-        for i in range(0, flat.shape[0], chunk_tokens)
-    ]
-    out = torch.cat(parts).view(B, T - 1) if parts else logits.new_zeros(B, 0, dtype=torch.float32)
-    return F.pad(out, (1, 0))
+    Up to `chunk_tokens` positions of a row at a time (slices of a row are views, not copies), so
+    without gradient the fp32 log-softmax never exists whole; with gradient, autograd keeps each
+    slice's (an 8,192-token student: 32 KB a position)."""
+    B, T, _ = logits.shape
+    rows = []
+    for b in range(B):
+        row, targets = logits[b, : T - 1], input_ids[b, 1:]  # position p predicts token p + 1
+        parts = [
+            -F.cross_entropy(row[i : i + chunk_tokens].float(), targets[i : i + chunk_tokens], reduction="none")
+            for i in range(0, T - 1, chunk_tokens)
+        ]
+        rows.append(torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32))
+    return F.pad(torch.stack(rows), (1, 0))
 
 
 def chunk_log_probs(token_log_probs: torch.Tensor, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,15 +69,29 @@ def chunk_log_probs(token_log_probs: torch.Tensor, chunk: torch.Tensor) -> tuple
     return out, exists
 
 
-def _bucket_log_probs(rows: torch.Tensor, shared: torch.Tensor, tail: bool, temperature: float) -> torch.Tensor:
+def _bucket_log_probs(
+    rows: torch.Tensor, shared: torch.Tensor, tail: bool, temperature: float, chunk_tokens: int = 128
+) -> torch.Tensor:
     """(N, V) logits -> (N, S [+ 1]) log-probabilities at temperature T: the S shared tokens, then the
-    rest merged into one tail bucket (`tail`), or without it the distribution over the shared tokens."""
-    z = rows.float() / temperature if temperature != 1.0 else rows.float()
+    rest merged into one tail bucket (`tail`), or without it the distribution over the shared tokens.
+
+    `chunk_tokens` rows at a time: only a (chunk, V) fp32 block exists at once (without gradient; with
+    gradient autograd keeps each block's log-softmax, as for any logits it differentiates)."""
     if not tail:
-        return z[:, shared].log_softmax(-1)
-    logp = z.log_softmax(-1)
-    rest = logp.index_fill(-1, shared, float("-inf")).logsumexp(-1, keepdim=True)  # log of the unshared mass
-    return torch.cat([logp[:, shared], rest], -1)
+        parts = [
+            (rows[i : i + chunk_tokens, shared].float() / temperature).log_softmax(-1)
+            for i in range(0, rows.shape[0], chunk_tokens)
+        ]
+        return torch.cat(parts) if parts else rows.new_zeros(0, len(shared), dtype=torch.float32)
+    keep = torch.ones(rows.shape[-1], dtype=torch.bool, device=rows.device)
+    keep[shared] = False
+    rest = keep.nonzero().squeeze(-1)  # the unshared ids
+    out = []
+    for i in range(0, rows.shape[0], chunk_tokens):
+        z = rows[i : i + chunk_tokens].float()
+        logp = (z / temperature if temperature != 1.0 else z).log_softmax(-1)
+        out.append(torch.cat([logp[:, shared], logp[:, rest].logsumexp(-1, keepdim=True)], -1))
+    return torch.cat(out) if out else rows.new_zeros(0, len(shared) + 1, dtype=torch.float32)
 
 
 def shared_vocab_rows(
@@ -85,17 +102,19 @@ def shared_vocab_rows(
     s_shared: torch.Tensor,
     t_shared: torch.Tensor,
     temperature: float = 1.0,
+    chunk_tokens: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (N, S [+ 1]) bucket log-probabilities of student and teacher at the N aligned positions,
     in text order (the distributions `shared_vocab_kd` compares; the teacher's without gradient)."""
     s_at, t_at = chunk_starts(s_chunk), chunk_starts(t_chunk)  # (B, T - 1) each, the same count per row
+    if not torch.equal(s_at.sum(1), t_at.sum(1)):  # the k-th of a row must pair with the k-th
+        raise ValueError("student and teacher rows have different numbers of aligned positions")
     s_rows = s_logits[:, :-1][s_at]  # (N, V_s)
-    t_rows = t_logits[:, :-1][t_at].detach()
-    if s_rows.shape[0] != t_rows.shape[0]:
-        raise ValueError(f"the student has {s_rows.shape[0]} aligned positions and the teacher {t_rows.shape[0]}")
     tail = len(s_shared) < s_logits.shape[-1] and len(t_shared) < t_logits.shape[-1]
-    q = _bucket_log_probs(s_rows, s_shared, tail, temperature)
-    return q, _bucket_log_probs(t_rows, t_shared, tail, temperature)
+    q = _bucket_log_probs(s_rows, s_shared, tail, temperature, chunk_tokens)
+    with torch.no_grad():
+        p = _bucket_log_probs(t_logits[:, :-1][t_at], t_shared, tail, temperature, chunk_tokens)
+    return q, p
 
 
 def shared_vocab_kd(
@@ -110,6 +129,7 @@ def shared_vocab_kd(
     num_valid: torch.Tensor | int | None = None,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    chunk_tokens: int = 128,
 ) -> torch.Tensor:
     """(a) The KD divergence at aligned positions over the shared vocabulary plus a tail bucket.
 
@@ -136,11 +156,12 @@ def shared_vocab_kd(
     Returns:
         scalar fp32 tensor.
     """
-    q, p = shared_vocab_rows(s_logits, t_logits, s_chunk, t_chunk, s_shared, t_shared, temperature)
+    q, p = shared_vocab_rows(s_logits, t_logits, s_chunk, t_chunk, s_shared, t_shared, temperature, chunk_tokens)
     n = _valid_count(chunk_starts(s_chunk), num_valid)
     mask = torch.ones(1, q.shape[0], dtype=torch.bool, device=q.device)
     # kd_loss on bucket log-probabilities at T = 1 (log_softmax leaves them as they are), times T^2
-    return temperature**2 * kd_loss(q[None], p[None], mask, num_valid=n, divergence=divergence, beta=beta)
+    kd = kd_loss(q[None], p[None], mask, num_valid=n, divergence=divergence, beta=beta, chunk_tokens=chunk_tokens)
+    return temperature**2 * kd
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -194,6 +215,7 @@ def chunk_sampled_reverse_kl(
     *,
     num_valid: torch.Tensor | int | None = None,
     discount: float | None = None,
+    sampled_log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(c) The on-policy estimator of KL(student || teacher) per chunk, on text the student sampled.
 
@@ -205,6 +227,7 @@ def chunk_sampled_reverse_kl(
             = sum_{k >= c} discount^(k - c) r_k            (a float discount: the return to go)
         value    = 1/N sum_c r_c                           sums per row to log q(y) - log p(y)
         gradient = 1/N sum_c A_c * grad log q(c)
+                 = 1/N sum_rows R * grad sum_t log q(y_t)      (discount None, with `sampled_log_q`)
 
     With y ~ q, E[log q(y) - log p(y)] = KL(q || p) over texts, so the value is unbiased; and since
     E[grad log q(y)] = 0, giving every chunk its row's whole log-ratio (the default) is an unbiased
@@ -215,10 +238,18 @@ def chunk_sampled_reverse_kl(
     discount trades it for less variance. Unlike (a) this needs no shared vocabulary: only each
     model's probability of the bytes.
 
+    The score must cover every sampled token the log-ratio depends on, not only those inside scored
+    chunks: a generated token in the chunk that straddles the prompt's end, or one the scoring cut
+    dropped (bytes that are not whole text), still shapes the text the later chunks are scored on.
+    `sampled_log_q` gives the per-token log q of all of them (zeros elsewhere), and the score becomes
+    R * sum_t log q(y_t) per row (discount None only).
+
     Args:
         s_chunk_logp: (B, C) the student's chunk log-probabilities (gradients flow into it).
         t_chunk_logp: (B, C) the teacher's (a constant).
         chunk_mask: (B, C) bool, the chunks the student generated.
+        sampled_log_q: (B, T) the student's log-probability of each token it sampled that the
+            scored text depends on, 0 elsewhere (with gradient); default: the chunks' own.
     Returns:
         scalar fp32 tensor.
     """
@@ -235,7 +266,10 @@ def chunk_sampled_reverse_kl(
             gamma = torch.where(lag >= 0, discount ** lag.clamp_min(0), torch.zeros((), device=ratio.device))
             advantage = (ratio @ gamma.T) * mask
     n = _valid_count(chunk_mask, num_valid)
-    surrogate = (advantage * log_q * mask).sum() / n
+    if sampled_log_q is not None and discount is None:
+        surrogate = (ratio.sum(1) * sampled_log_q.float().sum(1)).sum() / n  # R of each row x its score
+    else:
+        surrogate = (advantage * log_q * mask).sum() / n
     return ratio.sum() / n + (surrogate - surrogate.detach())
 
 

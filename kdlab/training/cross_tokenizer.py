@@ -51,7 +51,7 @@ class CrossTokenizerObjective(OnPolicyObjective):
                 f"student_tokenizer={cfg.student_tokenizer!r}: term(s) {', '.join(other)} compare the models position "
                 f"by position, which two tokenizers do not share; across tokenizers use {', '.join(CROSS_TERMS)}"
             )
-        if student.config.vocab_size != pair.s_size:
+        if student.config.vocab_size != pair.s_size:  # kdlab.models.check_vocabulary says it before loading
             raise KDLabError(
                 f"the student's embedding has {student.config.vocab_size:,} rows but student_tokenizer="
                 f"{cfg.student_tokenizer!r} has {pair.s_size:,} tokens; they must match"
@@ -85,10 +85,13 @@ class CrossTokenizerObjective(OnPolicyObjective):
             return super().compute(name, ctx)
         cfg, b = self.cfg, ctx.batch
         if b.get("policy") == "student" and cfg.on_policy_loss == "sampled_reverse_kl":
-            s_lp, exists = chunk_log_probs(next_token_log_probs(ctx.student.logits, b["input_ids"]), b["s_chunk"])
+            token_lp = next_token_log_probs(ctx.student.logits, b["input_ids"])
+            s_lp, exists = chunk_log_probs(token_lp, b["s_chunk"])
             with torch.no_grad():
                 t_lp, _ = chunk_log_probs(next_token_log_probs(ctx.teacher.logits, b["t_input_ids"]), b["t_chunk"])
-            return chunk_sampled_reverse_kl(s_lp, t_lp, exists, num_valid=ctx.num_valid)
+            # the score covers every sampled token the scored text depends on (kdlab.data.alignment.pair_generated)
+            sampled = token_lp * b["s_sampled"]
+            return chunk_sampled_reverse_kl(s_lp, t_lp, exists, num_valid=ctx.num_valid, sampled_log_q=sampled)
         return shared_vocab_kd(
             ctx.student.logits,
             ctx.teacher.logits,
@@ -99,6 +102,7 @@ class CrossTokenizerObjective(OnPolicyObjective):
             num_valid=ctx.num_valid,
             divergence=cfg.kd_divergence,
             beta=cfg.jsd_beta,
+            chunk_tokens=cfg.loss_chunk_tokens,
         )
 
 

@@ -14,8 +14,8 @@ Metrics (all per-token means over valid next-token positions):
 Across tokenizers (`pair`, batches of kdlab.data.alignment.PairedSplit) each model reads the text in
 its own tokens: student_* and teacher_* are per token of each model's own tokenization (so ppl is
 not comparable between them; bpb is, over the very same bytes), and kl / top1_agree are taken at the
-aligned positions over the shared vocabulary plus a tail bucket (kdlab.loss.cross_tokenizer), their
-number in `aligned`.
+aligned positions: KL over the shared vocabulary plus a tail bucket (kdlab.loss.cross_tokenizer), top-1
+agreement among the shared tokens; their number in `aligned`.
 
 The teacher is frozen and a run evaluates the same batches every time, so its logits there never
 change: `TeacherEvalCache` keeps them between evaluations up to a byte budget (config
@@ -32,7 +32,7 @@ from functools import partial
 import torch
 
 from kdlab.data.alignment import teacher_batch
-from kdlab.loss.cross_tokenizer import chunk_starts, shared_vocab_kd, shared_vocab_rows
+from kdlab.loss.cross_tokenizer import shared_vocab_rows
 from kdlab.loss.divergences import IGNORE_INDEX, kd_loss, lm_loss, next_token_labels
 from kdlab.loss.terms import match_logits as match_by_id
 from kdlab.precision import Precision, student_logits, teacher_logits
@@ -142,11 +142,13 @@ def evaluate(
                 sums["top1_agree"] += float(((s.argmax(-1) == t.argmax(-1)) & mask).sum())
             else:  # at the aligned positions, over the shared tokens and a tail bucket
                 s_chunk, t_chunk = batch["s_chunk"], batch["t_chunk"]
-                a = int(chunk_starts(s_chunk).sum())
                 shared = (pair.s_shared.to(s.device), pair.t_shared.to(s.device))
-                sums["kl"] += float(shared_vocab_kd(s, t, s_chunk, t_chunk, *shared, num_valid=a)) * a
-                q, p = shared_vocab_rows(s, t, s_chunk, t_chunk, *shared)
-                sums["top1_agree"] += float((q.argmax(-1) == p.argmax(-1)).sum())
+                q, p = shared_vocab_rows(s, t, s_chunk, t_chunk, *shared, chunk_tokens=chunk_tokens)
+                a, S = q.shape[0], len(pair.s_shared)
+                every = torch.ones(1, a, dtype=torch.bool, device=q.device)
+                sums["kl"] += float(kd_loss(q[None], p[None], every, num_valid=a, chunk_tokens=chunk_tokens)) * a
+                # top-1 among the shared tokens (the tail bucket is no token: both "picking" it is no agreement)
+                sums["top1_agree"] += float((q[:, :S].argmax(-1) == p[:, :S].argmax(-1)).sum())
                 aligned += a
         tokens += n
     student.train(was_training)

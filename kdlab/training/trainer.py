@@ -324,6 +324,19 @@ class Trainer:
         )
         record = {"kind": "eval", "split": split, "step": self.state.step, **metrics, **extra}
         self._record(record)
+        if "aligned" in metrics:  # two tokenizers: perplexities are per different tokens; bits per byte compare
+            log.info(
+                "eval %-10s step %d | student bpb %.4f | teacher bpb %.4f | KL %.4f | top-1 agree %.3f "
+                "(%d aligned positions)",
+                split,
+                self.state.step,
+                metrics["student_bpb"],
+                metrics["teacher_bpb"],
+                metrics["kl"],
+                metrics["top1_agree"],
+                metrics["aligned"],
+            )
+            return record
         log.info(
             "eval %-10s step %d | student ppl %.2f | teacher ppl %.2f | KL %.4f | top-1 agree %.3f",
             split,
