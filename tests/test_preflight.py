@@ -31,6 +31,7 @@ LESSONS = [
     "06_early_stopping",
     "07_capstone",
     "08_on_policy",
+    "09_cross_tokenizer",
 ]
 
 

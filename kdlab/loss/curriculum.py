@@ -135,7 +135,8 @@ class CurriculumScheduler:
     ) -> CurriculumScheduler:
         if name not in PRESETS:
             raise KDLabError(f"curriculum={name!r} is not allowed; choose one of {', '.join(PRESETS)}")
-        weights = max_weights if max_weights is not None else dict.fromkeys((t for t in TERMS if t != "lm"), 1.0)
+        # no weights given (a look at the preset's table): kd and every term the preset ramps, at 1
+        weights = max_weights if max_weights is not None else dict.fromkeys(("kd", *PRESETS[name]), 1.0)
         return cls(total_steps, weights, {**PRESETS[name], **(overrides or {})})
 
     def weights_at(self, step: int) -> dict[str, float]:
