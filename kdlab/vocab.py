@@ -165,9 +165,9 @@ def init_embedding(pair: TokenizerPair, teacher_embedding: torch.Tensor) -> torc
 
     A token the teacher also has (same bytes, or same special name) copies the teacher's row exactly;
     any other token is the mean of the rows of the teacher's tokenization of its bytes (as tokensurgeon
-    and FOCUS start a new vocabulary); a special token the teacher lacks, or bytes the teacher cannot
-    write at all (SmolLM2 has no token for the bytes never valid in UTF-8, 0xC0, 0xF5...), get the
-    mean of all rows.
+    and FOCUS start a new vocabulary); a special token the teacher lacks, or bytes its vocabulary has
+    no token for (SmolLM2 lacks a few control bytes and bytes never valid in UTF-8, 0xC0, 0xF5...),
+    get the mean of all rows.
     """
     emb = teacher_embedding.detach().float()
     out = torch.empty(pair.s_size, emb.shape[1], dtype=torch.float32, device=emb.device)
