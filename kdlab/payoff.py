@@ -35,24 +35,10 @@ def token_bytes(tokenizer) -> torch.Tensor:
 
     Byte-level BPE tokenizers (GPT-2, SmolLM2, Llama 3) write each byte as one printable character;
     mapping the characters back gives the exact byte count. Other tokenizers: the length of the
-    token decoded alone (exact for whole characters)."""
-    n = len(tokenizer)
-    out = torch.zeros(n, dtype=torch.int64)
-    special = set(tokenizer.all_special_ids)
-    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
-    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    if type(decoder).__name__ == "ByteLevel":
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
+    token decoded alone (exact for whole characters). kdlab.vocab.token_strings does the mapping."""
+    from kdlab.vocab import byte_lengths, token_strings
 
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
-        for i, piece in enumerate(pieces):
-            if i not in special and piece is not None:
-                out[i] = sum(1 for c in piece if c in byte_of)
-    else:
-        for i in range(n):
-            if i not in special:
-                out[i] = len(tokenizer.decode([i]).encode("utf-8"))
-    return out
+    return byte_lengths(token_strings(tokenizer))
 
 
 def bits_per_byte(nats: float, n_bytes: int) -> float:

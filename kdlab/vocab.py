@@ -105,7 +105,10 @@ def token_strings(tokenizer) -> list[bytes | str]:
     pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
     if is_byte_level(tokenizer):
         byte_of = _byte_decoder()
-        return [pieces[i] if i in special else bytes(byte_of[c] for c in pieces[i] if c in byte_of) for i in range(n)]
+        return [
+            pieces[i] if i in special else bytes(byte_of[c] for c in (pieces[i] or "") if c in byte_of)
+            for i in range(n)
+        ]
     return [pieces[i] if i in special else tokenizer.decode([i]).encode("utf-8") for i in range(n)]
 
 

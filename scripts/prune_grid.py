@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean
+
+from arm_lanes import Records, run_arms
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "benchmarks" / "prune_grid.json"
@@ -52,13 +50,11 @@ def name(a: dict) -> str:
 
 
 def load() -> dict:
-    return json.loads(RECORDS.read_text()) if RECORDS.is_file() else {"arms": {}}
+    return Records(RECORDS).load()
 
 
 def save(records: dict) -> None:
-    tmp = RECORDS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, RECORDS)
+    Records(RECORDS).save(records)
 
 
 def summarise(out_dir: Path, a: dict, seconds: float) -> dict:
@@ -91,41 +87,29 @@ def summarise(out_dir: Path, a: dict, seconds: float) -> dict:
 def cmd_run(args) -> None:
     records = load()
     todo = [a for a in arms(args.decide) if args.force or name(a) not in records["arms"]]
-    print(f"{len(todo)} arms to run, {args.jobs} at a time", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
-    def run(a: dict) -> None:
-        out = ROOT / "runs" / "grid" / name(a)
-        flags = [
+    def flags(a: dict) -> list[str]:
+        return [
             f"--student-depth={a['depth']}",
             f"--student-layers={a['layers']}",
             f"--alpha-kd={MODES[a['mode']]}",
             f"--seed={a['seed']}",
-            f"--out-dir={out}",
-            "--overwrite",
-            "--no-checkpoints",
-            *args.extra,
         ]
-        t0 = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "kdlab", "-q", "train", *flags], cwd=ROOT, env=env,
-                              capture_output=True, text=True)  # fmt: skip
-        seconds = time.perf_counter() - t0
-        if done.returncode != 0:
-            print(f"{name(a)} failed ({done.returncode}): {done.stderr.strip()[-500:]}", flush=True)
-            return
-        row = summarise(out, a, seconds)
-        fresh = load()  # the other lane may have added its arm since
-        fresh["arms"][name(a)] = row
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        fresh["settings"] = {"extra_flags": args.extra, "threads_per_arm": 1, "jobs": args.jobs,
-                             "commit": commit.stdout.strip()}  # fmt: skip
-        save(fresh)
-        print(f"{name(a)}: val ppl {row['step0_val_ppl']:.1f} -> {row['val_ppl']:.2f} in {seconds:.0f} s", flush=True)
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(run, todo))
-    print(f"grid: {time.perf_counter() - t0:.0f} s wall", flush=True)
+    def done_line(row: dict, s: float) -> str:
+        return f"val ppl {row['step0_val_ppl']:.1f} -> {row['val_ppl']:.2f} in {s:.0f} s"
+
+    run_arms(
+        todo,
+        Records(RECORDS),
+        out_root=ROOT / "runs" / "grid",
+        name=name,
+        flags=flags,
+        summarise=summarise,
+        jobs=args.jobs,
+        extra=args.extra,
+        done_line=done_line,
+    )
 
 
 def _components():

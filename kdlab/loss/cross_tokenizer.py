@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdlab.loss.divergences import _valid_count, kd_loss
+from kdlab.loss.divergences import _valid_count, discounted_returns, kd_loss
 
 NO_CHUNK = -1  # the chunk id of a token with no bytes (end of text, padding)
 
@@ -56,11 +56,16 @@ def next_token_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, chunk_to
     return F.pad(torch.stack(rows), (1, 0))
 
 
-def chunk_log_probs(token_log_probs: torch.Tensor, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_log_probs(
+    token_log_probs: torch.Tensor, chunk: torch.Tensor, n: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-chunk log-probabilities: (B, C) sums of `token_log_probs` (B, T) over each chunk's tokens,
-    and a (B, C) bool mask of the chunks that exist (C = the most chunks in a row). Tokens of chunk
-    NO_CHUNK (no bytes: end of text, padding) are left out."""
-    n = int(chunk.max()) + 1 if chunk.numel() else 0
+    and a (B, C) bool mask of the chunks that exist. Tokens of chunk NO_CHUNK (no bytes: end of text,
+    padding) are left out. C = `n`, any bound above the chunk ids (in a step: the shorter side's
+    width, since every chunk holds a token of each side), else the most chunks in a row, which
+    costs a device sync."""
+    if n is None:
+        n = int(chunk.max()) + 1 if chunk.numel() else 0
     valid = chunk != NO_CHUNK
     index = chunk.clamp_min(0)
     out = token_log_probs.new_zeros(chunk.shape[0], n).scatter_add(1, index, token_log_probs * valid)
@@ -77,21 +82,19 @@ def _bucket_log_probs(
 
     `chunk_tokens` rows at a time: only a (chunk, V) fp32 block exists at once (without gradient; with
     gradient autograd keeps each block's log-softmax, as for any logits it differentiates)."""
-    if not tail:
-        parts = [
-            (rows[i : i + chunk_tokens, shared].float() / temperature).log_softmax(-1)
-            for i in range(0, rows.shape[0], chunk_tokens)
-        ]
-        return torch.cat(parts) if parts else rows.new_zeros(0, len(shared), dtype=torch.float32)
-    keep = torch.ones(rows.shape[-1], dtype=torch.bool, device=rows.device)
-    keep[shared] = False
-    rest = keep.nonzero().squeeze(-1)  # the unshared ids
-    out = []
+
+    def buckets(z: torch.Tensor) -> torch.Tensor:  # (c, V) fp32 logits at T -> (c, S [+ 1])
+        if not tail:
+            return z[:, shared].log_softmax(-1)
+        logp = z.log_softmax(-1)
+        rest = logp.index_fill(-1, shared, float("-inf")).logsumexp(-1, keepdim=True)  # the unshared mass
+        return torch.cat([logp[:, shared], rest], -1)
+
+    parts = []
     for i in range(0, rows.shape[0], chunk_tokens):
         z = rows[i : i + chunk_tokens].float()
-        logp = (z / temperature if temperature != 1.0 else z).log_softmax(-1)
-        out.append(torch.cat([logp[:, shared], logp[:, rest].logsumexp(-1, keepdim=True)], -1))
-    return torch.cat(out) if out else rows.new_zeros(0, len(shared) + 1, dtype=torch.float32)
+        parts.append(buckets(z / temperature if temperature != 1.0 else z))
+    return torch.cat(parts) if parts else rows.new_zeros(0, len(shared) + tail, dtype=torch.float32)
 
 
 def shared_vocab_rows(
@@ -260,11 +263,7 @@ def chunk_sampled_reverse_kl(
         if discount is None:
             advantage = ratio.sum(1, keepdim=True) * mask
         else:
-            C = ratio.shape[1]
-            steps = torch.arange(C, device=ratio.device, dtype=torch.float32)
-            lag = steps[None, :] - steps[:, None]  # lag[c, k] = k - c
-            gamma = torch.where(lag >= 0, discount ** lag.clamp_min(0), torch.zeros((), device=ratio.device))
-            advantage = (ratio @ gamma.T) * mask
+            advantage = discounted_returns(ratio, discount) * mask
     n = _valid_count(chunk_mask, num_valid)
     if sampled_log_q is not None and discount is None:
         surrogate = (ratio.sum(1) * sampled_log_q.float().sum(1)).sum() / n  # R of each row x its score

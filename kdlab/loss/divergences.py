@@ -434,6 +434,16 @@ def lm_loss(
     return total / _valid_count(targets != IGNORE_INDEX, num_valid)
 
 
+def discounted_returns(ratio: torch.Tensor, discount: float) -> torch.Tensor:
+    """(B, T) -> (B, T): A_t = sum_{k >= t} discount^(k - t) ratio_k along each row (ratio @ G^T with
+    G[t, k] = discount^(k - t) for k >= t, else 0)."""
+    T = ratio.shape[1]
+    steps = torch.arange(T, device=ratio.device, dtype=torch.float32)
+    lag = steps[None, :] - steps[:, None]
+    gamma = torch.where(lag >= 0, discount ** lag.clamp_min(0), torch.zeros((), device=ratio.device))
+    return ratio @ gamma.T
+
+
 def sampled_reverse_kl(
     s_logits: torch.Tensor,
     t_logits: torch.Tensor,
@@ -476,12 +486,8 @@ def sampled_reverse_kl(
     with torch.no_grad():
         ratio = log_q - log_prob(t_logits)
         advantage = ratio
-        if discount > 0:  # A = ratio @ G^T with G[t, k] = discount^(k - t) for k >= t
-            T = ratio.shape[1]
-            steps = torch.arange(T, device=ratio.device, dtype=torch.float32)
-            lag = steps[None, :] - steps[:, None]
-            gamma = torch.where(lag >= 0, discount ** lag.clamp_min(0), torch.zeros((), device=ratio.device))
-            advantage = (ratio @ gamma.T) * mask
+        if discount > 0:
+            advantage = discounted_returns(ratio, discount) * mask
     n = _valid_count(mask, num_valid)
     surrogate = (advantage * log_q * mask).sum() / n
     return ratio.sum() / n + (surrogate - surrogate.detach())

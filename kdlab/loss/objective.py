@@ -110,6 +110,11 @@ class Objective:
         cached = all(k in batch for k in CACHED_TEACHER_KEYS) or (self.fused and "t_hidden" in batch)
         return any(self.terms[n].needs.teacher and not (cached and self.terms[n].reads_cache) for n in self.active)
 
+    def teacher_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the teacher's forward reads of a batch: the batch itself (kdlab.training.cross_tokenizer
+        gives it its own tokens of the same text)."""
+        return batch
+
     def match_logits(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Student and teacher logits over one vocabulary (see kdlab.loss.terms.match_logits)."""
         return match_logits(self.heads["kd"] if "kd" in self.heads else None, s_logits, t_logits)
@@ -143,7 +148,7 @@ class Objective:
         t_out = None
         if self.needs_teacher(batch):
             with phase("teacher forward"):
-                t_out = teacher_outputs(teacher, batch, need.hidden_states, need.attentions)
+                t_out = teacher_outputs(teacher, self.teacher_inputs(batch), need.hidden_states, need.attentions)
         return self.terms_of(s_out, t_out, batch, counts, weights, reduce)
 
     def _fused_loss(self, student, teacher, batch, precision, counts, weights, reduce) -> Loss:
@@ -155,7 +160,9 @@ class Objective:
             s_out = student_outputs(student, batch, precision, need.hidden_states, need.attentions, logits_to_keep=1)
         if self.needs_teacher(batch):
             with phase("teacher forward"), final_hidden_states(teacher) as t_h:
-                t_out = teacher_outputs(teacher, batch, need.hidden_states, need.attentions, logits_to_keep=1)
+                t_out = teacher_outputs(
+                    teacher, self.teacher_inputs(batch), need.hidden_states, need.attentions, logits_to_keep=1
+                )
             # read after the forward: under FSDP2 the root's weights (the output head) stay gathered then
             t_hidden, t_weight = t_h["h"], output_weight(teacher)
         else:  # the teacher's final hidden states from a cache (kdlab.data.teacher_cache): no forward

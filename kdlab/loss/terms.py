@@ -265,9 +265,10 @@ def _chunk(ctx: TermContext) -> torch.Tensor:
     else:
         s_chunk = t_chunk = token_chunks(b["labels"])
         t_ids = b["input_ids"]
-    s_lp, exists = chunk_log_probs(next_token_log_probs(ctx.student.logits, b["input_ids"]), s_chunk)
+    n = min(s_chunk.shape[1], t_chunk.shape[1])  # a bound on the chunk ids, without a device sync
+    s_lp, exists = chunk_log_probs(next_token_log_probs(ctx.student.logits, b["input_ids"]), s_chunk, n)
     with torch.no_grad():
-        t_lp, _ = chunk_log_probs(next_token_log_probs(ctx.teacher.logits, t_ids), t_chunk)
+        t_lp, _ = chunk_log_probs(next_token_log_probs(ctx.teacher.logits, t_ids), t_chunk, n)
     return chunk_likelihood_loss(s_lp, t_lp, exists, num_valid=ctx.num_valid)
 
 

@@ -7,7 +7,7 @@ The batches are kdlab.data.alignment's paired blocks: the student's tokens (inpu
 teacher's tokens of the same text (t_input_ids, ...) and each token's chunk id. Two things change
 from the Objective, and nothing else:
 
-  * the teacher's forward reads its own tokens (t_input_ids), not the student's;
+  * the teacher's forward reads its own tokens (t_input_ids), not the student's (`teacher_inputs`);
   * the KD term is kdlab.loss.cross_tokenizer.shared_vocab_kd: the same divergence, temperature and
     weight (alpha_kd, the curriculum), at the aligned positions over the tokens both vocabularies
     hold plus a tail bucket. The `chunk` term (chunk likelihood) and LM need no change: chunk reads
@@ -30,9 +30,7 @@ from torch import nn
 from kdlab.data.alignment import teacher_batch
 from kdlab.errors import KDLabError
 from kdlab.loss.cross_tokenizer import chunk_log_probs, chunk_sampled_reverse_kl, next_token_log_probs, shared_vocab_kd
-from kdlab.loss.objective import Loss, StepCounts, phase
 from kdlab.loss.terms import TermContext
-from kdlab.precision import Precision, student_outputs, teacher_outputs
 from kdlab.training.on_policy import OnPolicyObjective
 from kdlab.vocab import TokenizerPair
 
@@ -61,24 +59,8 @@ class CrossTokenizerObjective(OnPolicyObjective):
         device = next(student.parameters()).device
         self._shared = (pair.s_shared.to(device), pair.t_shared.to(device))
 
-    def loss(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        batch: dict[str, torch.Tensor],
-        precision: Precision,
-        counts: StepCounts | None = None,
-        weights: dict[str, float] | None = None,
-        reduce=None,
-    ) -> Loss:
-        counts = counts if counts is not None else StepCounts.of([batch])
-        with phase("student forward"):
-            s_out = student_outputs(student, batch, precision)
-        t_out = None
-        if self.needs_teacher(batch):
-            with phase("teacher forward"):
-                t_out = teacher_outputs(teacher, teacher_batch(batch))
-        return self.terms_of(s_out, t_out, batch, counts, weights, reduce)
+    def teacher_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return teacher_batch(batch)  # the teacher reads its own tokens of the same text
 
     def compute(self, name: str, ctx: TermContext) -> torch.Tensor:
         if name != "kd":
@@ -86,9 +68,10 @@ class CrossTokenizerObjective(OnPolicyObjective):
         cfg, b = self.cfg, ctx.batch
         if b.get("policy") == "student" and cfg.on_policy_loss == "sampled_reverse_kl":
             token_lp = next_token_log_probs(ctx.student.logits, b["input_ids"])
-            s_lp, exists = chunk_log_probs(token_lp, b["s_chunk"])
+            n = min(b["s_chunk"].shape[1], b["t_chunk"].shape[1])  # a bound on the chunk ids, no device sync
+            s_lp, exists = chunk_log_probs(token_lp, b["s_chunk"], n)
             with torch.no_grad():
-                t_lp, _ = chunk_log_probs(next_token_log_probs(ctx.teacher.logits, b["t_input_ids"]), b["t_chunk"])
+                t_lp, _ = chunk_log_probs(next_token_log_probs(ctx.teacher.logits, b["t_input_ids"]), b["t_chunk"], n)
             # the score covers every sampled token the scored text depends on (kdlab.data.alignment.pair_generated)
             sampled = token_lp * b["s_sampled"]
             return chunk_sampled_reverse_kl(s_lp, t_lp, exists, num_valid=ctx.num_valid, sampled_log_q=sampled)

@@ -99,6 +99,8 @@ def evaluate(
     if token_bytes is not None:
         token_bytes = token_bytes.to(precision.device)
     t_token_bytes = token_bytes if pair is None or token_bytes is None else pair.t_bytes.to(precision.device)
+    if pair is not None:
+        shared = (pair.s_shared.to(precision.device), pair.t_shared.to(precision.device))
     for i, batch in enumerate(batches):
         batch = {k: v.to(precision.device) for k, v in batch.items()}
         targets = next_token_labels(batch["labels"])  # (B, T)
@@ -142,7 +144,6 @@ def evaluate(
                 sums["top1_agree"] += float(((s.argmax(-1) == t.argmax(-1)) & mask).sum())
             else:  # at the aligned positions, over the shared tokens and a tail bucket
                 s_chunk, t_chunk = batch["s_chunk"], batch["t_chunk"]
-                shared = (pair.s_shared.to(s.device), pair.t_shared.to(s.device))
                 q, p = shared_vocab_rows(s, t, s_chunk, t_chunk, *shared, chunk_tokens=chunk_tokens)
                 a, S = q.shape[0], len(pair.s_shared)
                 every = torch.ones(1, a, dtype=torch.bool, device=q.device)

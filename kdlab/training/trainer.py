@@ -324,25 +324,16 @@ class Trainer:
         )
         record = {"kind": "eval", "split": split, "step": self.state.step, **metrics, **extra}
         self._record(record)
-        if "aligned" in metrics:  # two tokenizers: perplexities are per different tokens; bits per byte compare
-            log.info(
-                "eval %-10s step %d | student bpb %.4f | teacher bpb %.4f | KL %.4f | top-1 agree %.3f "
-                "(%d aligned positions)",
-                split,
-                self.state.step,
-                metrics["student_bpb"],
-                metrics["teacher_bpb"],
-                metrics["kl"],
-                metrics["top1_agree"],
-                metrics["aligned"],
-            )
-            return record
+        # two tokenizers: perplexities are per different tokens, so bits per byte compare the models
+        unit, fmt = ("bpb", ".4f") if "aligned" in metrics else ("ppl", ".2f")
         log.info(
-            "eval %-10s step %d | student ppl %.2f | teacher ppl %.2f | KL %.4f | top-1 agree %.3f",
+            "eval %-10s step %d | student %s %s | teacher %s %s | KL %.4f | top-1 agree %.3f",
             split,
             self.state.step,
-            metrics["student_ppl"],
-            metrics["teacher_ppl"],
+            unit,
+            format(metrics[f"student_{unit}"], fmt),
+            unit,
+            format(metrics[f"teacher_{unit}"], fmt),
             metrics["kl"],
             metrics["top1_agree"],
         )
